@@ -1,0 +1,3 @@
+from backupd import cli
+
+raise SystemExit(cli.main())

@@ -1,0 +1,214 @@
+"""The config file: TOML -> frozen dataclasses, every error with its key path.
+
+Loading has no side effects beyond reading the file: secrets stay references
+(`Secret`) until a run resolves them. Durations are seconds (float), sizes
+are bytes (int).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from backupd.errors import SecretError
+
+DEFAULT_CONFIG_PATH = "/etc/backupd/backupd.toml"
+DEFAULT_SOCKET_PATH = "/run/backupd/control.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A reference to a secret: `{ file = ... }` or `{ env = ... }`, read when used."""
+
+    file: str | None = None
+    env: str | None = None
+
+    def reference(self) -> dict[str, str]:
+        return {"file": self.file} if self.file is not None else {"env": str(self.env)}
+
+    def __repr__(self) -> str:
+        return f"Secret({self.reference()!r})"
+
+    def resolve(self) -> str:
+        """Read the secret now. Files must not be group- or world-readable.
+
+        A relative `file` is looked up in `$CREDENTIALS_DIRECTORY` (systemd
+        `LoadCredential=`) when that is set.
+        """
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise SecretError(f"secret environment variable {self.env} is not set")
+            return value
+        assert self.file is not None
+        path = Path(self.file)
+        if not path.is_absolute() and os.environ.get("CREDENTIALS_DIRECTORY"):
+            path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / path
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise SecretError(f"secret file {path}: {exc.strerror}") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SecretError(
+                f"secret file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
+            )
+        try:
+            return path.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise SecretError(f"secret file {path}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 4
+    initial_delay: float = 30.0
+    max_delay: float = 900.0
+    multiplier: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    algorithm: Literal["none", "gzip", "zstd", "lz4"] = "zstd"
+    level: int | None = 3
+
+    @property
+    def spec(self) -> str:
+        """The config spelling, e.g. `zstd:3`."""
+        return self.algorithm if self.level is None else f"{self.algorithm}:{self.level}"
+
+    @property
+    def extension(self) -> str:
+        return {"none": "", "gzip": ".gz", "zstd": ".zst", "lz4": ".lz4"}[self.algorithm]
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    keep_last: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+    max_age: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        """An empty policy keeps everything."""
+        return not any(
+            (self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_yearly)
+        ) and self.max_age is None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyPolicy:
+    schedule: tuple[str, ...] = ()
+    restore: bool = False
+    target: str | None = None  # DSN of a server where scratch databases are created
+
+
+@dataclass(frozen=True, slots=True)
+class Encryption:
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    socket: str = DEFAULT_SOCKET_PATH
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    allow_uids: tuple[int, ...] = ()
+    http_listen: str = "127.0.0.1:9187"
+    max_concurrent_jobs: int = 4
+    timezone: str = "UTC"
+    shutdown_grace: float = 300.0
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSource:
+    name: str
+    dsn: str
+    password: Secret | None = None
+    pg_bin_dir: str = ""
+    max_concurrent: int = 1
+    type: Literal["postgres"] = "postgres"
+
+
+Source = PostgresSource
+
+
+@dataclass(frozen=True, slots=True)
+class S3Storage:
+    name: str
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    part_size: int = 16 * 1024 * 1024
+    upload_concurrency: int = 4
+    storage_class: str = ""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    abandoned_upload_grace: float = 86400.0
+    type: Literal["s3"] = "s3"
+
+
+@dataclass(frozen=True, slots=True)
+class FilesystemStorage:
+    name: str
+    path: str
+    abandoned_upload_grace: float = 86400.0
+    type: Literal["filesystem"] = "filesystem"
+
+
+Storage = S3Storage | FilesystemStorage
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    name: str
+    source: str
+    storage: tuple[str, ...]
+    databases: tuple[str, ...] = ()  # empty: the DSN's database; ("*",): every database
+    globals: bool = False
+    schedule: tuple[str, ...] = ()
+    timezone: str = "UTC"  # filled from daemon.timezone when the job does not set it
+    jitter: float = 0.0
+    catch_up: bool = False
+    kind: Literal["full", "schema-only", "data-only"] = "full"
+    format: Literal["custom", "plain"] = "custom"
+    tables: tuple[str, ...] = ()
+    exclude_tables: tuple[str, ...] = ()
+    exclude_table_data: tuple[str, ...] = ()
+    encryption: Encryption | None = None
+    min_size: int = 1024
+    retention: Retention = field(default_factory=Retention)
+    verify: VerifyPolicy | None = None
+    notify: tuple[str, ...] = ()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: float = 6 * 3600.0
+    compression: Compression = field(default_factory=Compression)
+
+
+@dataclass(frozen=True, slots=True)
+class Notifier:
+    name: str
+    type: Literal["webhook", "slack", "healthchecks"]
+    url: Secret | str
+    on: tuple[str, ...] = ("failure", "recovered")
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    daemon: DaemonConfig
+    sources: dict[str, Source]
+    storages: dict[str, Storage]
+    jobs: dict[str, Job]
+    notifiers: dict[str, Notifier]
+    path: str = ""
