@@ -196,7 +196,8 @@ INSERT INTO customers (name, email)
 INSERT INTO orders (customer_id, total)
   SELECT 1 + (g % 500), (g % 997) / 10.0 FROM generate_series(1, 5000) g;
 INSERT INTO audit_log (payload) SELECT md5(g::text) FROM generate_series(1, 2000) g;
-INSERT INTO reporting.daily SELECT d::date, 100 FROM generate_series('2026-01-01'::date, '2026-01-31', '1 day') d;
+INSERT INTO reporting.daily
+  SELECT d::date, 100 FROM generate_series('2026-01-01'::date, '2026-01-31', '1 day') d;
 CREATE INDEX orders_customer ON orders (customer_id);
 CREATE VIEW big_orders AS SELECT * FROM orders WHERE total > 50;
 """

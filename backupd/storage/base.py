@@ -9,10 +9,16 @@ translate their own errors into `StorageError` (permanent) or
 
 from __future__ import annotations
 
+import builtins
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
+
+from backupd.errors import StorageError
+
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +68,10 @@ class Store(Protocol):
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Complete objects whose key starts with `prefix`, sorted by key."""
 
-    async def delete(self, keys: Sequence[str]) -> list[str]:
+    async def delete(self, keys: Sequence[str]) -> builtins.list[str]:
         """Delete objects (missing ones count as deleted); returns the keys that failed."""
 
-    async def list_incomplete_uploads(self) -> list[IncompleteUpload]:
+    async def list_incomplete_uploads(self) -> builtins.list[IncompleteUpload]:
         """Uploads left behind by a crash, for the sweeper."""
 
     async def abort_incomplete(self, upload: IncompleteUpload) -> None:
@@ -76,3 +82,50 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a plain relative "/"-path, else raise `StorageError`.
+
+    Both backends refuse the same keys, so a key that works on S3 also works on
+    the filesystem and can never name a file outside the storage's root.
+    """
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise StorageError(f"invalid storage key {key!r}: expected a relative path like 'a/b.dump'")
+    if "\0" in key:
+        raise StorageError(f"invalid storage key {key!r}: contains a NUL byte")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Return a listing prefix if it is empty or a key with an optional trailing "/"."""
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+class BaseStore(ABC):
+    """The flow shared by every backend, written once over the backend's primitives."""
+
+    name: str
+
+    @abstractmethod
+    async def open_upload(self, key: str) -> Upload:
+        """Start writing a new object."""
+
+    @abstractmethod
+    def open_read(self, key: str, chunk_size: int = MiB) -> AsyncIterator[bytes]:
+        """Stream an object's bytes; `NotFound` if absent."""
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        upload = await self.open_upload(key)
+        try:
+            await upload.write(data)
+            await upload.complete()
+        except BaseException:
+            await upload.abort()
+            raise
+
+    async def read_bytes(self, key: str) -> bytes:
+        return b"".join([chunk async for chunk in self.open_read(key)])

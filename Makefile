@@ -1,0 +1,98 @@
+# backupd developer tasks. GNU make; every target is phony except the venv stamp.
+#
+#   make test        system packages, venv, lint, type check, the test suite (not slow)
+#   make test-slow   the slow fault/load scenarios (pytest -m slow)
+#   make demo        a throwaway PostgreSQL, a daemon, a backup and a verified restore
+#
+# Works on a fresh Debian bookworm as root: `deps-system` installs what is missing
+# with apt-get, and `.venv` installs the Python packages pinned in constraints.txt.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.ONESHELL:
+.NOTPARALLEL:
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PG_BIN ?= /usr/lib/postgresql/15/bin
+
+.PHONY: deps-system .venv test test-slow lint fmt bench demo clean update-constraints
+
+# Debian packages, installed only when their command is missing. apt must not
+# start services: a policy-rc.d that answers 101 is put in place for the install
+# (unless one is there already), so the postgresql package's default cluster and
+# the prometheus server stay down.
+deps-system:
+	@missing=()
+	[ -x "$(PG_BIN)/initdb" ] && [ -x "$(PG_BIN)/pg_ctl" ] || missing+=(postgresql-15)
+	command -v psql >/dev/null && [ -x "$(PG_BIN)/pg_dump" ] || missing+=(postgresql-client-15)
+	command -v age >/dev/null || missing+=(age)
+	command -v zstd >/dev/null || missing+=(zstd)
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
+	command -v setpriv >/dev/null && command -v runuser >/dev/null || missing+=(util-linux)
+	command -v systemd-analyze >/dev/null || missing+=(systemd)
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+	if [ $${#missing[@]} -eq 0 ]; then echo "deps-system: all present"; exit 0; fi
+	echo "deps-system: installing $${missing[*]}"
+	if [ "$$(id -u)" -ne 0 ]; then
+	  echo "deps-system: run as root (or install them yourself): apt-get install $${missing[*]}" >&2
+	  exit 1
+	fi
+	policy=/usr/sbin/policy-rc.d
+	if [ ! -e "$$policy" ]; then
+	  trap 'rm -f "$$policy"' EXIT
+	  printf '#!/bin/sh\nexit 101\n' >"$$policy"
+	  chmod 0755 "$$policy"
+	fi
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$${missing[@]}"
+	if [[ " $${missing[*]} " == *" postgresql-15 "* ]]; then
+	  pg_ctlcluster 15 main stop 2>/dev/null || true
+	fi
+
+# The virtualenv, rebuilt when the dependencies or their pins change.
+.venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -c constraints.txt -e '.[test]'
+	touch $@
+
+# Rewrite constraints.txt from the current venv (after changing dependencies).
+update-constraints: .venv
+	@{ echo "# Pinned versions for a reproducible .venv: pip install -c constraints.txt -e '.[test]'."
+	  echo "# Regenerate with 'make update-constraints' after changing dependencies in pyproject.toml."
+	  $(BIN)/pip freeze --exclude-editable | grep -v -E '^(#|-e |backupd==)'
+	} >constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+test: deps-system .venv lint
+	$(BIN)/pytest -m "not slow"
+
+# The suite's slow marker: long fault and load scenarios. pytest exits 5 when it
+# collects nothing, which here only means no slow test exists yet.
+test-slow: deps-system .venv
+	@rc=0
+	$(BIN)/pytest -m slow || rc=$$?
+	if [ $$rc -eq 5 ]; then echo "test-slow: no slow tests"; exit 0; fi
+	exit $$rc
+
+lint: .venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: .venv
+	$(BIN)/ruff format .
+
+bench: .venv
+	$(BIN)/python -m tests.bench
+
+demo: deps-system .venv
+	BACKUPD=$(BIN)/backupd PG_BIN=$(PG_BIN) scripts/demo.sh
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

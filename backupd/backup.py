@@ -1,0 +1,262 @@
+"""One backup attempt: preflight, dump every database to every target, publish.
+
+Publishing is the manifest, written to each target only after every data
+object of the run is complete on every target and every dump tool exited 0.
+Any failure (cancellation included) aborts open uploads and deletes the data
+objects this attempt already completed, so nothing is half-published and
+nothing is left for the sweeper in the common case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from backupd import __version__
+from backupd.codecs import Encoder, compressor
+from backupd.config import Job, PostgresSource
+from backupd.crypto import AgeEncryptor
+from backupd.errors import BackupdError, DumpFailed
+from backupd.manifest import (
+    Manifest,
+    ObjectEntry,
+    data_name,
+    folder_for,
+    new_backup_id,
+    now_utc,
+    rfc3339,
+    stem_for,
+    write_manifest,
+)
+from backupd.pipeline import StreamResult, abort_all, make_pipe, stream_fd
+from backupd.sources import postgres
+from backupd.storage.base import Store, Upload
+
+log = structlog.get_logger("backupd.backup")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    kind: str = "manual"  # schedule | manual | catch-up
+    uid: int | None = None
+    user: str | None = None
+
+    def who(self) -> dict[str, Any] | None:
+        if self.uid is None and self.user is None:
+            return None
+        return {"uid": self.uid, "user": self.user}
+
+
+@dataclass(frozen=True, slots=True)
+class _Dump:
+    name: str  # database name, or "globals"
+    argv: list[str]
+    tool: str  # pg_dump | pg_dumpall
+    fmt: str  # custom | plain
+
+
+async def run_backup(
+    job: Job,
+    source: PostgresSource,
+    stores: Mapping[str, Store],
+    *,
+    trigger: Trigger,
+    attempt: int = 1,
+    on_bytes: Callable[[str, int], None] | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Run one attempt of `job`; returns the published manifest or raises."""
+    password = source.password.resolve() if source.password else None
+    server = await postgres.preflight(source, job, password)
+    pg_dump = postgres.find_tool("pg_dump", source.pg_bin_dir, server.major)
+    dumps = [
+        _Dump(db, postgres.dump_argv(pg_dump, job, source.dsn, db), "pg_dump", job.format)
+        for db in server.databases
+    ]
+    if job.globals:
+        dumpall = postgres.find_tool("pg_dumpall", source.pg_bin_dir, server.major)
+        dumps.append(
+            _Dump(
+                "globals", postgres.dumpall_globals_argv(dumpall, source.dsn), "pg_dumpall", "plain"
+            )
+        )
+
+    started = now_utc()
+    t0 = time.monotonic()
+    backup_id = new_backup_id()
+    folder = folder_for(job.name, started)
+    stem = stem_for(job.name, started, backup_id)
+    encrypted = job.encryption is not None
+    log.info("backup_started", stem=stem, databases=list(server.databases), attempt=attempt)
+    _emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
+
+    completed: dict[str, list[str]] = {name: [] for name in stores}
+    objects: list[ObjectEntry] = []
+    try:
+        with postgres.passfile_env(password) as env:
+            for dump in dumps:
+                key = (
+                    f"{stem}/{data_name(dump.name, dump.fmt, job.compression.extension, encrypted)}"
+                )
+                result = await _dump_one(job, dump, env, stores, folder + key, completed, on_bytes)
+                if result.raw_bytes < job.min_size:
+                    raise DumpFailed(
+                        f"{dump.tool} output for {dump.name} is {result.raw_bytes} bytes, below "
+                        f"min_size {job.min_size}: refusing to call it a backup"
+                    )
+                objects.append(
+                    ObjectEntry(
+                        database=dump.name,
+                        key=key,
+                        size_bytes=result.size_bytes,
+                        raw_bytes=result.raw_bytes,
+                        sha256=result.sha256,
+                        format=dump.fmt,
+                    )
+                )
+                _emit(
+                    progress,
+                    {"event": "object", "database": dump.name, "size_bytes": result.size_bytes},
+                )
+        finished = now_utc()
+        manifest = Manifest(
+            id=backup_id,
+            job=job.name,
+            kind=job.kind,
+            format=job.format,
+            compression=job.compression.spec,
+            encryption={"type": "age", "recipients": list(job.encryption.recipients)}
+            if job.encryption
+            else None,
+            source={
+                "type": "postgres",
+                "name": source.name,
+                "host": server.host,
+                "server_version": server.version,
+            },
+            tool={"name": "pg_dump", "version": pg_dump.version, "path": str(pg_dump.path)},
+            started_at=rfc3339(started),
+            finished_at=rfc3339(finished),
+            duration_seconds=round(time.monotonic() - t0, 3),
+            objects=tuple(objects),
+            trigger=trigger.kind,
+            triggered_by=trigger.who(),
+            attempts=attempt,
+            backupd_version=__version__,
+            tables=server.table_counts,
+        )
+        await _publish(stores, manifest)
+    except BaseException:
+        await _discard(stores, completed)
+        raise
+    log.info(
+        "backup_published",
+        stem=stem,
+        size_bytes=manifest.size_bytes,
+        duration_seconds=manifest.duration_seconds,
+    )
+    return manifest
+
+
+async def _dump_one(
+    job: Job,
+    dump: _Dump,
+    env: dict[str, str],
+    stores: Mapping[str, Store],
+    key: str,
+    completed: dict[str, list[str]],
+    on_bytes: Callable[[str, int], None] | None,
+) -> StreamResult:
+    """Dump one database into one new object on every store; completes them only on success."""
+    uploads: dict[str, Upload] = {}
+
+    def counted(n: int) -> None:
+        if on_bytes is not None:
+            for name in stores:
+                on_bytes(name, n)
+
+    try:
+        for name, store in stores.items():
+            uploads[name] = await store.open_upload(key)
+        read_fd, write_fd = make_pipe()
+        try:
+            proc_cm = postgres.spawn(dump.argv, env, write_fd, dump.tool)
+            proc = await proc_cm.__aenter__()
+        except BaseException:
+            os.close(read_fd)
+            raise
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(proc_cm)
+            result = await stream_fd(read_fd, _encoders(job, dump), list(uploads.values()), counted)
+            rc = await proc.wait()
+            if rc != 0:
+                err = DumpFailed(postgres.exit_error(proc, rc))
+                err.transient = postgres.is_transient_failure(proc.stderr)
+                raise err
+        sizes = await asyncio.gather(*(u.complete() for u in uploads.values()))
+        for name, size in zip(uploads, sizes, strict=True):
+            completed[name].append(key)
+            if size != result.size_bytes:
+                raise BackupdError(
+                    f"storage {name} stored {size} bytes of {key}, expected {result.size_bytes}"
+                )
+        return result
+    except BaseException:
+        await abort_all(uploads)
+        raise
+
+
+def _encoders(job: Job, dump: _Dump) -> list[Encoder]:
+    encoders: list[Encoder] = [compressor(job.compression)]
+    if job.encryption is not None:
+        encoders.append(AgeEncryptor(job.encryption.recipients))
+    return encoders
+
+
+async def _publish(stores: Mapping[str, Store], manifest: Manifest) -> None:
+    """Write the manifest to every store; if one fails, take back the others."""
+    written: list[Store] = []
+    try:
+        for store in stores.values():
+            await write_manifest(store, manifest)
+            written.append(store)
+    except BaseException:
+        await asyncio.shield(
+            asyncio.gather(
+                *(s.delete([manifest.manifest_key]) for s in written), return_exceptions=True
+            )
+        )
+        raise
+
+
+async def _discard(stores: Mapping[str, Store], completed: dict[str, list[str]]) -> None:
+    """Delete data objects of a failed attempt (they have no manifest, so are not backups)."""
+
+    async def one(name: str) -> None:
+        keys = completed.get(name) or []
+        if not keys:
+            return
+        failed = await stores[name].delete(keys)
+        if failed:
+            log.warning(
+                "discard_incomplete",
+                storage=name,
+                keys=failed,
+                note="the sweeper removes them after abandoned_upload_grace",
+            )
+
+    await asyncio.shield(asyncio.gather(*(one(name) for name in stores), return_exceptions=True))
+
+
+def _emit(progress: Progress | None, event: dict[str, Any]) -> None:
+    if progress is not None:
+        progress(event)

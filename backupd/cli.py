@@ -1,0 +1,220 @@
+"""The `backupd` command line: argparse subcommands, errors mapped to exit codes.
+
+No domain logic lives here: each command parses its arguments, calls into
+the package, and prints. Exit codes (SPEC): 0 success; 1 the job, restore or
+verify failed; 2 usage or config error; 3 the daemon cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import structlog
+
+from backupd import __version__, logs
+from backupd.config import Config, config_path, config_to_toml, load_config
+from backupd.errors import EXIT_FAILED, EXIT_USAGE, BackupdError, ConfigError
+
+log = structlog.get_logger("backupd.cli")
+
+Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default: $BACKUPD_CONFIG, else /etc/backupd/backupd.toml)",
+    )
+
+
+def _add_socket(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="control socket (default: the config's daemon.socket, else /run/backupd/control.sock)",
+    )
+
+
+def _add_backup_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backup", metavar="ID", default="latest", help="backup id, stem, or 'latest' (default)"
+    )
+    p.add_argument("--storage", metavar="NAME", help="storage to read (default: the job's first)")
+    p.add_argument(
+        "--database", metavar="NAME", help="database of the backup (needed when it holds several)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from backupd import commands
+
+    parser = argparse.ArgumentParser(
+        prog="backupd",
+        description="PostgreSQL backups on cron schedules, streamed to S3 and the filesystem.",
+        epilog="Exit codes: 0 success, 1 the job/restore/verify failed, 2 usage or config error, "
+        "3 the daemon cannot be reached. Docs: README.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"backupd {__version__}")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override daemon.log_level",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = cmd("run", commands.run, "run the daemon in the foreground (systemd Type=notify)")
+    _add_config(p)
+
+    p = cmd("check", commands.check, "validate the config; exit 2 listing every error")
+    _add_config(p)
+    p.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach every source and storage (read-only probes, one probe object)",
+    )
+    p.add_argument(
+        "--show",
+        action="store_true",
+        help="print the effective config as TOML (defaults applied, secrets as references)",
+    )
+
+    p = cmd(
+        "backup",
+        commands.backup,
+        "run one job once in this process, with its retries (no daemon needed)",
+    )
+    _add_config(p)
+    p.add_argument("job")
+
+    p = cmd("trigger", commands.trigger, "ask the running daemon to run JOB now")
+    _add_socket(p)
+    p.add_argument("job")
+    p.add_argument(
+        "--wait", action="store_true", help="follow the run and exit 0 on success, 1 on failure"
+    )
+
+    p = cmd("status", commands.status, "jobs, next fire times, last results, runs in progress")
+    _add_socket(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = cmd("cancel", commands.cancel, "cancel a run in progress")
+    _add_socket(p)
+    p.add_argument("run_id")
+
+    p = cmd("reload", commands.reload, "re-read the config in the daemon (same as SIGHUP)")
+    _add_socket(p)
+
+    p = cmd("list", commands.list_, "backups that exist in storage (no daemon needed)")
+    _add_config(p)
+    p.add_argument("job", nargs="?")
+    p.add_argument("--storage", metavar="NAME", help="storage to read (default: each job's first)")
+    p.add_argument("--json", action="store_true", help="a JSON array of manifests, newest first")
+
+    p = cmd(
+        "restore",
+        commands.restore,
+        "stream one database of a backup into pg_restore (psql for plain dumps)",
+    )
+    _add_config(p)
+    p.add_argument("job")
+    _add_backup_choice(p)
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="DSN",
+        help="target database; the password comes from PGPASSWORD or ~/.pgpass, "
+        "never put it in the DSN",
+    )
+    p.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="T",
+        help="restore only this table (repeatable)",
+    )
+    p.add_argument("--clean", action="store_true", help="drop objects before recreating them")
+    p.add_argument(
+        "--create",
+        action="store_true",
+        help="create the database first (--to names the maintenance database)",
+    )
+    p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+
+    p = cmd("download", commands.download, "fetch one database's dump, decrypted and decompressed")
+    _add_config(p)
+    p.add_argument("job")
+    _add_backup_choice(p)
+    p.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="output file, - for stdout"
+    )
+    p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+
+    p = cmd(
+        "verify",
+        commands.verify,
+        "check a backup's size and SHA-256, decode it, and list its archive",
+    )
+    _add_config(p)
+    p.add_argument("job")
+    p.add_argument("--backup", metavar="ID", default="latest")
+    p.add_argument("--storage", metavar="NAME")
+    p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+    p.add_argument(
+        "--restore",
+        action="store_true",
+        help="also restore into a scratch database and compare row counts",
+    )
+
+    p = cmd("prune", commands.prune, "apply retention now")
+    _add_config(p)
+    p.add_argument("job", nargs="?")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(0o077)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(
+        args.log_level or "warning" if args.command != "run" else args.log_level or "info", None
+    )
+    try:
+        return asyncio.run(args.handler(args))
+    except ConfigError as exc:
+        print(f"backupd: invalid config ({len(exc.errors)} error(s)):", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return exc.exit_code
+    except BackupdError as exc:
+        print(f"backupd: {exc}", file=sys.stderr)
+        log.debug("error", exc_info=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "build_parser", "config_to_toml", "main", "print_json"]

@@ -1,0 +1,132 @@
+"""Stream codecs: compression and decompression with one small interface.
+
+Every codec works on whole chunks (about 1 MiB) and releases the GIL in C, so
+a worker thread can run it while the event loop uploads.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Protocol
+
+import lz4.frame
+import zstandard
+
+from backupd.config import Compression
+
+
+class Encoder(Protocol):
+    def update(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class Identity:
+    def update(self, data: bytes) -> bytes:
+        return data
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class _Zstd:
+    def __init__(self, level: int) -> None:
+        self._obj = zstandard.ZstdCompressor(level=level).compressobj()
+
+    def update(self, data: bytes) -> bytes:
+        return bytes(self._obj.compress(data))
+
+    def finish(self) -> bytes:
+        return bytes(self._obj.flush())
+
+
+class _Gzip:
+    def __init__(self, level: int) -> None:
+        # wbits 31: a gzip header and trailer, so `gzip -d` reads it.
+        self._obj = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def update(self, data: bytes) -> bytes:
+        return self._obj.compress(data)
+
+    def finish(self) -> bytes:
+        return self._obj.flush()
+
+
+class _Lz4:
+    def __init__(self, level: int) -> None:
+        self._obj = lz4.frame.LZ4FrameCompressor(compression_level=level)
+        self._header: bytes | None = self._obj.begin()
+
+    def update(self, data: bytes) -> bytes:
+        out = self._obj.compress(data)
+        if self._header is not None:
+            out, self._header = self._header + out, None
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        out = self._obj.flush()
+        if self._header is not None:
+            out, self._header = self._header + out, None
+        return bytes(out)
+
+
+def compressor(spec: Compression) -> Encoder:
+    if spec.algorithm == "zstd":
+        return _Zstd(3 if spec.level is None else spec.level)
+    if spec.algorithm == "gzip":
+        return _Gzip(6 if spec.level is None else spec.level)
+    if spec.algorithm == "lz4":
+        return _Lz4(0 if spec.level is None else spec.level)
+    return Identity()
+
+
+class _ZstdDec:
+    def __init__(self) -> None:
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+
+    def update(self, data: bytes) -> bytes:
+        return bytes(self._obj.decompress(data))
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class _GzipDec:
+    def __init__(self) -> None:
+        self._obj = zlib.decompressobj(47)
+
+    def update(self, data: bytes) -> bytes:
+        return self._obj.decompress(data)
+
+    def finish(self) -> bytes:
+        if not self._obj.eof:
+            raise ValueError("gzip stream is truncated")
+        return self._obj.flush()
+
+
+class _Lz4Dec:
+    def __init__(self) -> None:
+        self._obj = lz4.frame.LZ4FrameDecompressor()
+
+    def update(self, data: bytes) -> bytes:
+        return bytes(self._obj.decompress(data))
+
+    def finish(self) -> bytes:
+        if not self._obj.eof:
+            raise ValueError("lz4 stream is truncated")
+        return b""
+
+
+def decompressor(algorithm: str) -> Encoder:
+    if algorithm == "zstd":
+        return _ZstdDec()
+    if algorithm == "gzip":
+        return _GzipDec()
+    if algorithm == "lz4":
+        return _Lz4Dec()
+    return Identity()
+
+
+def algorithm_of(spec: str) -> str:
+    """`zstd:3` -> `zstd`: the manifest records the config spelling."""
+    return spec.split(":", 1)[0]

@@ -1,0 +1,350 @@
+"""PostgreSQL: asyncpg preflight, pg_dump selection, and the dump subprocesses.
+
+The password never reaches argv: the child gets a 0600 passfile (PGPASSFILE)
+in a private directory that exists only while the child runs. pg_dump runs
+in its own process group so a cancelled run can kill it and everything it
+started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from backupd.config import Job, PostgresSource, redact_dsn
+from backupd.errors import SourceError, SourceUnavailable
+
+CONNECT_TIMEOUT = 30.0
+STDERR_LIMIT = 64 * 1024  # bytes of a tool's stderr kept for the error message
+PG_LIB_DIR = Path("/usr/lib/postgresql")
+
+# pg_dump stderr that means the server went away, not that the dump is impossible.
+_TRANSIENT_STDERR = re.compile(
+    r"could not connect|connection to server .* failed|server closed the connection"
+    r"|terminating connection due to administrator command|the database system is "
+    r"(starting up|shutting down|in recovery mode)|Connection refused|connection timed out"
+    r"|could not receive data from server|SSL SYSCALL error|no connection to the server",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    version: str  # e.g. "15.18"
+    major: int
+    host: str
+    databases: tuple[str, ...]  # the databases this job dumps, resolved
+    table_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DumpTool:
+    path: Path
+    version: str
+    major: int
+
+
+def _connect_kwargs(dsn: str, password: str | None, database: str | None) -> dict[str, object]:
+    kwargs: dict[str, object] = {"dsn": dsn, "timeout": CONNECT_TIMEOUT}
+    if password is not None:
+        kwargs["password"] = password
+    if database is not None:
+        kwargs["database"] = database
+    return kwargs
+
+
+async def connect(
+    dsn: str, password: str | None, database: str | None = None
+) -> asyncpg.Connection:
+    """Connect, translating failures into transient or permanent source errors."""
+    where = redact_dsn(dsn) if database is None else f"{redact_dsn(dsn)} (database {database})"
+    try:
+        return await asyncpg.connect(**_connect_kwargs(dsn, password, database))
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise SourceError(f"authentication failed for {where}: {exc}") from None
+    except asyncpg.InvalidCatalogNameError:
+        raise SourceError(f"database does not exist: {where}") from None
+    except (asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+        raise SourceUnavailable(f"cannot connect to {where}: {exc}") from None
+    except (OSError, TimeoutError, asyncpg.ConnectionDoesNotExistError) as exc:
+        reason = (
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or "timeout"
+        )
+        raise SourceUnavailable(f"cannot connect to {where}: {reason}") from None
+    except asyncpg.PostgresError as exc:
+        raise SourceError(f"cannot connect to {where}: {exc}") from None
+
+
+async def preflight(
+    source: PostgresSource, job: Job, password: str | None, count_rows: bool = True
+) -> ServerInfo:
+    """Reach the server, read its version, resolve `databases`, record table row counts."""
+    conn = await connect(source.dsn, password)
+    try:
+        version_num = int(await conn.fetchval("SHOW server_version_num"))
+        version = str(await conn.fetchval("SHOW server_version")).split()[0]
+        if job.databases == ("*",):
+            rows = await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+                "ORDER BY datname"
+            )
+            databases = tuple(r["datname"] for r in rows)
+        elif job.databases:
+            databases = job.databases
+            rows = await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", list(databases)
+            )
+            missing = sorted(set(databases) - {r["datname"] for r in rows})
+            if missing:
+                raise SourceError(
+                    f"database does not exist: {', '.join(missing)} on {redact_dsn(source.dsn)}"
+                )
+        else:
+            databases = (str(await conn.fetchval("SELECT current_database()")),)
+    except (OSError, asyncpg.ConnectionDoesNotExistError) as exc:
+        raise SourceUnavailable(f"connection to {redact_dsn(source.dsn)} lost: {exc}") from None
+    finally:
+        await conn.close()
+    counts: dict[str, dict[str, int]] = {}
+    if count_rows and job.kind != "schema-only":
+        for db in databases:
+            counts[db] = await table_row_counts(source.dsn, password, db)
+    return ServerInfo(
+        version=version,
+        major=version_num // 10000,
+        host=_dsn_host(source.dsn),
+        databases=databases,
+        table_counts=counts,
+    )
+
+
+async def table_row_counts(dsn: str, password: str | None, database: str) -> dict[str, int]:
+    """Exact row counts of every user table ("schema.table" -> rows).
+
+    Recorded in the manifest so `verify --restore` can compare what it restored.
+    """
+    conn = await connect(dsn, password, database)
+    try:
+        rows = await conn.fetch(
+            "SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg_toast%' AND NOT c.relispartition ORDER BY 1"
+        )
+        counts = {}
+        for row in rows:
+            # The name comes from format('%I.%I'): quoted by the server itself.
+            query = f"SELECT count(*) FROM {row['name']}"  # noqa: S608
+            counts[row["name"]] = int(await conn.fetchval(query))
+        return counts
+    finally:
+        await conn.close()
+
+
+def _dsn_host(dsn: str) -> str:
+    if "://" in dsn:
+        host = urlsplit(dsn).hostname or "localhost"
+        return host
+    match = re.search(r"(?:^|\s)host\s*=\s*(\S+)", dsn)
+    return match.group(1) if match else "localhost"
+
+
+def _tool_version(path: Path) -> tuple[str, int] | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [str(path), "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"(\d+)(?:\.(\d+))?", out)
+    if not match:
+        return None
+    return match.group(0), int(match.group(1))
+
+
+def candidate_bin_dirs(pg_bin_dir: str) -> list[Path]:
+    if pg_bin_dir:
+        return [Path(pg_bin_dir)]
+    dirs = sorted(
+        (p / "bin" for p in PG_LIB_DIR.glob("*") if p.name.isdigit()),
+        key=lambda p: int(p.parent.name),
+        reverse=True,
+    )
+    on_path = shutil.which("pg_dump")
+    if on_path:
+        dirs.append(Path(on_path).parent)
+    return dirs
+
+
+def find_tool(name: str, pg_bin_dir: str, server_major: int) -> DumpTool:
+    """The newest `name` (pg_dump, pg_dumpall) whose major version is >= the server's."""
+    seen = []
+    for bindir in candidate_bin_dirs(pg_bin_dir):
+        path = bindir / name
+        if not os.access(path, os.X_OK):
+            continue
+        found = _tool_version(path)
+        if found is None:
+            continue
+        seen.append(f"{path} ({found[0]})")
+        if found[1] >= server_major:
+            return DumpTool(path, found[0], found[1])
+    where = f"pg_bin_dir {pg_bin_dir}" if pg_bin_dir else f"{PG_LIB_DIR}/*/bin and PATH"
+    have = ", ".join(seen) if seen else "none found"
+    raise SourceError(
+        f"no {name} can dump a PostgreSQL {server_major} server (looked in {where}: {have}); "
+        f"install postgresql-client-{server_major} or newer, or set pg_bin_dir"
+    )
+
+
+def dump_argv(tool: DumpTool, job: Job, dsn: str, database: str) -> list[str]:
+    """pg_dump's argument list: never a shell, never a password."""
+    argv = [str(tool.path), "--no-password", f"--dbname={with_database(dsn, database)}"]
+    if job.format == "custom":
+        argv += ["--format=custom", "--compress=0"]
+    else:
+        argv += ["--format=plain"]
+    if job.kind == "schema-only":
+        argv.append("--schema-only")
+    elif job.kind == "data-only":
+        argv.append("--data-only")
+    argv += [f"--table={t}" for t in job.tables]
+    argv += [f"--exclude-table={t}" for t in job.exclude_tables]
+    argv += [f"--exclude-table-data={t}" for t in job.exclude_table_data]
+    return argv
+
+
+def dumpall_globals_argv(tool: DumpTool, dsn: str) -> list[str]:
+    return [str(tool.path), "--no-password", "--globals-only", f"--dbname={dsn}"]
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The DSN pointing at `database` (libpq: a later dbname wins in key=value form)."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        return parts._replace(path="/" + database).geturl()
+    escaped = database.replace("\\", "\\\\").replace("'", "\\'")
+    return f"{dsn} dbname='{escaped}'"
+
+
+@contextlib.contextmanager
+def passfile_env(password: str | None) -> Iterator[dict[str, str]]:
+    """The child's environment: PGPASSFILE pointing at a private 0600 file, removed after."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGPASSFILE")}
+    env.setdefault("PGAPPNAME", "backupd")
+    env.setdefault("PGCONNECT_TIMEOUT", str(int(CONNECT_TIMEOUT)))
+    if password is None:
+        yield env
+        return
+    tmpdir = tempfile.mkdtemp(prefix="backupd-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+    try:
+        path = Path(tmpdir) / "pgpass"
+        escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"*:*:*:*:{escaped}\n")
+        env["PGPASSFILE"] = str(path)
+        yield env
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class DumpProcess:
+    """One running dump tool writing to a pipe; stderr kept for the error message."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self._stderr = bytearray()
+        assert proc.stderr is not None
+        self._stderr_task = asyncio.ensure_future(self._drain(proc.stderr))
+
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
+        while block := await stream.read(65536):
+            self._stderr += block
+            if len(self._stderr) > STDERR_LIMIT:
+                del self._stderr[: len(self._stderr) - STDERR_LIMIT]
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr.decode(errors="replace").strip()
+
+    async def wait(self) -> int:
+        rc = await self.proc.wait()
+        await self._stderr_task
+        return rc
+
+    def kill(self) -> None:
+        """Kill the whole process group (pg_dump and anything it started)."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def kill_and_reap(self) -> None:
+        self.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.wait())
+
+
+@contextlib.asynccontextmanager
+async def spawn(
+    argv: list[str], env: dict[str, str], stdout_fd: int, name: str
+) -> AsyncIterator[DumpProcess]:
+    """Start a dump tool writing to `stdout_fd`; killed and reaped if the block fails."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout_fd,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise SourceError(f"cannot start {argv[0]}: {exc.strerror}") from None
+    finally:
+        os.close(stdout_fd)  # the child holds the write end; EOF comes when it exits
+    dump = DumpProcess(proc, name)
+    try:
+        yield dump
+    except BaseException:
+        await dump.kill_and_reap()
+        raise
+
+
+def exit_error(dump: DumpProcess, rc: int) -> str:
+    what = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+    detail = dump.stderr or "no error output"
+    return f"{dump.name} {what}: {detail}"
+
+
+def is_transient_failure(stderr: str) -> bool:
+    return bool(_TRANSIENT_STDERR.search(stderr))
+
+
+__all__ = [
+    "DumpProcess",
+    "DumpTool",
+    "ServerInfo",
+    "dump_argv",
+    "dumpall_globals_argv",
+    "exit_error",
+    "find_tool",
+    "is_transient_failure",
+    "passfile_env",
+    "preflight",
+    "spawn",
+]

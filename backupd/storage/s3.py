@@ -1,0 +1,604 @@
+"""S3 storage (AWS and S3-compatible stores such as MinIO, R2, Ceph) through aiobotocore.
+
+Small objects are one PutObject; larger ones a multipart upload whose parts go
+up in background tasks, at most `upload_concurrency` at a time, so memory
+stays near `(upload_concurrency + 1) * part_size` however large the object.
+botocore's own retries are off: every request, and every part on its own, is
+retried here on transient errors (stamina), so one bad part never restarts
+the upload. S3 errors become backupd's: `TransientStorageError` for what is
+worth retrying, `NotFound`, or `StorageError` with a message naming the
+bucket and never a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import hashlib
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any, Literal
+
+import aiohttp
+import botocore.exceptions as botocore_errors
+import stamina
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from backupd.config import S3Storage
+from backupd.errors import NotFound, StorageError, TransientStorageError
+from backupd.storage.base import (
+    BaseStore,
+    IncompleteUpload,
+    MiB,
+    ObjectInfo,
+    check_key,
+    check_prefix,
+)
+
+log = structlog.get_logger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 120.0
+
+# What the request says about whether trying again can help.
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "OperationAborted",
+        "BadDigest",
+        "IncompleteBody",
+        "XAmzContentSHA256Mismatch",
+    }
+)
+_CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "AuthorizationHeaderMalformed",
+        "InvalidSecurity",
+    }
+)
+_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"})
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_REQUEST_ERRORS = (botocore_errors.BotoCoreError, botocore_errors.ClientError, aiohttp.ClientError)
+_REQUEST_ERRORS_AND_OS = (*_REQUEST_ERRORS, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    """How one S3 request (a part, a listing...) is retried on transient errors.
+
+    `timeout` bounds all attempts of one request together. Tests pass waits of 0.
+    """
+
+    attempts: int = 6
+    timeout: float = 900.0
+    wait_initial: float = 0.5
+    wait_max: float = 30.0
+    wait_jitter: float = 1.0
+
+    def context(self) -> Any:
+        return stamina.retry_context(
+            on=TransientStorageError,
+            attempts=self.attempts,
+            timeout=self.timeout,
+            wait_initial=self.wait_initial,
+            wait_max=self.wait_max,
+            wait_jitter=self.wait_jitter,
+        )
+
+
+def _error_code(exc: botocore_errors.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _md5_base64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+class S3Upload:
+    """One object being written; invisible under its key until `complete()` returns.
+
+    Any failure or cancellation inside `write()` or `complete()` aborts the upload
+    (in-flight parts cancelled, then AbortMultipartUpload) before the error
+    propagates, so `abort()` is then a no-op. If `complete()` fails after the
+    final request may have reached the store (cancellation, a lost reply, a size
+    mismatch), the object under the key is deleted too.
+    """
+
+    def __init__(self, store: S3Store, key: str) -> None:
+        self.key = key
+        self._store = store
+        self._object_key = store.prefix + key
+        self._chunks: list[bytes | memoryview] = []
+        self._buffered = 0
+        self._size = 0
+        self._create: asyncio.Task[str] | None = None
+        self._upload_id: str | None = None
+        self._next_part = 1
+        self._etags: dict[int, str] = {}
+        self._parts: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(store.upload_concurrency)
+        self._failure: StorageError | None = None
+        self._state: Literal["open", "completing", "done", "aborted"] = "open"
+        self._maybe_published = False
+        self._cleanup: asyncio.Task[None] | None = None
+
+    async def write(self, data: bytes) -> None:
+        self._check_open()
+        try:
+            await self._write(data)
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def complete(self) -> int:
+        self._check_open()
+        self._state = "completing"
+        try:
+            size = await self._complete()
+        except BaseException:
+            await self.abort()
+            raise
+        self._state = "done"
+        return size
+
+    async def abort(self) -> None:
+        """Discard everything written; never raises.
+
+        If the caller is cancelled meanwhile, the cleanup still finishes in the background.
+        """
+        if self._state == "done":
+            return
+        self._state = "aborted"
+        self._chunks = []
+        if self._cleanup is None:
+            self._cleanup = asyncio.ensure_future(self._discard())
+        await asyncio.shield(self._cleanup)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise StorageError(f"upload of {self.key} is already completed or aborted")
+
+    def _check_parts(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _write(self, data: bytes) -> None:
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        self._size += len(view)
+        part_size = self._store.part_size
+        while self._buffered + len(view) >= part_size:
+            take = part_size - self._buffered
+            self._chunks.append(view[:take])
+            view = view[take:]
+            part = b"".join(self._chunks)
+            self._chunks, self._buffered = [], 0
+            await self._send_part(part)
+        if view:
+            self._chunks.append(view)
+            self._buffered += len(view)
+
+    async def _send_part(self, part: bytes) -> None:
+        """Start uploading one part; waits while `upload_concurrency` parts are in flight."""
+        self._check_parts()
+        if self._upload_id is None:
+            if self._create is None:
+                self._create = asyncio.ensure_future(self._store.create_multipart(self._object_key))
+            # Shielded so that a cancelled caller still learns the upload id to abort.
+            self._upload_id = await asyncio.shield(self._create)
+        if self._next_part > self._store.MAX_PARTS:
+            raise StorageError(
+                f"s3 storage {self._store.name}: {self._object_key} needs more than "
+                f"{self._store.MAX_PARTS} parts of {self._store.part_size} bytes; "
+                "raise part_size"
+            )
+        await self._slots.acquire()
+        try:
+            self._check_parts()
+        except StorageError:
+            self._slots.release()
+            raise
+        number = self._next_part
+        self._next_part += 1
+        self._parts.add(asyncio.create_task(self._upload_part(self._upload_id, number, part)))
+
+    async def _upload_part(self, upload_id: str, number: int, part: bytes) -> None:
+        try:
+            self._etags[number] = await self._store.upload_part(
+                self._object_key, upload_id, number, part
+            )
+        except StorageError as exc:
+            if self._failure is None:
+                self._failure = exc
+        finally:
+            self._slots.release()
+
+    async def _complete(self) -> int:
+        store = self._store
+        if self._upload_id is None:
+            body = b"".join(self._chunks)
+            self._chunks = []
+            self._maybe_published = True
+            await store.put_object(self._object_key, body)
+            return len(body)
+        if self._chunks:
+            last = b"".join(self._chunks)
+            self._chunks, self._buffered = [], 0
+            await self._send_part(last)
+        await asyncio.wait(self._parts)
+        for task in self._parts:
+            task.result()  # a bug in a part task surfaces here, not as a lost exception
+        self._check_parts()
+        parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
+        self._maybe_published = True
+        try:
+            await store.complete_multipart(self._object_key, self._upload_id, parts)
+        except StorageError as exc:
+            # The store answered with an error: the object under the key is untouched.
+            self._maybe_published = isinstance(exc, TransientStorageError)
+            raise
+        size = await store.object_size(self._object_key)
+        if size != self._size:
+            raise StorageError(
+                f"s3 storage {store.name}: {self._object_key} has {size} bytes after upload, "
+                f"expected {self._size}"
+            )
+        return size
+
+    async def _discard(self) -> None:
+        for task in self._parts:
+            task.cancel()
+        if self._parts:
+            await asyncio.wait(self._parts)
+        upload_id = self._upload_id
+        if upload_id is None and self._create is not None:
+            await asyncio.wait([self._create])
+            if not self._create.cancelled() and self._create.exception() is None:
+                upload_id = self._create.result()
+        try:
+            if upload_id is not None:
+                await self._store.abort_multipart(self._object_key, upload_id)
+            if self._maybe_published:
+                await self._store.delete_object(self._object_key)
+        except StorageError as exc:
+            log.warning(
+                "upload_abort_failed", storage=self._store.name, key=self._object_key, error=str(exc)
+            )
+
+
+class S3Store(BaseStore):
+    """One bucket (and prefix) reached through one aiobotocore client."""
+
+    MIN_PART_SIZE = 5 * MiB
+    MAX_PARTS = 10_000
+    DELETE_BATCH = 1000
+
+    def __init__(
+        self, cfg: S3Storage, client: Any, exit_stack: AsyncExitStack, retry: RetrySettings
+    ) -> None:
+        self.name = cfg.name
+        self.bucket = cfg.bucket
+        self.prefix = cfg.prefix
+        self.part_size = max(cfg.part_size, self.MIN_PART_SIZE)
+        self.upload_concurrency = max(cfg.upload_concurrency, 1)
+        self.storage_class = cfg.storage_class
+        self._client = client
+        self._exit_stack = exit_stack
+        self._retry = retry
+
+    # -- errors and requests -------------------------------------------------
+
+    def _error(self, exc: BaseException, action: str, *, bucket_request: bool = False) -> StorageError:
+        where = f"s3 storage {self.name}: {action}"
+        if isinstance(exc, botocore_errors.ClientError):
+            code = _error_code(exc)
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            message = str(exc.response.get("Error", {}).get("Message", ""))
+            if code == "NoSuchBucket" or (bucket_request and code in _NOT_FOUND_CODES):
+                return StorageError(f"{where}: bucket {self.bucket!r} does not exist")
+            if code in _NOT_FOUND_CODES:
+                return NotFound(f"{where}: not found")
+            if code in _CREDENTIAL_CODES:
+                return StorageError(
+                    f"{where}: the store rejected the credentials ({code}); "
+                    "check access_key_id and secret_access_key"
+                )
+            if code in _DENIED_CODES:
+                return StorageError(f"{where}: access denied to bucket {self.bucket!r} ({code})")
+            detail = f"{code or 'error'} (HTTP {status})" + (f": {message}" if message else "")
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+                return TransientStorageError(f"{where}: {detail}")
+            return StorageError(f"{where}: {detail}")
+        if isinstance(
+            exc, botocore_errors.NoCredentialsError | botocore_errors.PartialCredentialsError
+        ):
+            return StorageError(
+                f"{where}: no credentials: set access_key_id and secret_access_key, "
+                "or provide AWS credentials to the service"
+            )
+        if isinstance(
+            exc,
+            botocore_errors.HTTPClientError
+            | botocore_errors.ConnectionError
+            | aiohttp.ClientError
+            | builtins.ConnectionError
+            | TimeoutError,
+        ):
+            return TransientStorageError(f"{where}: {exc}")
+        return StorageError(f"{where}: {exc}")
+
+    async def _call(
+        self,
+        action: str,
+        operation: str,
+        *,
+        ignore: frozenset[str] = frozenset(),
+        bucket_request: bool = False,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """One S3 request, retried while transient; error codes in `ignore` count as done."""
+        method = getattr(self._client, operation)
+        response: dict[str, Any] = {}
+        async for attempt in self._retry.context():
+            with attempt:
+                try:
+                    response = await method(Bucket=self.bucket, **params)
+                except botocore_errors.ClientError as exc:
+                    if _error_code(exc) in ignore:
+                        return {}
+                    raise self._error(exc, action, bucket_request=bucket_request) from exc
+                except _REQUEST_ERRORS_AND_OS as exc:
+                    raise self._error(exc, action) from exc
+        return response
+
+    async def _paginate(
+        self, action: str, operation: str, result_key: str, **params: Any
+    ) -> list[dict[str, Any]]:
+        """Every item of a paginated listing; the whole listing is retried while transient."""
+        items: list[dict[str, Any]] = []
+        async for attempt in self._retry.context():
+            with attempt:
+                items = []
+                try:
+                    paginator = self._client.get_paginator(operation)
+                    async for page in paginator.paginate(Bucket=self.bucket, **params):
+                        items.extend(page.get(result_key, []))
+                except _REQUEST_ERRORS_AND_OS as exc:
+                    raise self._error(exc, action) from exc
+        return items
+
+    def _storage_class(self) -> dict[str, str]:
+        return {"StorageClass": self.storage_class} if self.storage_class else {}
+
+    # -- primitives used by S3Upload -----------------------------------------
+
+    async def create_multipart(self, object_key: str) -> str:
+        response = await self._call(
+            f"start upload of {object_key}",
+            "create_multipart_upload",
+            Key=object_key,
+            **self._storage_class(),
+        )
+        return str(response["UploadId"])
+
+    async def upload_part(self, object_key: str, upload_id: str, number: int, data: bytes) -> str:
+        md5 = await asyncio.to_thread(_md5_base64, data)
+        response = await self._call(
+            f"upload part {number} of {object_key}",
+            "upload_part",
+            Key=object_key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+            ContentMD5=md5,
+        )
+        return str(response["ETag"])
+
+    async def complete_multipart(
+        self, object_key: str, upload_id: str, parts: list[dict[str, Any]]
+    ) -> None:
+        """CompleteMultipartUpload, retried; success needs an ETag in the reply.
+
+        S3 may answer 200 with an <Error> body: botocore turns that into an error
+        reply, and a reply without an ETag counts as a failure as well. If a retry
+        finds the upload gone, an earlier attempt went through; the caller's size
+        check decides.
+        """
+        action = f"complete upload of {object_key}"
+        async for attempt in self._retry.context():
+            with attempt:
+                try:
+                    response = await self._client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=object_key,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
+                    )
+                except botocore_errors.ClientError as exc:
+                    if attempt.num > 1 and _error_code(exc) == "NoSuchUpload":
+                        return
+                    raise self._error(exc, action) from exc
+                except _REQUEST_ERRORS_AND_OS as exc:
+                    raise self._error(exc, action) from exc
+                if not response.get("ETag"):
+                    raise TransientStorageError(
+                        f"s3 storage {self.name}: {action}: the reply has no ETag"
+                    )
+
+    async def abort_multipart(self, object_key: str, upload_id: str) -> None:
+        await self._call(
+            f"abort upload of {object_key}",
+            "abort_multipart_upload",
+            ignore=frozenset({"NoSuchUpload"}),
+            Key=object_key,
+            UploadId=upload_id,
+        )
+
+    async def put_object(self, object_key: str, body: bytes) -> None:
+        md5 = await asyncio.to_thread(_md5_base64, body)
+        await self._call(
+            f"write {object_key}",
+            "put_object",
+            Key=object_key,
+            Body=body,
+            ContentMD5=md5,
+            **self._storage_class(),
+        )
+
+    async def object_size(self, object_key: str) -> int:
+        response = await self._call(f"check {object_key}", "head_object", Key=object_key)
+        return int(response["ContentLength"])
+
+    async def delete_object(self, object_key: str) -> None:
+        await self._call(
+            f"delete {object_key}",
+            "delete_object",
+            ignore=frozenset({"NoSuchKey"}),
+            Key=object_key,
+        )
+
+    # -- the Store protocol --------------------------------------------------
+
+    async def open_upload(self, key: str) -> S3Upload:
+        return S3Upload(self, check_key(key))
+
+    async def open_read(self, key: str, chunk_size: int = MiB) -> AsyncIterator[bytes]:
+        object_key = self.prefix + check_key(key)
+        action = f"read {object_key}"
+        response = await self._call(action, "get_object", Key=object_key)
+        async with response["Body"] as body:
+            try:
+                while chunk := await body.read(chunk_size):
+                    yield chunk
+            except _REQUEST_ERRORS_AND_OS as exc:
+                raise self._error(exc, action) from exc
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        listed = self.prefix + check_prefix(prefix)
+        items = await self._paginate(
+            f"list {listed}", "list_objects_v2", "Contents", Prefix=listed
+        )
+        objects = [
+            ObjectInfo(
+                key=item["Key"][len(self.prefix) :],
+                size=int(item["Size"]),
+                modified=item["LastModified"].astimezone(UTC),
+            )
+            for item in items
+        ]
+        objects.sort(key=lambda info: info.key)
+        return objects
+
+    async def delete(self, keys: Sequence[str]) -> builtins.list[str]:
+        for key in keys:
+            check_key(key)
+        failed: builtins.list[str] = []
+        for start in range(0, len(keys), self.DELETE_BATCH):
+            batch = keys[start : start + self.DELETE_BATCH]
+            response = await self._call(
+                f"delete {len(batch)} objects under {self.prefix or '/'}",
+                "delete_objects",
+                Delete={"Objects": [{"Key": self.prefix + key} for key in batch], "Quiet": True},
+            )
+            for error in response.get("Errors", []):
+                if error.get("Code") == "NoSuchKey":
+                    continue
+                key = str(error["Key"])[len(self.prefix) :]
+                log.warning(
+                    "delete_failed", storage=self.name, key=key, error=error.get("Code", "")
+                )
+                failed.append(key)
+        return failed
+
+    async def list_incomplete_uploads(self) -> builtins.list[IncompleteUpload]:
+        items = await self._paginate(
+            f"list uploads under {self.prefix or '/'}",
+            "list_multipart_uploads",
+            "Uploads",
+            Prefix=self.prefix,
+        )
+        uploads = [
+            IncompleteUpload(
+                key=item["Key"][len(self.prefix) :],
+                upload_id=item["UploadId"],
+                started=item["Initiated"].astimezone(UTC),
+            )
+            for item in items
+        ]
+        uploads.sort(key=lambda upload: (upload.key, upload.started))
+        return uploads
+
+    async def abort_incomplete(self, upload: IncompleteUpload) -> None:
+        await self.abort_multipart(self.prefix + upload.key, upload.upload_id)
+
+    async def check(self) -> None:
+        await self._call("reach the bucket", "head_bucket", bucket_request=True)
+        probe = f"{self.prefix}.backupd-check-{secrets.token_hex(8)}"
+        await self.put_object(probe, b"backupd write check\n")
+        await self.delete_object(probe)
+
+    async def aclose(self) -> None:
+        await self._exit_stack.aclose()
+
+
+def _credentials(cfg: S3Storage) -> dict[str, str]:
+    """Static credentials from the config's secrets; empty: botocore's default chain."""
+    if cfg.access_key_id is None and cfg.secret_access_key is None:
+        return {}
+    if cfg.access_key_id is None or cfg.secret_access_key is None:
+        raise StorageError(
+            f"s3 storage {cfg.name}: set both access_key_id and secret_access_key, or neither"
+        )
+    return {
+        "aws_access_key_id": cfg.access_key_id.resolve(),
+        "aws_secret_access_key": cfg.secret_access_key.resolve(),
+    }
+
+
+async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S3Store:
+    """Resolve the secrets now and enter one client; `aclose()` the store to release it."""
+    credentials = await asyncio.to_thread(_credentials, cfg)
+    config = AioConfig(
+        signature_version="s3v4",
+        s3={"addressing_style": cfg.addressing_style},
+        retries={"total_max_attempts": 1, "mode": "standard"},  # parts are retried here
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        max_pool_connections=max(10, 2 * cfg.upload_concurrency),
+        # S3-compatible stores often lack the newer default CRC checksums.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    exit_stack = AsyncExitStack()
+    try:
+        client = await exit_stack.enter_async_context(
+            get_session().create_client(
+                "s3",
+                region_name=cfg.region or None,
+                endpoint_url=cfg.endpoint_url or None,
+                config=config,
+                **credentials,
+            )
+        )
+    except (ValueError, botocore_errors.BotoCoreError) as exc:
+        await exit_stack.aclose()
+        raise StorageError(f"s3 storage {cfg.name}: cannot set up the client: {exc}") from exc
+    return S3Store(cfg, client, exit_stack, retry or RetrySettings())

@@ -1,0 +1,139 @@
+"""Test helpers: config files, running the CLI, wrapped pg_dump binaries."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.pgcluster import PG_BIN, PgCluster
+
+BACKUPD = [sys.executable, "-m", "backupd"]
+
+
+def write_config(
+    path: Path,
+    pg: PgCluster,
+    *,
+    password_file: Path,
+    database: str,
+    fs_path: Path | None = None,
+    s3: tuple[str, str] | None = None,
+    job: str = "app",
+    extra_job: str = "",
+    extra_source: str = "",
+    extra_daemon: str = "",
+    extra: str = "",
+    storage_names: list[str] | None = None,
+) -> Path:
+    """A config with one source, the given stores, and one job using all of them."""
+    stores = []
+    blocks = []
+    if fs_path is not None:
+        stores.append("local")
+        blocks.append(f'[storage.local]\ntype = "filesystem"\npath = "{fs_path}"\n')
+    if s3 is not None:
+        endpoint, bucket = s3
+        stores.append("offsite")
+        blocks.append(
+            textwrap.dedent(f"""\
+            [storage.offsite]
+            type = "s3"
+            bucket = "{bucket}"
+            prefix = "prod/"
+            endpoint_url = "{endpoint}"
+            region = "us-east-1"
+            access_key_id = {{ env = "BACKUPD_TEST_AWS_KEY" }}
+            secret_access_key = {{ env = "BACKUPD_TEST_AWS_SECRET" }}
+            part_size = "5MiB"
+            """)
+        )
+    names = storage_names or stores
+    sock = path.parent / "run" / "control.sock"
+    text = (
+        textwrap.dedent(f"""\
+        [daemon]
+        socket = "{sock}"
+        http_listen = ""
+        {extra_daemon}
+
+        [source.main]
+        type = "postgres"
+        dsn = "{pg.dsn(database)}"
+        password = {{ file = "{password_file}" }}
+        {extra_source}
+
+        """)
+        + "\n".join(blocks)
+        + textwrap.dedent(f"""
+
+        [job.{job}]
+        source = "main"
+        storage = {names!r}
+        min_size = "1KiB"
+        retry = {{ max_attempts = 1, initial_delay = "1s", max_delay = "1s" }}
+        """).replace("'", '"')
+        + extra_job
+        + "\n"
+        + extra
+    )
+    path.write_text(text)
+    return path
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BACKUPD, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        input=input.decode() if input is not None else None,
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def wrapped_bin_dir(base: Path, body: str) -> Path:
+    """A pg_bin_dir whose pg_dump runs `body` (bash; $REAL is the real pg_dump).
+
+    `--version` always answers like the real one, so version selection works.
+    Every invocation's argv and the names of its PG* variables are appended to
+    `calls.log` in the directory.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    script = base / "pg_dump"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'REAL="{PG_BIN}/pg_dump"\n'
+        'if [ "$1" = "--version" ]; then exec "$REAL" --version; fi\n'
+        f'echo "ARGV: $*" >> "{base}/calls.log"\n'
+        f'env | grep -E "^PG" >> "{base}/calls.log"\n'
+        f'[ -n "$PGPASSFILE" ] && cat "$PGPASSFILE" > "{base}/passfile.copy" && '
+        f'stat -c %a "$PGPASSFILE" > "{base}/passfile.mode"\n' + body + "\n"
+    )
+    script.chmod(0o755)
+    for tool in ("pg_dumpall", "pg_restore", "psql"):
+        link = base / tool
+        if not link.exists():
+            link.symlink_to(PG_BIN / tool)
+    return base
+
+
+BIG_TABLE_SQL = """
+CREATE TABLE blobs (id serial PRIMARY KEY, a text, b text, c text);
+INSERT INTO blobs (a, b, c)
+  SELECT md5(random()::text), md5(random()::text), md5(random()::text)
+  FROM generate_series(1, 120000);
+"""
