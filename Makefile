@@ -91,7 +91,7 @@ bench: .venv
 	$(BIN)/python -m tests.bench
 
 demo: deps-system .venv
-	BACKUPD=$(BIN)/backupd PG_BIN=$(PG_BIN) scripts/demo.sh
+	BACKUPD=$(CURDIR)/$(BIN)/backupd PG_BIN=$(PG_BIN) scripts/demo.sh
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

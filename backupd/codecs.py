@@ -85,9 +85,15 @@ class _ZstdDec:
         self._obj = zstandard.ZstdDecompressor().decompressobj()
 
     def update(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        if self._obj.eof:
+            raise ValueError("data after the end of the zstd frame")
         return bytes(self._obj.decompress(data))
 
     def finish(self) -> bytes:
+        if not self._obj.eof:
+            raise ValueError("zstd stream is truncated")
         return b""
 
 
@@ -96,7 +102,7 @@ class _GzipDec:
         self._obj = zlib.decompressobj(47)
 
     def update(self, data: bytes) -> bytes:
-        return self._obj.decompress(data)
+        return self._obj.decompress(data) if data else b""
 
     def finish(self) -> bytes:
         if not self._obj.eof:
@@ -109,7 +115,7 @@ class _Lz4Dec:
         self._obj = lz4.frame.LZ4FrameDecompressor()
 
     def update(self, data: bytes) -> bytes:
-        return bytes(self._obj.decompress(data))
+        return bytes(self._obj.decompress(data)) if data else b""
 
     def finish(self) -> bytes:
         if not self._obj.eof:

@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import sys
+import tomllib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -262,10 +263,17 @@ async def prune(args: argparse.Namespace) -> int:
 
 
 def _socket(args: argparse.Namespace) -> str:
+    """`--socket`, else the config's `daemon.socket`, else the default.
+
+    Reads only that one key, so a config with errors elsewhere (one the
+    daemon just refused to reload) still leads the client to the daemon.
+    """
     configured = None
     if args.socket is None:
-        with contextlib.suppress(BackupdError):
-            configured = _load(args).daemon.socket
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
+            with open(config_path(args.config), "rb") as f:
+                value = tomllib.load(f).get("daemon", {}).get("socket")
+            configured = value if isinstance(value, str) else None
     return control.default_socket_path(args.socket, configured)
 
 

@@ -283,7 +283,7 @@ class Daemon:
 
     def live(self) -> bool:
         task = self._scheduler_task
-        return task is not None and not task.done()
+        return task is not None and not task.done() and self.scheduler.alive()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         ok = self.live() and not self.stop.is_set()

@@ -8,7 +8,6 @@ OpenMetrics or gzip gets it; a plain GET gets the Prometheus text format.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Protocol
 
 import structlog
@@ -34,24 +33,23 @@ class HealthProbe(Protocol):
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` -> (host, port); the host must be an IP address.
+    """`host:port` or `[v6]:port` -> (host, port), as `daemon.http_listen` spells it.
 
-    A literal address keeps the bind explicit: a name could resolve to
-    several addresses, or to a public one.
+    A name (`localhost:9187`) binds every address it resolves to.
     """
-    host, sep, port_text = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    problem = None
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        problem = "expected IP:PORT or [IPv6]:PORT"
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        problem = "expected IP:PORT or [IPv6]:PORT with a port in 0-65535"
-    if problem is not None:
-        raise ConfigError([f"daemon.http_listen: {problem}, got {listen!r}"])
-    return host, int(port_text)
+    host, sep, port = listen.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if (
+        not sep
+        or not host.strip("[]")
+        or (":" in host and not bracketed)
+        or not (port.isascii() and port.isdigit())
+        or int(port) > 65535
+    ):
+        raise ConfigError(
+            [f'daemon.http_listen: expected "HOST:PORT" or "[IPv6]:PORT", got {listen!r}']
+        )
+    return (host[1:-1] if bracketed else host), int(port)
 
 
 class HttpServer:
@@ -80,7 +78,6 @@ class HttpServer:
             ) from None
         self._runner = runner
         host, port = runner.addresses[0][:2]
-        log.info("http listening", host=host, port=port)
         return host, port
 
     async def close(self) -> None:
@@ -93,7 +90,7 @@ class HttpServer:
         try:
             live = self._health.live()
         except Exception:
-            log.exception("liveness probe failed")
+            log.exception("liveness_probe_failed")
             live = False
         if live:
             return web.Response(text="ok\n")
@@ -103,6 +100,6 @@ class HttpServer:
         try:
             ready, detail = self._health.ready()
         except Exception:
-            log.exception("readiness probe failed")
+            log.exception("readiness_probe_failed")
             ready, detail = False, {"error": "readiness probe failed"}
         return web.json_response(detail, status=200 if ready else 503)

@@ -220,13 +220,13 @@ class Notifications:
         """
         try:
             if self._closed:
-                log.warning("notification dropped: shutting down", run_event=event, job=payload.job)
+                log.warning("notify_dropped_after_close", run_event=event, job=payload.job)
                 return
             payload = dataclasses.replace(payload, event=event)
             for name in notifiers:
                 notifier = self._notifiers.get(name)
                 if notifier is None:
-                    log.warning("unknown notifier", notifier=name, job=payload.job)
+                    log.warning("notify_unknown_notifier", notifier=name, job=payload.job)
                 elif notifier.wants(event):
                     task = asyncio.get_running_loop().create_task(
                         self._send(notifier, payload), name=f"notify {name} {event}"
@@ -234,7 +234,7 @@ class Notifications:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         except Exception:
-            log.exception("cannot schedule notification", run_event=event, job=payload.job)
+            log.exception("notify_schedule_failed", run_event=event, job=payload.job)
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait up to `timeout` s for sends in flight; True if none is left.
@@ -274,7 +274,7 @@ class Notifications:
                     await self._post(notifier, request)
         except Exception as exc:  # a background send must end here, whatever happened
             log.warning(
-                "notification failed",
+                "notify_failed",
                 notifier=notifier.name,
                 target=notifier.target,
                 run_event=event.event,
@@ -284,7 +284,7 @@ class Notifications:
             if self._metrics is not None:
                 self._metrics.notify_failed(notifier.name)
         else:
-            log.debug("notification sent", notifier=notifier.name, run_event=event.event)
+            log.debug("notify_sent", notifier=notifier.name, run_event=event.event)
 
     async def _post(self, notifier: Notifier, request: Request) -> None:
         if self._session is None:

@@ -82,6 +82,11 @@ class _Expr:
 class Schedule:
     """One or more cron expressions evaluated in one IANA time zone.
 
+    Fire times around DST transitions follow the module doc: a fixed-time
+    expression fires once a day (a skipped wall time at the end of the gap,
+    a repeated one at its first occurrence); a wall-clock periodic one fires
+    at every wall time that exists, at each of its occurrences.
+
     Equal when the expressions and the zone are equal (a reload keeps the
     state of a job whose schedule did not change). Not thread-safe: the
     parsed expressions keep a croniter cursor.
@@ -304,11 +309,12 @@ class ScheduleLoop:
         and never one at or before the slot it last fired. `on_next` gets
         None for a removed job.
         """
+        for name, (_, jitter) in jobs.items():
+            if jitter < 0:
+                raise ValueError(f"job {name}: jitter must be >= 0, got {jitter}")
         now = self._clock.now()
         states: dict[str, _JobState] = {}
         for name, (schedule, jitter) in jobs.items():
-            if jitter < 0:
-                raise ValueError(f"job {name}: jitter must be >= 0, got {jitter}")
             old = self._states.get(name)
             if old is not None and old.schedule == schedule:
                 states[name] = old

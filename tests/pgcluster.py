@@ -180,7 +180,10 @@ class PgCluster:
             text=True,
         )
         return "\n".join(
-            line for line in out.stdout.splitlines() if line and not line.startswith("--")
+            line
+            for line in out.stdout.splitlines()
+            # \restrict carries a random key per dump (CVE-2025-8714 fix)
+            if line and not line.startswith(("--", "\\restrict", "\\unrestrict"))
         )
 
 

@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import structlog
 
-from backupd.config import DEFAULT_SOCKET_PATH
 from backupd.control import (
     MAX_LINE,
     CommandError,
@@ -531,12 +530,11 @@ async def test_client_reports_a_full_listen_backlog(tmp_path: Path) -> None:
     [
         ("/tmp/a.sock", "/run/b.sock", "/tmp/a.sock"),
         (None, "/run/b.sock", "/run/b.sock"),
-        (None, None, DEFAULT_SOCKET_PATH),
+        (None, None, "/run/backupd/control.sock"),
     ],
 )
 def test_default_socket_path(cli: str | None, config: str | None, expected: str) -> None:
     assert default_socket_path(cli, config) == expected
-    assert DEFAULT_SOCKET_PATH == "/run/backupd/control.sock"
 
 
 # --- peers other than us -------------------------------------------------------------------------

@@ -193,6 +193,7 @@ async def test_a_port_in_use_is_a_clear_error() -> None:
         ("0.0.0.0:0", ("0.0.0.0", 0)),
         ("[::1]:9187", ("::1", 9187)),
         ("[::]:80", ("::", 80)),
+        ("localhost:9187", ("localhost", 9187)),
     ],
 )
 def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
@@ -200,10 +201,11 @@ def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "listen", ["localhost:9187", "127.0.0.1", "127.0.0.1:70000", ":9187", "[::1]", "1.2.3.4:x"]
+    "listen",
+    ["127.0.0.1", "127.0.0.1:70000", ":9187", "[]:80", "[::1]", "::1:9187", "1.2.3.4:x", "h:²"],
 )
 def test_parse_listen_rejects_with_the_key_path(listen: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_listen(listen)
-    assert info.value.errors[0].startswith("daemon.http_listen: expected IP:PORT")
+    assert info.value.errors[0].startswith('daemon.http_listen: expected "HOST:PORT"')
     assert repr(listen) in info.value.errors[0]

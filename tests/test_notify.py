@@ -243,7 +243,7 @@ async def test_giving_up_is_logged_without_a_secret_url_and_counted(
 
     assert endpoint.paths() == ["/down/T0K3N"] * 3
     assert value(metrics, "backupd_notify_failures_total", notifier="ops") == 1
-    [failed] = [e for e in logs if e["event"] == "notification failed"]
+    [failed] = [e for e in logs if e["event"] == "notify_failed"]
     assert failed["notifier"] == "ops"
     assert failed["error"] == "HTTP 500"
     assert "T0K3N" not in repr(logs)
@@ -280,9 +280,7 @@ async def test_a_hanging_endpoint_is_bounded_and_never_blocks_the_caller(
     assert time.monotonic() - started < 3  # 3 attempts of 0.2 s, not forever
     assert endpoint.paths() == ["/hang"] * 3
     assert value(metrics, "backupd_notify_failures_total", notifier="ops") == 1
-    assert [e["error"] for e in logs if e["event"] == "notification failed"] == [
-        "no answer within 0.2s"
-    ]
+    assert [e["error"] for e in logs if e["event"] == "notify_failed"] == ["no answer within 0.2s"]
 
 
 async def test_an_unreachable_endpoint_is_a_logged_failure(make: list[Notifications]) -> None:
@@ -292,7 +290,7 @@ async def test_an_unreachable_endpoint_is_a_logged_failure(make: list[Notificati
     with capture_logs() as logs:
         n.notify("failure", ("ops",), FAILURE)
         assert await n.drain(10)
-    [failed] = [e for e in logs if e["event"] == "notification failed"]
+    [failed] = [e for e in logs if e["event"] == "notify_failed"]
     assert failed["error"].startswith("cannot connect")
     assert failed["target"] == "http://127.0.0.1"
     assert value(metrics, "backupd_notify_failures_total", notifier="ops") == 1
@@ -310,7 +308,7 @@ async def test_an_unreadable_secret_url_is_a_failure_not_a_crash(
     with capture_logs() as logs:
         n.notify("failure", ("ops",), FAILURE)
         assert await n.drain(5)
-    [failed] = [e for e in logs if e["event"] == "notification failed"]
+    [failed] = [e for e in logs if e["event"] == "notify_failed"]
     assert "BACKUPD_TEST_MISSING is not set" in failed["error"]
     assert value(metrics, "backupd_notify_failures_total", notifier="ops") == 1
 

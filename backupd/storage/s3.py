@@ -17,7 +17,7 @@ import base64
 import builtins
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC
@@ -236,8 +236,7 @@ class S3Upload:
         if self._upload_id is None:
             body = b"".join(self._chunks)
             self._chunks = []
-            self._maybe_published = True
-            await store.put_object(self._object_key, body)
+            await self._publish(store.put_object(self._object_key, body))
             return len(body)
         if self._chunks:
             last = b"".join(self._chunks)
@@ -248,13 +247,7 @@ class S3Upload:
             task.result()  # a bug in a part task surfaces here, not as a lost exception
         self._check_parts()
         parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-        self._maybe_published = True
-        try:
-            await store.complete_multipart(self._object_key, self._upload_id, parts)
-        except StorageError as exc:
-            # The store answered with an error: the object under the key is untouched.
-            self._maybe_published = isinstance(exc, TransientStorageError)
-            raise
+        await self._publish(store.complete_multipart(self._object_key, self._upload_id, parts))
         size = await store.object_size(self._object_key)
         if size != self._size:
             raise StorageError(
@@ -262,6 +255,16 @@ class S3Upload:
                 f"expected {self._size}"
             )
         return size
+
+    async def _publish(self, request: Awaitable[None]) -> None:
+        """Send the request that makes the object visible, noting whether it may have."""
+        self._maybe_published = True
+        try:
+            await request
+        except StorageError as exc:
+            # A permanent refusal leaves the key untouched; a transient one may not have.
+            self._maybe_published = exc.transient
+            raise
 
     async def _discard(self) -> None:
         for task in self._parts:
@@ -280,7 +283,10 @@ class S3Upload:
                 await self._store.delete_object(self._object_key)
         except StorageError as exc:
             log.warning(
-                "upload_abort_failed", storage=self._store.name, key=self._object_key, error=str(exc)
+                "upload_abort_failed",
+                storage=self._store.name,
+                key=self._object_key,
+                error=str(exc),
             )
 
 
@@ -297,8 +303,8 @@ class S3Store(BaseStore):
         self.name = cfg.name
         self.bucket = cfg.bucket
         self.prefix = cfg.prefix
-        self.part_size = max(cfg.part_size, self.MIN_PART_SIZE)
-        self.upload_concurrency = max(cfg.upload_concurrency, 1)
+        self.part_size = cfg.part_size
+        self.upload_concurrency = cfg.upload_concurrency
         self.storage_class = cfg.storage_class
         self._client = client
         self._exit_stack = exit_stack
@@ -306,7 +312,9 @@ class S3Store(BaseStore):
 
     # -- errors and requests -------------------------------------------------
 
-    def _error(self, exc: BaseException, action: str, *, bucket_request: bool = False) -> StorageError:
+    def _error(
+        self, exc: BaseException, action: str, *, bucket_request: bool = False
+    ) -> StorageError:
         where = f"s3 storage {self.name}: {action}"
         if isinstance(exc, botocore_errors.ClientError):
             code = _error_code(exc)
@@ -339,7 +347,7 @@ class S3Store(BaseStore):
             botocore_errors.HTTPClientError
             | botocore_errors.ConnectionError
             | aiohttp.ClientError
-            | builtins.ConnectionError
+            | ConnectionError
             | TimeoutError,
         ):
             return TransientStorageError(f"{where}: {exc}")
@@ -385,7 +393,7 @@ class S3Store(BaseStore):
                     raise self._error(exc, action) from exc
         return items
 
-    def _storage_class(self) -> dict[str, str]:
+    def _storage_class(self) -> dict[str, Any]:
         return {"StorageClass": self.storage_class} if self.storage_class else {}
 
     # -- primitives used by S3Upload -----------------------------------------
@@ -493,9 +501,7 @@ class S3Store(BaseStore):
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         listed = self.prefix + check_prefix(prefix)
-        items = await self._paginate(
-            f"list {listed}", "list_objects_v2", "Contents", Prefix=listed
-        )
+        items = await self._paginate(f"list {listed}", "list_objects_v2", "Contents", Prefix=listed)
         objects = [
             ObjectInfo(
                 key=item["Key"][len(self.prefix) :],
@@ -575,6 +581,12 @@ def _credentials(cfg: S3Storage) -> dict[str, str]:
 
 async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S3Store:
     """Resolve the secrets now and enter one client; `aclose()` the store to release it."""
+    if cfg.part_size < S3Store.MIN_PART_SIZE:
+        raise StorageError(
+            f"s3 storage {cfg.name}: part_size must be at least 5MiB (S3's smallest part)"
+        )
+    if cfg.upload_concurrency < 1:
+        raise StorageError(f"s3 storage {cfg.name}: upload_concurrency must be at least 1")
     credentials = await asyncio.to_thread(_credentials, cfg)
     config = AioConfig(
         signature_version="s3v4",

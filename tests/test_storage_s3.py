@@ -1,0 +1,317 @@
+"""S3 storage against moto, and through a small fault-injecting proxy in front of it.
+
+The proxy forwards every request to the moto server unless a fault matches,
+in which case it answers like a misbehaving S3 would (503 SlowDown, 200 with an
+<Error> body, 403 for bad credentials) or holds the request until released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from backupd.errors import StorageError, TransientStorageError
+from backupd.storage import Store, open_store
+from tests.pgcluster import free_port
+from tests.test_storage_contract import (
+    MULTIPART_SIZE,
+    NO_WAIT_RETRY,
+    s3_config,
+    write_object,
+)
+
+MiB = 1024 * 1024
+_NOT_FORWARDED = {"host", "content-length", "transfer-encoding", "connection", "expect", "date"}
+
+
+def s3_error(code: str, message: str) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+        f"<Message>{message}</Message><RequestId>proxy</RequestId></Error>"
+    ).encode()
+
+
+Match = Callable[[web.Request], bool]
+
+
+def is_upload_part(number: int | None = None) -> Match:
+    return lambda r: (
+        r.method == "PUT"
+        and "uploadId" in r.query
+        and (number is None or r.query.get("partNumber") == str(number))
+    )
+
+
+def is_complete(r: web.Request) -> bool:
+    return r.method == "POST" and "uploadId" in r.query
+
+
+def is_create(r: web.Request) -> bool:
+    return r.method == "POST" and "uploads" in r.query
+
+
+def is_delete_objects(r: web.Request) -> bool:
+    return r.method == "POST" and "delete" in r.query
+
+
+@dataclass
+class Fault:
+    match: Match
+    status: int = 503
+    body: bytes = b""
+    times: int | None = 1  # None: every matching request
+    hold: asyncio.Event | None = None  # hold the request until this is set, then forward
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class FaultProxy:
+    upstream: str
+    session: aiohttp.ClientSession
+    url: str = ""
+    faults: list[Fault] = field(default_factory=list)
+    seen: list[web.Request] = field(default_factory=list)
+
+    def count(self, match: Match) -> int:
+        return sum(1 for request in self.seen if match(request))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(request)
+        for fault in self.faults:
+            if fault.times != 0 and fault.match(request):
+                if fault.times is not None:
+                    fault.times -= 1
+                if fault.hold is not None:
+                    fault.held.set()
+                    await fault.hold.wait()
+                    break
+                return web.Response(
+                    status=fault.status, body=fault.body, content_type="application/xml"
+                )
+        return await self.forward(request, body)
+
+    async def forward(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        target = URL(self.upstream + request.raw_path, encoded=True)
+        async with self.session.request(
+            request.method, target, headers=headers, data=io.BytesIO(body), auto_decompress=False
+        ) as upstream:
+            payload = await upstream.read()
+            reply = web.Response(status=upstream.status, body=payload or None)
+            for name, value in upstream.headers.items():
+                if name.lower() not in _NOT_FORWARDED:
+                    reply.headers[name] = value
+            if request.method == "HEAD" and "Content-Length" in upstream.headers:
+                reply.headers["Content-Length"] = upstream.headers["Content-Length"]
+            return reply
+
+
+@pytest.fixture
+async def proxy(s3_server: str) -> AsyncIterator[FaultProxy]:
+    async with aiohttp.ClientSession() as session:
+        proxy = FaultProxy(upstream=s3_server, session=session)
+        app = web.Application(client_max_size=64 * MiB)
+        app.router.add_route("*", "/{tail:.*}", proxy.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        proxy.url = f"http://127.0.0.1:{port}"
+        try:
+            yield proxy
+        finally:
+            for fault in proxy.faults:
+                if fault.hold is not None:
+                    fault.hold.set()
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def store(s3_server: str, s3_bucket: str) -> AsyncIterator[Store]:
+    opened = await open_store(s3_config(s3_server, s3_bucket), s3_retry=NO_WAIT_RETRY)
+    yield opened
+    await opened.aclose()
+
+
+@pytest.fixture
+async def proxied(proxy: FaultProxy, s3_bucket: str) -> AsyncIterator[Store]:
+    opened = await open_store(s3_config(proxy.url, s3_bucket), s3_retry=NO_WAIT_RETRY)
+    yield opened
+    await opened.aclose()
+
+
+async def assert_nothing_left(store: Store) -> None:
+    assert await store.list() == []
+    assert await store.list_incomplete_uploads() == []
+
+
+async def test_multipart_object_has_the_expected_parts_under_the_prefix(
+    store: Store, s3_client: Any, s3_bucket: str
+) -> None:
+    await write_object(store, "app/db.dump", os.urandom(MULTIPART_SIZE))
+
+    head = s3_client.head_object(Bucket=s3_bucket, Key="prod/app/db.dump")
+    assert head["ContentLength"] == MULTIPART_SIZE
+    assert head["ETag"].strip('"').endswith("-3")
+
+
+@pytest.mark.parametrize("size", [1000, MULTIPART_SIZE], ids=["small", "multipart"])
+async def test_storage_class_is_applied(
+    s3_server: str, s3_bucket: str, s3_client: Any, size: int
+) -> None:
+    store = await open_store(
+        s3_config(s3_server, s3_bucket, storage_class="STANDARD_IA"), s3_retry=NO_WAIT_RETRY
+    )
+    await write_object(store, "app/db.dump", os.urandom(size))
+    await store.aclose()
+
+    head = s3_client.head_object(Bucket=s3_bucket, Key="prod/app/db.dump")
+    assert head["StorageClass"] == "STANDARD_IA"
+
+
+async def test_missing_bucket_is_a_permanent_error_naming_it(s3_server: str) -> None:
+    store = await open_store(s3_config(s3_server, "no-such-bucket"), s3_retry=NO_WAIT_RETRY)
+    try:
+        for operation in (store.check(), store.list(), store.put_bytes("a", b"x")):
+            with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist") as e:
+                await operation
+            assert not e.value.transient
+    finally:
+        await store.aclose()
+
+
+async def test_unreachable_endpoint_is_transient(s3_bucket: str) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    store = await open_store(s3_config(closed, s3_bucket), s3_retry=NO_WAIT_RETRY)
+    try:
+        with pytest.raises(TransientStorageError):
+            await store.list()
+    finally:
+        await store.aclose()
+
+
+async def test_throttled_part_is_retried_without_restarting_the_upload(
+    proxy: FaultProxy, proxied: Store, store: Store
+) -> None:
+    slow_down = s3_error("SlowDown", "Please reduce your request rate.")
+    proxy.faults.append(Fault(is_upload_part(2), status=503, body=slow_down, times=2))
+    data = os.urandom(MULTIPART_SIZE)
+
+    assert await write_object(proxied, "app/db.dump", data) == len(data)
+
+    assert await store.read_bytes("app/db.dump") == data
+    assert proxy.count(is_create) == 1
+    assert proxy.count(is_upload_part()) == 3 + 2
+
+
+async def test_complete_answered_200_with_an_error_body_fails(
+    proxy: FaultProxy, proxied: Store
+) -> None:
+    internal = s3_error("InternalError", "We encountered an internal error. Please try again.")
+    proxy.faults.append(Fault(is_complete, status=200, body=internal, times=None))
+
+    with pytest.raises(StorageError):
+        await write_object(proxied, "app/db.dump", os.urandom(MULTIPART_SIZE))
+
+    await assert_nothing_left(proxied)
+
+
+async def test_rejected_credentials_are_a_permanent_error_without_the_secret(
+    proxy: FaultProxy, proxied: Store
+) -> None:
+    denied = s3_error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist.")
+    proxy.faults.append(Fault(lambda r: True, status=403, body=denied, times=None))
+
+    with pytest.raises(StorageError, match="rejected the credentials") as failed:
+        await proxied.put_bytes("app/x.manifest.json", b"{}")
+
+    assert not failed.value.transient
+    assert os.environ["BACKUPD_TEST_AWS_SECRET"] not in str(failed.value)
+
+
+async def test_part_refused_for_good_leaves_nothing(proxy: FaultProxy, proxied: Store) -> None:
+    denied = s3_error("AccessDenied", "Access Denied")
+    proxy.faults.append(Fault(is_upload_part(2), status=403, body=denied, times=None))
+
+    with pytest.raises(StorageError, match="access denied") as failed:
+        await write_object(proxied, "app/db.dump", os.urandom(MULTIPART_SIZE))
+
+    assert not failed.value.transient
+    await assert_nothing_left(proxied)
+
+
+async def test_part_failing_on_every_attempt_is_transient_and_leaves_nothing(
+    proxy: FaultProxy, proxied: Store
+) -> None:
+    unavailable = s3_error("ServiceUnavailable", "Service Unavailable")
+    proxy.faults.append(Fault(is_upload_part(1), status=503, body=unavailable, times=None))
+
+    with pytest.raises(TransientStorageError):
+        await write_object(proxied, "app/db.dump", os.urandom(MULTIPART_SIZE))
+
+    assert proxy.count(is_upload_part(1)) == NO_WAIT_RETRY.attempts
+    await assert_nothing_left(proxied)
+
+
+async def test_cancel_with_parts_in_flight_leaves_nothing(
+    proxy: FaultProxy, proxied: Store
+) -> None:
+    stall = Fault(is_upload_part(1), hold=asyncio.Event())
+    proxy.faults.append(stall)
+    task = asyncio.create_task(write_object(proxied, "app/db.dump", os.urandom(MULTIPART_SIZE)))
+
+    await stall.held.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    await assert_nothing_left(proxied)
+
+
+async def test_delete_returns_the_keys_the_store_refused(proxy: FaultProxy, proxied: Store) -> None:
+    result = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult>'
+        b"<Error><Key>prod/job/b.dump</Key><Code>AccessDenied</Code>"
+        b"<Message>Access Denied</Message></Error></DeleteResult>"
+    )
+    proxy.faults.append(Fault(is_delete_objects, status=200, body=result))
+
+    assert await proxied.delete(["job/a.dump", "job/b.dump"]) == ["job/b.dump"]
+
+
+async def test_delete_sends_batches_of_at_most_1000_keys(proxy: FaultProxy, proxied: Store) -> None:
+    keys = [f"job/{n:05}.dump" for n in range(2500)]
+
+    assert await proxied.delete(keys) == []
+
+    assert proxy.count(is_delete_objects) == 3
+
+
+async def test_part_size_below_the_s3_minimum_is_refused(s3_server: str, s3_bucket: str) -> None:
+    config = s3_config(s3_server, s3_bucket, part_size=MiB)
+
+    with pytest.raises(StorageError, match="part_size"):
+        await open_store(config)
+
+
+async def test_config_without_credentials_uses_the_default_chain(
+    s3_server: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    config = s3_config(s3_server, s3_bucket, access_key_id=None, secret_access_key=None)
+    store = await open_store(config, s3_retry=NO_WAIT_RETRY)
+    try:
+        await store.check()
+    finally:
+        await store.aclose()
