@@ -291,7 +291,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def parse_config(data: dict[str, Any], path: str = "") -> Config:
-    """Validate parsed TOML (pure); raise ConfigError listing every problem, in document order."""
+    """Validate parsed TOML (pure); raise ConfigError listing every problem.
+
+    The order is fixed: section by section (daemon, defaults, source, storage, job,
+    notify), entries as in the file, each entry's keys in schema order, unknown keys last.
+    """
     errors: list[str] = []
     root_ctx = _Ctx("", errors)
     if not isinstance(data, dict):
@@ -683,10 +687,8 @@ class _Table:
             if key not in self.data:
                 self.ctx.child(key).error("missing required key")
 
-    def close(self, *, report_unknown: bool = True) -> None:
+    def close(self) -> None:
         """Report keys no schema claimed, with a hint when one is close to a known key."""
-        if not report_unknown:
-            return
         for key in self.data:
             if key not in self.known:
                 close = difflib.get_close_matches(str(key), self.known, n=1)
@@ -723,20 +725,22 @@ def _describe(value: object) -> str:
     return _kind(value)
 
 
+_TOML_KINDS: tuple[tuple[type, str], ...] = (
+    (str, "a string"),
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a float"),
+    (dict, "a table"),
+    (list, "an array"),
+    (dt.datetime, "a date-time"),
+    (dt.date, "a date"),
+    (dt.time, "a time"),
+)
+
+
 def _kind(value: object) -> str:
     """A value's TOML type only, for places where the value itself may be a secret."""
-    kinds: list[tuple[type | tuple[type, ...], str]] = [
-        (str, "a string"),
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (dict, "a table"),
-        (list, "an array"),
-        (dt.datetime, "a date-time"),
-        (dt.date, "a date"),
-        (dt.time, "a time"),
-    ]
-    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
+    return next((name for kind, name in _TOML_KINDS if isinstance(value, kind)), "a value")
 
 
 def _toml_syntax_error(path: str, exc: tomllib.TOMLDecodeError) -> str:
@@ -868,10 +872,12 @@ def _duration(*, positive: bool = False) -> _Parser[float]:
     return parse
 
 
+_positive_duration = _duration(positive=True)
+
+
 def _optional_max_age(value: object, ctx: _Ctx) -> float | None:
-    if value == "":
-        return None
-    return _duration(positive=True)(value, ctx)
+    """A retention age limit; "" means none."""
+    return None if value == "" else _positive_duration(value, ctx)
 
 
 def _size(minimum: int = 0, maximum: int | None = None) -> _Parser[int]:
@@ -1033,10 +1039,6 @@ def _secret(value: object, ctx: _Ctx) -> Secret:
     return Secret(file=ref)
 
 
-def _optional_secret(value: object, ctx: _Ctx) -> Secret | None:
-    return _secret(value, ctx)
-
-
 def _url_or_secret(value: object, ctx: _Ctx) -> Secret | str:
     return _http_url(value, ctx) if isinstance(value, str) else _secret(value, ctx)
 
@@ -1075,7 +1077,7 @@ _VERIFY_DSN_FIX = "remove it from the DSN and give it to libpq in a ~/.pgpass fi
 
 
 def _recipient(value: object, ctx: _Ctx) -> str:
-    if not isinstance(value, str) or not value.startswith("age1"):
+    if not isinstance(value, str) or not value.startswith("age1") or not value.isascii():
         raise _Invalid(f'expected an age public key starting with "age1", got {_describe(value)}')
     try:
         pyrage.x25519.Recipient.from_str(value)
@@ -1189,7 +1191,7 @@ _JOB_SCHEMA: dict[str, _Parser[Any]] = {
     "verify": _verify,
     "notify": _names_list,
     "retry": _retry,
-    "timeout": _duration(positive=True),
+    "timeout": _positive_duration,
     "compression": _compression,
 }
 _REQUIRED_JOB_KEYS = ("source", "storage")
@@ -1209,7 +1211,7 @@ _DAEMON_SCHEMA: dict[str, _Parser[Any]] = {
 
 _POSTGRES_SCHEMA: dict[str, _Parser[Any]] = {
     "dsn": _dsn(_SOURCE_DSN_FIX),
-    "password": _optional_secret,
+    "password": _secret,
     "pg_bin_dir": _optional_absolute_path,
     "max_concurrent": _int(1),
 }
@@ -1237,24 +1239,24 @@ _S3_SCHEMA: dict[str, _Parser[Any]] = {
     "prefix": _s3_prefix,
     "endpoint_url": _optional_http_url,
     "region": _nonempty,
-    "access_key_id": _optional_secret,
-    "secret_access_key": _optional_secret,
+    "access_key_id": _secret,
+    "secret_access_key": _secret,
     "part_size": _size(MIN_PART_SIZE, MAX_PART_SIZE),
     "upload_concurrency": _int(1, 64),
     "storage_class": _string,
     "addressing_style": _choice(ADDRESSING_STYLES),
-    "abandoned_upload_grace": _duration(positive=True),
+    "abandoned_upload_grace": _positive_duration,
 }
 
 _FILESYSTEM_SCHEMA: dict[str, _Parser[Any]] = {
     "path": _absolute_path,
-    "abandoned_upload_grace": _duration(positive=True),
+    "abandoned_upload_grace": _positive_duration,
 }
 
 _NOTIFIER_SCHEMA: dict[str, _Parser[Any]] = {
     "url": _url_or_secret,
     "on": _array(_choice(NOTIFY_EVENTS), "an array of events"),
-    "timeout": _duration(positive=True),
+    "timeout": _positive_duration,
 }
 
 
@@ -1326,12 +1328,12 @@ def _entities(
     built: dict[str, _T] = {}
     for name, value in t.data.items():
         ctx = t.ctx.child(name)
+        mark = ctx.mark()
         if _NAME.fullmatch(name) is None:
             ctx.error(
                 "invalid name: use at most 64 letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit"
             )
-        mark = ctx.mark()
         try:
             entry = build(name, _Table(value, ctx))
         except _Invalid as exc:
@@ -1410,7 +1412,7 @@ def _check_references(ctx: _Ctx, values: Mapping[str, Any], names: _Names) -> No
     def check(key: str, kind: str, refs: Iterable[str], defined: Collection[str]) -> None:
         for ref in refs:
             if ref not in defined:
-                close = difflib.get_close_matches(ref, list(defined), n=1)
+                close = difflib.get_close_matches(ref, sorted(defined), n=1)
                 hint = f' (did you mean "{close[0]}"?)' if close else ""
                 ctx.child(key).error(f"unknown {kind} {_describe(ref)}{hint}")
 

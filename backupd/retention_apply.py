@@ -123,7 +123,7 @@ def report_listing(metrics: PruneMetrics, job: str, storage: str, backups: list[
         job,
         storage,
         len(backups),
-        newest and newest.finished_at and _ts(newest.finished_at),
+        _ts(newest.finished_at) if newest and newest.finished_at else None,
         newest.size_bytes if newest else None,
     )
 

@@ -328,7 +328,8 @@ class Runner:
                     self._count_attempt(job, "cancelled")
                     raise
                 except Exception as exc:
-                    self._count_attempt(job, "failure")
+                    again = is_transient(exc) and run.attempts < job.retry.max_attempts
+                    self._count_attempt(job, "retry" if again else "failure")
                     log.warning(
                         "attempt_failed",
                         attempt=run.attempts,
@@ -340,7 +341,7 @@ class Runner:
                             "event": "attempt_failed",
                             "attempt": run.attempts,
                             "error": str(exc),
-                            "retrying": is_transient(exc) and run.attempts < job.retry.max_attempts,
+                            "retrying": again,
                         }
                     )
                     raise

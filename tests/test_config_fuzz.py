@@ -84,6 +84,11 @@ values = st.recursive(
 )
 documents = st.dictionaries(keys, values, max_size=4)
 
+# Mostly values some key accepts, so that mutations often still load and get round-tripped.
+plausible_values = st.one_of(
+    st.sampled_from(WORDS), st.lists(st.sampled_from(WORDS), max_size=3), values
+)
+
 EXAMPLE = tomllib.loads(SPEC_EXAMPLE)
 
 
@@ -103,7 +108,7 @@ def mutated_example(draw: st.DrawFn) -> dict[str, Any]:
             if action == "delete":
                 table.pop(key, None)
             else:
-                table[key] = draw(values)
+                table[key] = draw(plausible_values)
             break
     return doc
 

@@ -166,6 +166,25 @@ async def test_cancelled_complete_leaves_nothing(store: Store, size: int) -> Non
     await assert_nothing_left(store)
 
 
+@pytest.mark.parametrize("size", [1000, MULTIPART_SIZE], ids=["small", "multipart"])
+async def test_abort_from_another_task_during_complete_wins(store: Store, size: int) -> None:
+    upload = await store.open_upload("app/aborted.dump")
+    await upload.write(os.urandom(size))
+    completing = asyncio.Event()
+
+    async def finish() -> int:
+        completing.set()
+        return await upload.complete()
+
+    task = asyncio.create_task(finish())
+    await completing.wait()  # the task runs on into complete() before this returns
+    await upload.abort()
+
+    with pytest.raises(StorageError):
+        await task
+    await assert_nothing_left(store)
+
+
 async def test_list_filters_by_prefix_and_sorts_by_key(store: Store) -> None:
     for key in ["b/2", "a/2", "ab", "a/10", "a/1", "a/sub/x"]:
         await store.put_bytes(key, key.encode())

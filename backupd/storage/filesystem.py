@@ -18,7 +18,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import structlog
 
@@ -223,7 +223,7 @@ class FilesystemUpload:
         self._size = 0
         self._io: asyncio.Task[object] | None = None
         self._cleanup: asyncio.Task[None] | None = None
-        self._finished = False
+        self._state: Literal["open", "completing", "done", "aborted"] = "open"
 
     async def write(self, data: bytes) -> None:
         self._check_open()
@@ -238,9 +238,11 @@ class FilesystemUpload:
 
     async def complete(self) -> int:
         self._check_open()
+        self._state = "completing"
         chunks, self._pending, self._pending_size = self._pending, [], 0
         size = await self._in_thread(self._file.publish, chunks, self._size)
-        self._finished = True
+        self._check_not_aborted()  # abort() may have run in another task meanwhile
+        self._state = "done"
         return size
 
     async def abort(self) -> None:
@@ -248,17 +250,21 @@ class FilesystemUpload:
 
         If the caller is cancelled meanwhile, the cleanup still finishes in the background.
         """
-        if self._finished:
+        if self._state == "done":
             return
-        self._finished = True
+        self._state = "aborted"
         self._pending = []
         if self._cleanup is None:
             self._cleanup = asyncio.ensure_future(self._discard())
         await asyncio.shield(self._cleanup)
 
     def _check_open(self) -> None:
-        if self._finished:
+        if self._state != "open":
             raise StorageError(f"upload of {self.key} is already completed or aborted")
+
+    def _check_not_aborted(self) -> None:
+        if self._state == "aborted":
+            raise StorageError(f"upload of {self.key} was aborted")
 
     async def _in_thread(self, func: Callable[..., T], *args: object) -> T:
         """Run one blocking step; on any failure or cancellation discard the upload first."""

@@ -17,7 +17,7 @@ import base64
 import builtins
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC
@@ -139,6 +139,7 @@ class S3Upload:
         self._failure: StorageError | None = None
         self._state: Literal["open", "completing", "done", "aborted"] = "open"
         self._maybe_published = False
+        self._publishing: asyncio.Future[None] | None = None
         self._cleanup: asyncio.Task[None] | None = None
 
     async def write(self, data: bytes) -> None:
@@ -154,6 +155,7 @@ class S3Upload:
         self._state = "completing"
         try:
             size = await self._complete()
+            self._check_parts()  # abort() may have run in another task meanwhile
         except BaseException:
             await self.abort()
             raise
@@ -178,8 +180,11 @@ class S3Upload:
             raise StorageError(f"upload of {self.key} is already completed or aborted")
 
     def _check_parts(self) -> None:
+        """Raise if a part failed, or if `abort()` ran while this writer was waiting."""
         if self._failure is not None:
             raise self._failure
+        if self._state == "aborted":
+            raise StorageError(f"upload of {self.key} was aborted")
 
     async def _write(self, data: bytes) -> None:
         view = memoryview(data if isinstance(data, bytes) else bytes(data))
@@ -204,6 +209,7 @@ class S3Upload:
                 self._create = asyncio.ensure_future(self._store.create_multipart(self._object_key))
             # Shielded so that a cancelled caller still learns the upload id to abort.
             self._upload_id = await asyncio.shield(self._create)
+            self._check_parts()
         if self._next_part > self._store.MAX_PARTS:
             raise StorageError(
                 f"s3 storage {self._store.name}: {self._object_key} needs more than "
@@ -243,9 +249,9 @@ class S3Upload:
             self._chunks, self._buffered = [], 0
             await self._send_part(last)
         await asyncio.wait(self._parts)
+        self._check_parts()
         for task in self._parts:
             task.result()  # a bug in a part task surfaces here, not as a lost exception
-        self._check_parts()
         parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
         await self._publish(store.complete_multipart(self._object_key, self._upload_id, parts))
         size = await store.object_size(self._object_key)
@@ -256,11 +262,12 @@ class S3Upload:
             )
         return size
 
-    async def _publish(self, request: Awaitable[None]) -> None:
+    async def _publish(self, request: Coroutine[Any, Any, None]) -> None:
         """Send the request that makes the object visible, noting whether it may have."""
         self._maybe_published = True
+        self._publishing = asyncio.ensure_future(request)
         try:
-            await request
+            await self._publishing
         except StorageError as exc:
             # A permanent refusal leaves the key untouched; a transient one may not have.
             self._maybe_published = exc.transient
@@ -271,6 +278,8 @@ class S3Upload:
             task.cancel()
         if self._parts:
             await asyncio.wait(self._parts)
+        if self._publishing is not None:  # abort() from another task during complete()
+            pass
         upload_id = self._upload_id
         if upload_id is None and self._create is not None:
             await asyncio.wait([self._create])
