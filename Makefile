@@ -20,7 +20,7 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 
 .PHONY: deps-system .venv test test-slow lint fmt bench demo clean update-constraints
 
-# Debian packages, installed only when their command is missing. apt must not
+# Debian packages, installed only when their command is missing (never upgraded). apt must not
 # start services: a policy-rc.d that answers 101 is put in place for the install
 # (unless one is there already), so the postgresql package's default cluster and
 # the prometheus server stay down.
@@ -47,7 +47,7 @@ deps-system:
 	  chmod 0755 "$$policy"
 	fi
 	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$${missing[@]}"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends --no-upgrade "$${missing[@]}"
 	if [[ " $${missing[*]} " == *" postgresql-15 "* ]]; then
 	  pg_ctlcluster 15 main stop 2>/dev/null || true
 	fi

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -18,16 +17,11 @@ from typing import Any
 import structlog
 
 from backupd import __version__, logs
-from backupd.config import Config, config_path, config_to_toml, load_config
-from backupd.errors import EXIT_FAILED, EXIT_USAGE, BackupdError, ConfigError
+from backupd.errors import BackupdError, ConfigError
 
 log = structlog.get_logger("backupd.cli")
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
-
-
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(config_path(args.config))
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -194,11 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logs.setup(
-        args.log_level or "warning" if args.command != "run" else args.log_level or "info", None
-    )
+    # `run` sets up logging from its config; one-shot commands log progress (backup) or problems.
+    default_level = "info" if args.command in ("run", "backup") else "warning"
+    logs.setup(args.log_level or default_level, None)
+    handler: Handler = args.handler
     try:
-        return asyncio.run(args.handler(args))
+        return asyncio.run(handler(args))
     except ConfigError as exc:
         print(f"backupd: invalid config ({len(exc.errors)} error(s)):", file=sys.stderr)
         for line in exc.errors:
@@ -210,11 +205,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-
-
-def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "build_parser", "config_to_toml", "main", "print_json"]

@@ -349,8 +349,7 @@ bogus = 1
     assert len(errors) == 4, errors
     assert errors[0].startswith('job.x.schedule: invalid cron expression "61 * * * *": ')
     assert errors[1] == (
-        'job.x.timeout: expected a duration like "90s", "15m", "6h", "7d" or "1h30m", '
-        'got "6 hours"'
+        'job.x.timeout: expected a duration like "90s", "15m", "6h", "7d" or "1h30m", got "6 hours"'
     )
     assert errors[2] == 'job.x.storage: unknown storage "nope"'
     assert errors[3] == "job.x.bogus: unknown key"

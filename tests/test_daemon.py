@@ -36,13 +36,21 @@ def _backups(d: DaemonProcess, job: str = "app") -> list[dict]:  # type: ignore[
 
 
 def test_schedule_trigger_status(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path,
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
     daemons: list[DaemonProcess],
 ) -> None:
-    cfg = write_config(tmp_path / "b.toml", pg, password_file=pg_password_file, database=sample_db,
-                       fs_path=tmp_path / "store",
-                       extra_job='schedule = "*/2 * * * * *"\n'
-                                 '[job.manual]\nsource = "main"\nstorage = ["local"]\n')
+    cfg = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=tmp_path / "store",
+        extra_job='schedule = "*/2 * * * * *"\n'
+        '[job.manual]\nsource = "main"\nstorage = ["local"]\n',
+    )
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
     # The 6-field schedule (seconds first) fires by itself, more than once.
@@ -67,7 +75,10 @@ def test_schedule_trigger_status(
 
 
 def test_global_limit_caps_concurrent_dumps(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path,
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
     daemons: list[DaemonProcess],
 ) -> None:
     log = tmp_path / "bin" / "events.log"
@@ -77,47 +88,72 @@ def test_global_limit_caps_concurrent_dumps(
         f'echo "start $$" >> "{log}"\n"$REAL" "$@"\nrc=$?\n'
         f'sleep 1\necho "end $$" >> "{log}"\nexit $rc',
     )
-    jobs = "".join(
-        f'[job.j{i}]\nsource = "main"\nstorage = ["local"]\n' for i in range(10)
+    jobs = "".join(f'[job.j{i}]\nsource = "main"\nstorage = ["local"]\n' for i in range(10))
+    cfg = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=tmp_path / "store",
+        extra_daemon="max_concurrent_jobs = 2",
+        extra_source=f'pg_bin_dir = "{bindir}"\nmax_concurrent = 10',
+        extra=jobs,
     )
-    cfg = write_config(tmp_path / "b.toml", pg, password_file=pg_password_file, database=sample_db,
-                       fs_path=tmp_path / "store", extra_daemon="max_concurrent_jobs = 2",
-                       extra_source=f'pg_bin_dir = "{bindir}"\nmax_concurrent = 10', extra=jobs)
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
-    triggers = [
-        subprocess.Popen([*BACKUPD, "trigger", f"j{i}", "-c", str(cfg)]) for i in range(10)
-    ]
+    triggers = [subprocess.Popen([*BACKUPD, "trigger", f"j{i}", "-c", str(cfg)]) for i in range(10)]
     assert [p.wait(60) for p in triggers] == [0] * 10
-    wait_for(lambda: log.exists() and log.read_text().count("end ") == 10, 60,
-             what="10 dumps to finish")
+    wait_for(
+        lambda: log.exists() and log.read_text().count("end ") == 10, 60, what="10 dumps to finish"
+    )
     running = peak = 0
     for line in log.read_text().splitlines():
         running += 1 if line.startswith("start") else -1
         peak = max(peak, running)
     assert peak == 2
-    wait_for(lambda: all(j["last_run"] and j["last_run"]["state"] == "success"
-                         for j in d.status()["jobs"] if j["name"].startswith("j")), 30,
-             what="all 10 runs recorded as success")
+    wait_for(
+        lambda: all(
+            j["last_run"] and j["last_run"]["state"] == "success"
+            for j in d.status()["jobs"]
+            if j["name"].startswith("j")
+        ),
+        30,
+        what="all 10 runs recorded as success",
+    )
 
 
 def test_sigterm_during_long_dump_cancels_cleanly(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, s3_server: str, s3_bucket: str,
-    s3_client, daemons: list[DaemonProcess],  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    pg: PgCluster,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+    s3_client,
+    daemons: list[DaemonProcess],  # type: ignore[no-untyped-def]
 ) -> None:
     db = "big_" + uuid.uuid4().hex[:8]
     pg.createdb(db)
     pg.psql(BIG_TABLE_SQL, db)
     marker = uuid.uuid4().hex
     bindir = wrapped_bin_dir(tmp_path / "bin", f'"$REAL" "$@"\nexec -a hold-{marker} sleep 300')
-    cfg = write_config(tmp_path / "b.toml", pg, password_file=pg_password_file, database=db,
-                       s3=(s3_server, s3_bucket), extra_daemon='shutdown_grace = "2s"',
-                       extra_source=f'pg_bin_dir = "{bindir}"', extra_job='compression = "none"\n')
+    cfg = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database=db,
+        s3=(s3_server, s3_bucket),
+        extra_daemon='shutdown_grace = "2s"',
+        extra_source=f'pg_bin_dir = "{bindir}"',
+        extra_job='compression = "none"\n',
+    )
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
     assert d.cli("trigger", "app").returncode == 0
-    wait_for(lambda: s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), 60,
-             what="the upload to start")
+    wait_for(
+        lambda: s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"),
+        60,
+        what="the upload to start",
+    )
     wait_for(lambda: _pids(f"hold-{marker}"), 60, what="the dump to be in progress")
     t0 = time.monotonic()
     d.signal(signal.SIGTERM)
@@ -138,27 +174,41 @@ def _pids(pattern: str) -> list[str]:
 
 
 def test_sighup_reload_keeps_old_config_when_broken(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path,
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
     daemons: list[DaemonProcess],
 ) -> None:
-    cfg = write_config(tmp_path / "b.toml", pg, password_file=pg_password_file, database=sample_db,
-                       fs_path=tmp_path / "store")
+    cfg = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=tmp_path / "store",
+    )
     good = cfg.read_text()
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
 
     cfg.write_text(good + '\n[job.broken]\nsource = "missing"\nstorage = ["local"]\n')
     d.signal(signal.SIGHUP)
-    wait_for(lambda: any(e.get("event") == "reload_rejected" for e in d.events()), 15,
-             what="the reload to be rejected")
+    wait_for(
+        lambda: any(e.get("event") == "reload_rejected" for e in d.events()),
+        15,
+        what="the reload to be rejected",
+    )
     assert [j["name"] for j in d.status()["jobs"]] == ["app"]
     out = d.cli("reload")
     assert out.returncode == 2 and "job.broken.source" in out.stderr
 
     cfg.write_text(good + '\n[job.extra]\nsource = "main"\nstorage = ["local"]\n')
     d.signal(signal.SIGHUP)
-    wait_for(lambda: [j["name"] for j in d.status()["jobs"]] == ["app", "extra"], 15,
-             what="the new job to appear")
+    wait_for(
+        lambda: [j["name"] for j in d.status()["jobs"]] == ["app", "extra"],
+        15,
+        what="the new job to appear",
+    )
     assert d.cli("trigger", "extra", "--wait").returncode == 0
 
 
@@ -175,11 +225,18 @@ async def test_retries_until_the_source_comes_back(
 ) -> None:
     """The source refuses connections for two attempts, then a proxy to PostgreSQL opens."""
     port = free_port()
-    cfg_path = write_config(tmp_path / "b.toml", pg, password_file=pg_password_file,
-                            database=sample_db, fs_path=tmp_path / "store")
+    cfg_path = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=tmp_path / "store",
+    )
     text = cfg_path.read_text().replace(f":{pg.port}/", f":{port}/")
-    text = text.replace('retry = { max_attempts = 1, initial_delay = "1s", max_delay = "1s" }',
-                        'retry = { max_attempts = 5, initial_delay = "1s", max_delay = "10s" }')
+    text = text.replace(
+        'retry = { max_attempts = 1, initial_delay = "1s", max_delay = "1s" }',
+        'retry = { max_attempts = 5, initial_delay = "1s", max_delay = "10s" }',
+    )
     cfg_path.write_text(text)
     config = load_config(cfg_path)
     delays: list[float] = []
@@ -220,8 +277,13 @@ async def test_retries_until_the_source_comes_back(
 async def test_permanent_error_is_not_retried(
     tmp_path: Path, pg: PgCluster, pg_password_file: Path
 ) -> None:
-    cfg_path = write_config(tmp_path / "b.toml", pg, password_file=pg_password_file,
-                            database="missing_db", fs_path=tmp_path / "store")
+    cfg_path = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database="missing_db",
+        fs_path=tmp_path / "store",
+    )
     text = cfg_path.read_text().replace("max_attempts = 1", "max_attempts = 4")
     cfg_path.write_text(text)
     delays: list[float] = []

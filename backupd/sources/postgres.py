@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from backupd.config import Job, PostgresSource, redact_dsn
+from backupd.config import Job, PostgresSource, dsn_host, redact_dsn
 from backupd.errors import SourceError, SourceUnavailable
 
 CONNECT_TIMEOUT = 30.0
@@ -123,7 +123,7 @@ async def preflight(
     return ServerInfo(
         version=version,
         major=version_num // 10000,
-        host=_dsn_host(source.dsn),
+        host=dsn_host(source.dsn) or "localhost",
         databases=databases,
         table_counts=counts,
     )
@@ -150,14 +150,6 @@ async def table_row_counts(dsn: str, password: str | None, database: str) -> dic
         return counts
     finally:
         await conn.close()
-
-
-def _dsn_host(dsn: str) -> str:
-    if "://" in dsn:
-        host = urlsplit(dsn).hostname or "localhost"
-        return host
-    match = re.search(r"(?:^|\s)host\s*=\s*(\S+)", dsn)
-    return match.group(1) if match else "localhost"
 
 
 def _tool_version(path: Path) -> tuple[str, int] | None:

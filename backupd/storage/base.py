@@ -33,11 +33,19 @@ class IncompleteUpload:
     """An upload that was started and never completed nor aborted (a crash)."""
 
     key: str
-    upload_id: str  # backend handle: S3 UploadId, or the temp file's name
-    started: datetime  # aware, UTC
+    upload_id: str  # backend handle: S3 UploadId, or the temp file's path under the root
+    started: datetime  # aware, UTC; the filesystem reports the last write
 
 
 class Upload(Protocol):
+    """One object being written by one task.
+
+    A failure or cancellation inside `write()` or `complete()` aborts the upload
+    before the error propagates: a cancelled writer leaves nothing behind even
+    without calling `abort()`. `abort()` from another task wins over a running
+    `complete()`, which then raises `StorageError`.
+    """
+
     key: str
 
     async def write(self, data: bytes) -> None:

@@ -279,7 +279,7 @@ class S3Upload:
         if self._parts:
             await asyncio.wait(self._parts)
         if self._publishing is not None:  # abort() from another task during complete()
-            pass
+            await asyncio.wait([self._publishing])
         upload_id = self._upload_id
         if upload_id is None and self._create is not None:
             await asyncio.wait([self._create])
