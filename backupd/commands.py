@@ -317,7 +317,9 @@ async def trigger(args: argparse.Namespace) -> int:
 def _print_event(event: dict[str, Any]) -> None:
     kind = event.get("event")
     detail = {k: v for k, v in event.items() if k not in ("event", "run_id", "job")}
-    print(f"{kind}: " + " ".join(f"{k}={v}" for k, v in detail.items()), file=sys.stderr)
+    text = " ".join(f"{k}={v}" for k, v in detail.items())
+    print(f"{event.get('job', '')} {event.get('run_id', '')}: {kind} {text}".rstrip(),
+          file=sys.stderr)
 
 
 async def status(args: argparse.Namespace) -> int:

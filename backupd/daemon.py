@@ -124,8 +124,7 @@ class Daemon:
             stack.push_async_callback(self._cleanup_log, "socket", self.control.close)
             if daemon_cfg.http_listen:
                 self.http = HttpServer(daemon_cfg.http_listen, self.metrics, self)
-                host, port = await self.http.start()
-                log.info("http_listening", address=f"{host}:{port}")
+                await self.http.start()
                 stack.push_async_callback(self._cleanup_log, "http", self.http.close)
             self.scheduler = ScheduleLoop(
                 SystemClock(),

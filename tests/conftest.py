@@ -6,6 +6,7 @@ Both are session-scoped; each test gets its own database and bucket.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ def pg() -> Iterator[PgCluster]:
         yield cluster
     finally:
         cluster.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -603,7 +603,8 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
         retries={"total_max_attempts": 1, "mode": "standard"},  # parts are retried here
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
-        max_pool_connections=max(10, 2 * cfg.upload_concurrency),
+        # One store serves concurrent runs: room for four full-speed uploads and some reads.
+        max_pool_connections=4 * cfg.upload_concurrency + 4,
         # S3-compatible stores often lack the newer default CRC checksums.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
