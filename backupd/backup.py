@@ -10,7 +10,6 @@ nothing is left for the sweeper in the common case.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -78,6 +77,8 @@ async def run_backup(
     password = source.password.resolve() if source.password else None
     server = await postgres.preflight(source, job, password)
     pg_dump = postgres.find_tool("pg_dump", source.pg_bin_dir, server.major)
+    if attempt == 1:  # once per run, not on every retry
+        postgres.warn_if_outdated(pg_dump)
     dumps = [
         _Dump(db, postgres.dump_argv(pg_dump, job, source.dsn, db), "pg_dump", job.format)
         for db in server.databases
@@ -191,19 +192,18 @@ async def _dump_one(
             uploads[name] = await store.open_upload(key)
         read_fd, write_fd = make_pipe()
         try:
-            proc_cm = postgres.spawn(dump.argv, env, write_fd, dump.tool)
-            proc = await proc_cm.__aenter__()
-        except BaseException:
-            os.close(read_fd)
-            raise
-        async with contextlib.AsyncExitStack() as stack:
-            stack.push_async_exit(proc_cm)
-            result = await stream_fd(read_fd, _encoders(job, dump), list(uploads.values()), counted)
-            rc = await proc.wait()
-            if rc != 0:
-                err = DumpFailed(postgres.exit_error(proc, rc))
-                err.transient = postgres.is_transient_failure(proc.stderr)
-                raise err
+            # spawn() always closes write_fd; stream_fd() owns read_fd once called.
+            async with postgres.spawn(dump.argv, env, write_fd, dump.tool) as proc:
+                fd, read_fd = read_fd, -1
+                result = await stream_fd(fd, _encoders(job, dump), list(uploads.values()), counted)
+                rc = await proc.wait()
+                if rc != 0:
+                    err = DumpFailed(postgres.exit_error(proc, rc))
+                    err.transient = postgres.is_transient_failure(proc.stderr)
+                    raise err
+        finally:
+            if read_fd >= 0:
+                os.close(read_fd)
         sizes = await asyncio.gather(*(u.complete() for u in uploads.values()))
         for name, size in zip(uploads, sizes, strict=True):
             completed[name].append(key)

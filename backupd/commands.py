@@ -318,8 +318,9 @@ def _print_event(event: dict[str, Any]) -> None:
     kind = event.get("event")
     detail = {k: v for k, v in event.items() if k not in ("event", "run_id", "job")}
     text = " ".join(f"{k}={v}" for k, v in detail.items())
-    print(f"{event.get('job', '')} {event.get('run_id', '')}: {kind} {text}".rstrip(),
-          file=sys.stderr)
+    print(
+        f"{event.get('job', '')} {event.get('run_id', '')}: {kind} {text}".rstrip(), file=sys.stderr
+    )
 
 
 async def status(args: argparse.Namespace) -> int:

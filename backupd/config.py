@@ -69,10 +69,13 @@ class Secret:
         return f"Secret({self.reference()!r})"
 
     def resolve(self) -> str:
-        """Read the secret now. Files must not be group- or world-readable.
+        """Read the secret now. Files must not be group- or world-accessible.
 
         A relative `file` is looked up in `$CREDENTIALS_DIRECTORY` (systemd
-        `LoadCredential=`) when that is set.
+        `LoadCredential=`), never in the working directory: without that
+        variable it is an error. The mode is checked on the opened file, so a
+        file swapped after the check is not read. Messages name the file or
+        variable, never the value.
         """
         if self.env is not None:
             value = os.environ.get(self.env)
@@ -81,21 +84,36 @@ class Secret:
             return value
         assert self.file is not None
         path = Path(self.file)
-        if not path.is_absolute() and os.environ.get("CREDENTIALS_DIRECTORY"):
-            path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / path
+        if not path.is_absolute():
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise SecretError(
+                    f"secret file {self.file} is a relative path and $CREDENTIALS_DIRECTORY is "
+                    "not set (systemd sets it for LoadCredential=); use an absolute path"
+                )
+            path = Path(creds) / path
         try:
-            st = path.stat()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise SecretError(f"secret file {path}: {exc.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SecretError(
-                f"secret file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
-            )
+        with os.fdopen(fd, "rb") as f:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise SecretError(
+                    f"secret file {path} is accessible by group or others (mode {mode:04o}); "
+                    f"chmod 600 {path}"
+                )
+            try:
+                data = f.read()
+            except OSError as exc:
+                raise SecretError(f"secret file {path}: {exc.strerror}") from None
         try:
-            return path.read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise SecretError(f"secret file {path}: {exc.strerror}") from None
+            value = data.decode().rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise SecretError(f"secret file {path} is not UTF-8 text") from None
+        if not value:
+            raise SecretError(f"secret file {path} is empty")
+        return value
 
 
 @dataclass(frozen=True, slots=True)

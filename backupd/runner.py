@@ -257,12 +257,14 @@ class Runner:
     async def _run(self, config: Config, job: Job, run: Run) -> None:
         structlog.contextvars.bind_contextvars(job=job.name, run_id=run.run_id)
         t0 = time.monotonic()
+        # Counted from submission, like `status` and the duration: `_finish` always
+        # reports the run, so a run cancelled while queued must have been counted.
+        if self.metrics is not None:
+            self.metrics.run_started(job.name)
         try:
             async with self._source_slot(config, job), self._global:
                 run.state = "running"
                 run.started_at = now_utc()
-                if self.metrics is not None:
-                    self.metrics.run_started(job.name)
                 log.info("run_started", trigger=run.trigger.kind, triggered_by=run.trigger.who())
                 run.emit({"event": "running"})
                 self._notify("start", job, run)

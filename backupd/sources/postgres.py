@@ -21,9 +21,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+import structlog
 
 from backupd.config import Job, PostgresSource, dsn_host, redact_dsn
 from backupd.errors import SourceError, SourceUnavailable
+
+log = structlog.get_logger("backupd.postgres")
 
 CONNECT_TIMEOUT = 30.0
 STDERR_LIMIT = 64 * 1024  # bytes of a tool's stderr kept for the error message
@@ -202,6 +205,44 @@ def find_tool(name: str, pg_bin_dir: str, server_major: int) -> DumpTool:
     )
 
 
+# CVE-2024-7348: a race during pg_dump lets a role that can create objects run SQL
+# as the role running pg_dump (often a superuser). Fixed in the August 2024 minor
+# releases below; majors 17 and later never had it, majors before 12 never got the fix.
+CVE_2024_7348_FIXED = {12: 20, 13: 16, 14: 13, 15: 8, 16: 4}
+_FIRST_SAFE_MAJOR = 17
+
+
+def cve_2024_7348_fix(version: str) -> str | None:
+    """None when pg_dump `version` ("15.2", "16.4") has the CVE-2024-7348 fix, else what does.
+
+    An unparseable version counts as outdated: the warning is cheap, a missed one is not.
+    """
+    match = re.match(r"(\d+)(?:\.(\d+))?", version)
+    if match is None:
+        return "a release with the fix (12.20, 13.16, 14.13, 15.8, 16.4, or 17 and later)"
+    major, minor = int(match.group(1)), int(match.group(2) or 0)
+    if major >= _FIRST_SAFE_MAJOR:
+        return None
+    fixed = CVE_2024_7348_FIXED.get(major)
+    if fixed is None:
+        return "a supported major release (12.20, 13.16, 14.13, 15.8, 16.4, or 17 and later)"
+    return None if minor >= fixed else f"{major}.{fixed}"
+
+
+def warn_if_outdated(tool: DumpTool) -> None:
+    """Log `pg_dump_outdated` when `tool` predates the CVE-2024-7348 fix for its major."""
+    fixed_in = cve_2024_7348_fix(tool.version)
+    if fixed_in is not None:
+        log.warning(
+            "pg_dump_outdated",
+            path=str(tool.path),
+            version=tool.version,
+            fixed_in=fixed_in,
+            cve="CVE-2024-7348",
+            note="upgrade the PostgreSQL client packages; until then do not dump as a superuser",
+        )
+
+
 def dump_argv(tool: DumpTool, job: Job, dsn: str, database: str) -> list[str]:
     """pg_dump's argument list: never a shell, never a password."""
     argv = [str(tool.path), "--no-password", f"--dbname={with_database(dsn, database)}"]
@@ -331,6 +372,7 @@ __all__ = [
     "DumpProcess",
     "DumpTool",
     "ServerInfo",
+    "cve_2024_7348_fix",
     "dump_argv",
     "dumpall_globals_argv",
     "exit_error",
@@ -339,4 +381,5 @@ __all__ = [
     "passfile_env",
     "preflight",
     "spawn",
+    "warn_if_outdated",
 ]
