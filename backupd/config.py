@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pyrage
 import tomli_w
 
+from backupd.dsn import PORT_RE, SECRET_KEYWORDS, SPACE, dsn_params
 from backupd.errors import ConfigError, SecretError
 from backupd.scheduler import validate_cron
 
@@ -487,156 +488,6 @@ def parse_compression(text: str) -> Compression:
 
 
 # --------------------------------------------------------------------------
-# DSNs: libpq URLs (postgresql://...) and keyword=value strings
-
-_DSN_SCHEMES = ("postgresql://", "postgres://")
-_DSN_SECRET_KEYWORDS = frozenset({"password", "sslpassword", "oauth_client_secret"})
-_SPACE = " \t\n\r\f\v"
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-
-
-def dsn_params(dsn: str) -> dict[str, str]:
-    """The libpq keywords a DSN sets (URL or keyword=value form), percent-decoded.
-
-    The result may hold a password: never log it. Raises ValueError (without
-    quoting the DSN) when libpq could not parse it either.
-    """
-    if dsn.startswith(_DSN_SCHEMES):
-        return _url_params(dsn)
-    return {key: value for key, value, _, _ in _scan_keywords(dsn)}
-
-
-def dsn_database(dsn: str) -> str | None:
-    """The database a DSN names, or None (libpq then uses the user name)."""
-    return dsn_params(dsn).get("dbname") or None
-
-
-def dsn_host(dsn: str) -> str:
-    """The host(s) a DSN names (comma-separated, or a socket dir); "" means libpq's default."""
-    params = dsn_params(dsn)
-    return params.get("host") or params.get("hostaddr") or ""
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN without any password, safe for logs and error messages (never raises)."""
-    if dsn.startswith(_DSN_SCHEMES):
-        return _redact_url(dsn)
-    try:
-        pairs = _scan_keywords(dsn)
-    except ValueError:
-        # Unparseable: cut before anything that could start a secret.
-        lowered = dsn.lower()
-        cuts = [i for i in (lowered.find("password"), lowered.find("secret")) if i >= 0]
-        return dsn[: min(cuts)] + "..." if cuts else dsn
-    return " ".join(
-        dsn[start:end] for key, _, start, end in pairs if key.lower() not in _DSN_SECRET_KEYWORDS
-    )
-
-
-def _url_params(dsn: str) -> dict[str, str]:
-    rest = dsn.split("://", 1)[1]
-    rest, _, query = rest.partition("?")
-    authority, _, dbname = rest.partition("/")
-    params: dict[str, str] = {}
-    if "@" in authority:
-        userinfo, _, authority = authority.partition("@")
-        user, colon, password = userinfo.partition(":")
-        if user:
-            params["user"] = unquote(user)
-        if colon:
-            params["password"] = unquote(password)
-    hosts: list[str] = []
-    ports: list[str] = []
-    for part in authority.split(",") if authority else ():
-        if part.startswith("["):
-            host, bracket, after = part[1:].partition("]")
-            if not bracket or (after and not after.startswith(":")):
-                raise ValueError("malformed [IPv6] host in the DSN")
-            port = after[1:]
-        else:
-            host, _, port = part.partition(":")
-        if port and (_PORT_RE.fullmatch(port) is None or not 1 <= int(port) <= 65535):
-            raise ValueError("the DSN has an invalid port")
-        hosts.append(unquote(host))
-        ports.append(port)
-    if any(hosts):
-        params["host"] = ",".join(hosts)
-    if any(ports):
-        params["port"] = ",".join(ports)
-    if dbname:
-        params["dbname"] = unquote(dbname)
-    for item in query.split("&") if query else ():
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise ValueError("the DSN's query parameters must be key=value")
-        params[unquote(key)] = unquote(value)
-    return params
-
-
-def _scan_keywords(dsn: str) -> list[tuple[str, str, int, int]]:
-    """libpq's keyword=value syntax: (keyword, value, start, end) for each pair."""
-    pairs: list[tuple[str, str, int, int]] = []
-    i, n = 0, len(dsn)
-    while True:
-        while i < n and dsn[i] in _SPACE:
-            i += 1
-        if i == n:
-            break
-        start = i
-        while i < n and dsn[i] != "=" and dsn[i] not in _SPACE:
-            i += 1
-        key = dsn[start:i]
-        while i < n and dsn[i] in _SPACE:
-            i += 1
-        if i == n or dsn[i] != "=" or not key:
-            raise ValueError("expected a postgresql:// URL or keyword=value pairs")
-        i += 1
-        while i < n and dsn[i] in _SPACE:
-            i += 1
-        chars: list[str] = []
-        if i < n and dsn[i] == "'":
-            i += 1
-            while True:
-                if i == n:
-                    raise ValueError("a quoted value in the DSN is not closed")
-                if dsn[i] == "\\" and i + 1 < n:
-                    chars.append(dsn[i + 1])
-                    i += 2
-                elif dsn[i] == "'":
-                    i += 1
-                    break
-                else:
-                    chars.append(dsn[i])
-                    i += 1
-        else:
-            while i < n and dsn[i] not in _SPACE:
-                if dsn[i] == "\\" and i + 1 < n:
-                    i += 1
-                chars.append(dsn[i])
-                i += 1
-        pairs.append((key, "".join(chars), start, i))
-    return pairs
-
-
-def _redact_url(dsn: str) -> str:
-    scheme, rest = dsn.split("://", 1)
-    head, question, query = rest.partition("?")
-    # The last "@" before the query: catches passwords with an unescaped "/" or "@" too.
-    userinfo, at, hostpart = head.rpartition("@")
-    if at:
-        user = userinfo.split(":", 1)[0]
-        head = f"{user}@{hostpart}" if user else hostpart
-    if question:
-        kept = [
-            item
-            for item in query.split("&")
-            if unquote(item.partition("=")[0]).lower() not in _DSN_SECRET_KEYWORDS
-        ]
-        query = "&".join(kept)
-    return f"{scheme}://{head}" + (f"?{query}" if query else "")
-
-
-# --------------------------------------------------------------------------
 # Validation machinery
 
 
@@ -1005,7 +856,7 @@ def _listen_address(value: object, ctx: _Ctx) -> str:
         not colon
         or not host
         or (":" in host and not bracketed)
-        or _PORT_RE.fullmatch(port) is None
+        or PORT_RE.fullmatch(port) is None
         or int(port) > 65535
     ):
         raise _Invalid(
@@ -1023,7 +874,7 @@ def _http_url(value: object, ctx: _Ctx) -> str:
         ok = parts.scheme in ("http", "https") and bool(parts.hostname)
     except ValueError:
         ok = False
-    if not ok or any(c in url for c in _SPACE):
+    if not ok or any(c in url for c in SPACE):
         raise _Invalid("expected an http:// or https:// URL")
     return url
 
@@ -1078,7 +929,7 @@ def _dsn(password_hint: str) -> _Parser[str]:
             raise _Invalid(f"invalid DSN: {exc}") from None
         for key, secret in params.items():
             keyword = key.lower()
-            if keyword in _DSN_SECRET_KEYWORDS and secret:
+            if keyword in SECRET_KEYWORDS and secret:
                 fix = password_hint if keyword == "password" else "remove it"
                 raise _Invalid(
                     f"the DSN contains a {keyword}; secrets do not belong in the config file: {fix}"
@@ -1244,7 +1095,7 @@ def _s3_prefix(value: object, ctx: _Ctx) -> str:
 
 def _bucket(value: object, ctx: _Ctx) -> str:
     bucket = _nonempty(value, ctx)
-    if "/" in bucket or any(c in bucket for c in _SPACE):
+    if "/" in bucket or any(c in bucket for c in SPACE):
         raise _Invalid(f"not a bucket name: {_describe(bucket)}")
     return bucket
 

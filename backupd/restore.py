@@ -19,6 +19,7 @@ import structlog
 
 from backupd.codecs import Encoder, algorithm_of, decompressor
 from backupd.crypto import AgeDecryptor, DecryptionError, load_identities
+from backupd.dsn import dsn_params
 from backupd.errors import BackupdError, IntegrityError, UsageError
 from backupd.manifest import Manifest, ObjectEntry
 from backupd.sources import postgres
@@ -112,6 +113,7 @@ async def restore(
     env: dict[str, str] | None = None,
 ) -> ReadResult:
     """Stream one database of a backup into pg_restore (custom) or psql (plain)."""
+    _refuse_password_in(target_dsn)
     entry = manifest.object_for(database)
     if entry.format == "plain":
         if tables or clean or create:
@@ -138,6 +140,19 @@ async def restore(
             argv.append("--create")
     log.info("restore_started", backup=manifest.stem, database=entry.database, tool=tool.path.name)
     return await _into_process(store, manifest, entry, identity, argv, tool.path.name, env)
+
+
+def _refuse_password_in(dsn: str) -> None:
+    """The target DSN goes into pg_restore's argv, which every local user can read."""
+    try:
+        params = dsn_params(dsn)
+    except ValueError:
+        return  # libpq refuses it with its own message
+    if params.get("password"):
+        raise UsageError(
+            "the --to DSN contains a password, which would be visible in the process list: "
+            "remove it and set PGPASSWORD or use a ~/.pgpass file (PGPASSFILE)"
+        )
 
 
 async def list_archive(
@@ -171,9 +186,21 @@ async def _into_process(
     stdin = proc.stdin
     stderr_task = asyncio.ensure_future(proc.stderr.read())
 
+    tool_done = False
+
     async def sink(data: bytes) -> None:
-        stdin.write(data)
-        await stdin.drain()
+        nonlocal tool_done
+        if tool_done:
+            return
+        try:
+            stdin.write(data)
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            # The tool stopped reading. `pg_restore --list` does once it has the TOC,
+            # and exits 0: the rest is still read, to check its size and SHA-256.
+            if await proc.wait() != 0:
+                raise
+            tool_done = True
 
     try:
         try:

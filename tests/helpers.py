@@ -28,6 +28,7 @@ def write_config(
     extra_daemon: str = "",
     extra: str = "",
     storage_names: list[str] | None = None,
+    http_listen: str = "",
 ) -> Path:
     """A config with one source, the given stores, and one job using all of them."""
     stores = []
@@ -57,7 +58,7 @@ def write_config(
         textwrap.dedent(f"""\
         [daemon]
         socket = "{sock}"
-        http_listen = ""
+        http_listen = "{http_listen}"
         {extra_daemon}
 
         [source.main]

@@ -23,8 +23,6 @@ from backupd.config import (
     VerifyPolicy,
     config_path,
     config_to_toml,
-    dsn_database,
-    dsn_host,
     format_duration,
     format_size,
     load_config,
@@ -32,8 +30,8 @@ from backupd.config import (
     parse_config,
     parse_duration,
     parse_size,
-    redact_dsn,
 )
+from backupd.dsn import dsn_database, dsn_host, redact_dsn
 from backupd.errors import ConfigError, SecretError
 
 AGE_KEY = "age1a45crpvsw7yxsqzq09g9ljqrfp7splgka4822f57c8s5sjejfsnq34hsjm"

@@ -16,14 +16,15 @@ import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
 
-from backupd.config import Job, PostgresSource, dsn_host, redact_dsn
+from backupd.config import Job, PostgresSource
+from backupd.dsn import dsn_host, redact_dsn
 from backupd.errors import SourceError, SourceUnavailable
 
 log = structlog.get_logger("backupd.postgres")
@@ -48,7 +49,14 @@ class ServerInfo:
     major: int
     host: str
     databases: tuple[str, ...]  # the databases this job dumps, resolved
-    table_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A snapshot exported for pg_dump (`--snapshot=ID`) and the row counts seen in it."""
+
+    id: str
+    row_counts: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +97,8 @@ async def connect(
         raise SourceError(f"cannot connect to {where}: {exc}") from None
 
 
-async def preflight(
-    source: PostgresSource, job: Job, password: str | None, count_rows: bool = True
-) -> ServerInfo:
-    """Reach the server, read its version, resolve `databases`, record table row counts."""
+async def preflight(source: PostgresSource, job: Job, password: str | None) -> ServerInfo:
+    """Reach the server, read its version, resolve `databases`."""
     conn = await connect(source.dsn, password)
     try:
         version_num = int(await conn.fetchval("SHOW server_version_num"))
@@ -119,25 +125,49 @@ async def preflight(
         raise SourceUnavailable(f"connection to {redact_dsn(source.dsn)} lost: {exc}") from None
     finally:
         await conn.close()
-    counts: dict[str, dict[str, int]] = {}
-    if count_rows and job.kind != "schema-only":
-        for db in databases:
-            counts[db] = await table_row_counts(source.dsn, password, db)
     return ServerInfo(
         version=version,
         major=version_num // 10000,
         host=dsn_host(source.dsn) or "localhost",
         databases=databases,
-        table_counts=counts,
     )
 
 
 async def table_row_counts(dsn: str, password: str | None, database: str) -> dict[str, int]:
-    """Exact row counts of every user table ("schema.table" -> rows).
-
-    Recorded in the manifest so `verify --restore` can compare what it restored.
-    """
+    """Exact row counts of every user table ("schema.table" -> rows), e.g. of a restored copy."""
     conn = await connect(dsn, password, database)
+    try:
+        return await _count_rows(conn, f"{redact_dsn(dsn)} (database {database})")
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def exported_snapshot(
+    dsn: str, password: str | None, database: str
+) -> AsyncIterator[Snapshot]:
+    """Open a REPEATABLE READ transaction on `database`, export its snapshot, count rows in it.
+
+    The transaction stays open until the block ends, so a pg_dump started inside
+    with `--snapshot=ID` dumps exactly the rows counted: the counts recorded in
+    the manifest are those of the dump, not of a moment before it.
+    """
+    where = f"{redact_dsn(dsn)} (database {database})"
+    conn = await connect(dsn, password, database)
+    try:
+        try:
+            await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            snapshot_id = str(await conn.fetchval("SELECT pg_export_snapshot()"))
+        except (OSError, asyncpg.ConnectionDoesNotExistError) as exc:
+            raise SourceUnavailable(f"connection to {where} lost: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            raise SourceError(f"cannot export a snapshot on {where}: {exc}") from None
+        yield Snapshot(snapshot_id, await _count_rows(conn, where))
+    finally:
+        await conn.close()
+
+
+async def _count_rows(conn: asyncpg.Connection, where: str) -> dict[str, int]:
     try:
         rows = await conn.fetch(
             "SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_class c "
@@ -151,8 +181,10 @@ async def table_row_counts(dsn: str, password: str | None, database: str) -> dic
             query = f"SELECT count(*) FROM {row['name']}"  # noqa: S608
             counts[row["name"]] = int(await conn.fetchval(query))
         return counts
-    finally:
-        await conn.close()
+    except (OSError, asyncpg.ConnectionDoesNotExistError) as exc:
+        raise SourceUnavailable(f"connection to {where} lost: {exc}") from None
+    except asyncpg.PostgresError as exc:
+        raise SourceError(f"cannot count rows on {where}: {exc}") from None
 
 
 def _tool_version(path: Path) -> tuple[str, int] | None:
@@ -372,14 +404,17 @@ __all__ = [
     "DumpProcess",
     "DumpTool",
     "ServerInfo",
+    "Snapshot",
     "cve_2024_7348_fix",
     "dump_argv",
     "dumpall_globals_argv",
     "exit_error",
+    "exported_snapshot",
     "find_tool",
     "is_transient_failure",
     "passfile_env",
     "preflight",
     "spawn",
+    "table_row_counts",
     "warn_if_outdated",
 ]
