@@ -96,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run one job once in this process, with its retries (no daemon needed)",
     )
     _add_config(p)
-    p.add_argument("job")
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
 
     p = cmd("trigger", commands.trigger, "ask the running daemon to run JOB now")
     _add_socket(p)
-    p.add_argument("job")
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument(
         "--wait", action="store_true", help="follow the run and exit 0 on success, 1 on failure"
     )
@@ -111,14 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("cancel", commands.cancel, "cancel a run in progress")
     _add_socket(p)
-    p.add_argument("run_id")
+    p.add_argument("run_id", help="the run id shown by `trigger` and `status`")
 
     p = cmd("reload", commands.reload, "re-read the config in the daemon (same as SIGHUP)")
     _add_socket(p)
 
     p = cmd("list", commands.list_, "backups that exist in storage (no daemon needed)")
     _add_config(p)
-    p.add_argument("job", nargs="?")
+    p.add_argument("job", nargs="?", help="only this job (default: every job)")
     p.add_argument("--storage", metavar="NAME", help="storage to read (default: each job's first)")
     p.add_argument("--json", action="store_true", help="a JSON array of manifests, newest first")
 
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stream one database of a backup into pg_restore (psql for plain dumps)",
     )
     _add_config(p)
-    p.add_argument("job")
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
     _add_backup_choice(p)
     p.add_argument(
         "--to",
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("download", commands.download, "fetch one database's dump, decrypted and decompressed")
     _add_config(p)
-    p.add_argument("job")
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
     _add_backup_choice(p)
     p.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="output file, - for stdout"
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check a backup's size and SHA-256, decode it, and list its archive",
     )
     _add_config(p)
-    p.add_argument("job")
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument("--backup", metavar="ID", default="latest")
     p.add_argument("--storage", metavar="NAME")
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("prune", commands.prune, "apply retention now")
     _add_config(p)
-    p.add_argument("job", nargs="?")
+    p.add_argument("job", nargs="?", help="only this job (default: every job)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
     return parser
 
