@@ -10,10 +10,11 @@ nothing is left for the sweeper in the common case.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -102,13 +103,19 @@ async def run_backup(
 
     completed: dict[str, list[str]] = {name: [] for name in stores}
     objects: list[ObjectEntry] = []
+    tables: dict[str, dict[str, int]] = {}
     try:
         with postgres.passfile_env(password) as env:
             for dump in dumps:
                 key = (
                     f"{stem}/{data_name(dump.name, dump.fmt, job.compression.extension, encrypted)}"
                 )
-                result = await _dump_one(job, dump, env, stores, folder + key, completed, on_bytes)
+                async with _in_snapshot(job, dump, source.dsn, password) as (dump, counts):
+                    result = await _dump_one(
+                        job, dump, env, stores, folder + key, completed, on_bytes
+                    )
+                if counts is not None:
+                    tables[dump.name] = counts
                 # min_size guards database dumps; the globals are small by nature.
                 floor = job.min_size if dump.tool == "pg_dump" else 1
                 if result.raw_bytes < floor:
@@ -146,7 +153,9 @@ async def run_backup(
                 "host": server.host,
                 "server_version": server.version,
             },
-            tool={"name": "pg_dump", "version": pg_dump.version, "path": str(pg_dump.path)},
+            tool={"name": "pg_dump", "version": pg_dump.version, "path": str(pg_dump.path)}
+            # the row counts in `tables` were taken in the snapshot pg_dump dumped
+            | ({"snapshot": "exported"} if tables else {}),
             started_at=rfc3339(started),
             finished_at=rfc3339(finished),
             duration_seconds=round(time.monotonic() - t0, 3),
@@ -155,7 +164,7 @@ async def run_backup(
             triggered_by=trigger.who(),
             attempts=attempt,
             backupd_version=__version__,
-            tables=server.table_counts,
+            tables=tables,
         )
         await _publish(stores, manifest)
     except BaseException:
@@ -168,6 +177,28 @@ async def run_backup(
         duration_seconds=manifest.duration_seconds,
     )
     return manifest
+
+
+def records_row_counts(job: Job) -> bool:
+    """Whether a backup of `job` records exact row counts for `verify --restore`.
+
+    Only full, unfiltered dumps: a filtered dump holds a subset of the tables
+    chosen by pg_dump's own pattern rules, which backupd does not re-implement.
+    """
+    return job.kind == "full" and not (job.tables or job.exclude_tables or job.exclude_table_data)
+
+
+@contextlib.asynccontextmanager
+async def _in_snapshot(
+    job: Job, dump: _Dump, dsn: str, password: str | None
+) -> AsyncIterator[tuple[_Dump, dict[str, int] | None]]:
+    """Run a database's pg_dump inside a snapshot exported by backupd, with the row counts
+    taken in that same snapshot; other dumps run as they are, without counts."""
+    if dump.tool != "pg_dump" or not records_row_counts(job):
+        yield dump, None
+        return
+    async with postgres.exported_snapshot(dsn, password, dump.name) as snapshot:
+        yield replace(dump, argv=[*dump.argv, f"--snapshot={snapshot.id}"]), snapshot.row_counts
 
 
 async def _dump_one(

@@ -14,8 +14,16 @@ from typing import Any
 
 from backupd import control
 from backupd.backup import Trigger
-from backupd.config import Config, Job, config_path, config_to_toml, load_config
-from backupd.errors import EXIT_FAILED, EXIT_OK, BackupdError, UsageError
+from backupd.config import (
+    Config,
+    Job,
+    S3Storage,
+    Secret,
+    config_path,
+    config_to_toml,
+    load_config,
+)
+from backupd.errors import EXIT_FAILED, EXIT_OK, BackupdError, ConfigError, SecretError, UsageError
 from backupd.manifest import Manifest, find_backup, list_backups
 from backupd.runner import Runner, StorePool
 from backupd.storage.base import Store
@@ -75,8 +83,33 @@ async def run(args: argparse.Namespace) -> int:
 # -- config ------------------------------------------------------------------------------
 
 
+def _secret_errors(config: Config) -> list[str]:
+    """Resolve every secret reference now (values discarded): missing or unsafe ones are
+    config errors with their key path, found by `check` rather than by the first run."""
+    refs: list[tuple[str, Secret | str | None]] = []
+    for name, source in config.sources.items():
+        refs.append((f"source.{name}.password", source.password))
+    for name, storage in config.storages.items():
+        if isinstance(storage, S3Storage):
+            refs.append((f"storage.{name}.access_key_id", storage.access_key_id))
+            refs.append((f"storage.{name}.secret_access_key", storage.secret_access_key))
+    for name, notifier in config.notifiers.items():
+        refs.append((f"notify.{name}.url", notifier.url))
+    errors = []
+    for path, ref in refs:
+        if isinstance(ref, Secret):
+            try:
+                ref.resolve()
+            except SecretError as exc:
+                errors.append(f"{path}: {exc}")
+    return errors
+
+
 async def check(args: argparse.Namespace) -> int:
     config = _load(args)
+    errors = _secret_errors(config)
+    if errors:
+        raise ConfigError(errors)
     if args.show:
         sys.stdout.write(config_to_toml(config))
     if not args.connect:
@@ -93,7 +126,7 @@ async def check(args: argparse.Namespace) -> int:
         source = config.sources[job.source]
         try:
             password = source.password.resolve() if source.password else None
-            info = await postgres.preflight(source, job, password, count_rows=False)
+            info = await postgres.preflight(source, job, password)
             tool = postgres.find_tool("pg_dump", source.pg_bin_dir, info.major)
             print(
                 f"job {job.name}: source {source.name} ok (PostgreSQL {info.version}, "
@@ -251,11 +284,14 @@ async def prune(args: argparse.Namespace) -> int:
     async with _pool() as pool:
         for job in jobs:
             for name in job.storage:
-                store = await pool.get(config.storages[name])
-                outcome = await prune_job(job, store, dry_run=args.dry_run)
+                cfg = config.storages[name]
+                store = await pool.get(cfg)
+                outcome = await prune_job(
+                    job, store, dry_run=args.dry_run, grace=cfg.abandoned_upload_grace
+                )
                 for line in outcome.describe():
                     print(line)
-                failed += len(outcome.failed)
+                failed += outcome.errors
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-import pyrage
 import tomli_w
 
+from backupd.crypto import parse_recipient
 from backupd.dsn import PORT_RE, SECRET_KEYWORDS, SPACE, dsn_params
-from backupd.errors import ConfigError, SecretError
+from backupd.errors import BackupdError, ConfigError, SecretError
 from backupd.scheduler import validate_cron
 
 DEFAULT_CONFIG_PATH = "/etc/backupd/backupd.toml"
@@ -946,11 +946,17 @@ _VERIFY_DSN_FIX = "remove it from the DSN and give it to libpq in a ~/.pgpass fi
 
 
 def _recipient(value: object, ctx: _Ctx) -> str:
+    if isinstance(value, str) and value.strip().upper().startswith("AGE-SECRET-KEY-"):
+        # Never quote it back: the key is in the config file, so treat it as exposed.
+        raise _Invalid(
+            "this is an age SECRET key: only public keys (age1..., from "
+            "`age-keygen -y KEYFILE`) belong here; treat this key as exposed and make a new one"
+        )
     if not isinstance(value, str) or not value.startswith("age1") or not value.isascii():
         raise _Invalid(f'expected an age public key starting with "age1", got {_describe(value)}')
     try:
-        pyrage.x25519.Recipient.from_str(value)
-    except pyrage.RecipientError:
+        parse_recipient(value)
+    except BackupdError:
         raise _Invalid(f"not a valid age public key: {_describe(value)}") from None
     return value
 

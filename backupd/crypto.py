@@ -167,7 +167,7 @@ def _nonce(counter: int, last: bool) -> bytes:
     return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
-Buffer = bytes | bytearray | memoryview
+_Buffer = bytes | bytearray | memoryview
 
 
 class _Chunker:
@@ -180,12 +180,12 @@ class _Chunker:
     are the held-back tail and the join of the output.
     """
 
-    def __init__(self, size: int, process: Callable[[Buffer, bool], bytes]) -> None:
+    def __init__(self, size: int, process: Callable[[_Buffer, bool], bytes]) -> None:
         self._size = size
         self._process = process
         self._buf = bytearray()
 
-    def feed(self, data: Buffer, out: list[bytes]) -> bytes:
+    def feed(self, data: _Buffer, out: list[bytes]) -> bytes:
         """Process every chunk of `data` known not to be the last; returns `out` + results."""
         view = memoryview(data)
         size = self._size
@@ -246,7 +246,7 @@ class AgeEncryptor:
         self._pending = b""
         return out
 
-    def _seal(self, chunk: Buffer, last: bool) -> bytes:
+    def _seal(self, chunk: _Buffer, last: bool) -> bytes:
         sealed = self._aead.encrypt(_nonce(self._counter, last), chunk, None)
         self._counter += 1
         return sealed
@@ -338,7 +338,7 @@ class AgeDecryptor:
             "no identity matches any recipient of this backup (wrong --identity file?)"
         )
 
-    def _open(self, chunk: Buffer, last: bool) -> bytes:
+    def _open(self, chunk: _Buffer, last: bool) -> bytes:
         assert self._aead is not None
         try:
             plain = self._aead.decrypt(_nonce(self._counter, last), chunk, None)

@@ -67,6 +67,14 @@ class _Notify:
             ),
         )
 
+    def verify_failed(self, job: Job, error: str) -> None:
+        """A failed scheduled verification goes to the job's notifiers as a failure."""
+        self.notifications.notify(
+            "failure",
+            job.notify,
+            RunEvent(event="failure", job=job.name, run_id="verify", error=error, trigger="verify"),
+        )
+
 
 def schedule_entries(config: Config) -> dict[str, tuple[Schedule, float]]:
     entries: dict[str, tuple[Schedule, float]] = {}
@@ -112,7 +120,9 @@ class Daemon:
                 notifier=self._notify,
                 after_success=self._after_success,
             )
-            self.maintenance = Maintenance(self.runner, self.pool, self.metrics)
+            self.maintenance = Maintenance(
+                self.runner, self.pool, self.metrics, on_verify_failed=self._notify.verify_failed
+            )
             self.control = ControlServer(
                 daemon_cfg.socket,
                 self.handle,

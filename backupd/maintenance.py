@@ -4,13 +4,20 @@ and scheduled verification.
 Storage is the source of truth: the last success and size a restarted daemon
 reports, and whether a missed schedule needs a catch-up run, come from the
 manifests, never from local state.
+
+The sweeper runs at start and then every SWEEP_INTERVAL seconds over every
+storage. Scheduled verification (`verify.schedule`) checks the newest backup
+in each of the job's storages, with a restore drill from the first when
+`verify.restore` is set, under the runner's global concurrency limit; its
+result goes to `backupd_last_verify_timestamp_seconds{job,result}`, and a
+failure to the job's notifiers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -20,11 +27,18 @@ import structlog
 from backupd.backup import Trigger
 from backupd.config import Config, Job
 from backupd.errors import BackupdError
-from backupd.manifest import MANIFEST_SUFFIX, Manifest, list_backups, now_utc
-from backupd.retention_apply import PruneMetrics, report_listing
+from backupd.manifest import Manifest, find_backup, list_backups, now_utc
+from backupd.retention_apply import (
+    DATA_KEY,
+    MANIFEST_KEY,
+    PruneMetrics,
+    delete_orphans,
+    report_listing,
+)
 from backupd.runner import JobBusy, Runner, StorePool
 from backupd.scheduler import Schedule
 from backupd.storage.base import Store
+from backupd.verify import verify_backup
 
 log = structlog.get_logger("backupd.maintenance")
 
@@ -35,6 +49,10 @@ class MaintenanceMetrics(PruneMetrics, Protocol):
     def verified(self, job: str, result: str, ts: float) -> None: ...
 
 
+# Told when a scheduled verification fails: (job, one line saying why).
+VerifyFailed = Callable[[Job, str], None]
+
+
 @dataclass
 class SweepResult:
     aborted_uploads: int = 0
@@ -42,43 +60,38 @@ class SweepResult:
     failed: int = 0
 
 
+def is_backupd_key(key: str) -> bool:
+    """Whether backupd wrote `key` (a data object or a manifest): nothing else is swept."""
+    return bool(DATA_KEY.match(key) or MANIFEST_KEY.match(key))
+
+
 async def sweep(
-    store: Store, grace: float, protect: set[str], now: datetime | None = None
+    store: Store, grace: float, protect: Collection[str] = (), now: datetime | None = None
 ) -> SweepResult:
-    """Remove leftovers older than `grace` seconds: incomplete uploads, and data objects
-    without a manifest. Keys under a `protect` prefix (runs in progress) are never touched.
+    """Remove leftovers last written more than `grace` seconds before `now`: incomplete
+    uploads, and data objects without a manifest (a crash mid-run or mid-prune).
+
+    Only keys of backupd's layout are touched, and none under a `protect`
+    prefix (the folders of jobs with a run in progress).
     """
-    now = now or now_utc()
-    cutoff = now - timedelta(seconds=grace)
+    cutoff = (now or now_utc()) - timedelta(seconds=grace)
     result = SweepResult()
-
-    def protected(key: str) -> bool:
-        return any(key.startswith(p) for p in protect)
-
     for upload in await store.list_incomplete_uploads():
-        if upload.started < cutoff and not protected(upload.key):
-            try:
-                await store.abort_incomplete(upload)
-                result.aborted_uploads += 1
-            except BackupdError as exc:
-                result.failed += 1
-                log.warning(
-                    "sweep_abort_failed", storage=store.name, key=upload.key, error=str(exc)
-                )
-    objects = await store.list("")
-    stems = {o.key[: -len(MANIFEST_SUFFIX)] for o in objects if o.key.endswith(MANIFEST_SUFFIX)}
-    orphans = [
-        o.key
-        for o in objects
-        if not o.key.endswith(MANIFEST_SUFFIX)
-        and o.key.rsplit("/", 1)[0] not in stems
-        and o.modified < cutoff
-        and not protected(o.key)
-    ]
-    if orphans:
-        failed = await store.delete(orphans)
-        result.deleted_orphans = len(orphans) - len(failed)
-        result.failed += len(failed)
+        if (
+            upload.started >= cutoff
+            or not is_backupd_key(upload.key)
+            or any(upload.key.startswith(p) for p in protect)
+        ):
+            continue
+        try:
+            await store.abort_incomplete(upload)
+            result.aborted_uploads += 1
+        except BackupdError as exc:
+            result.failed += 1
+            log.warning("sweep_abort_failed", storage=store.name, key=upload.key, error=str(exc))
+    deleted, failed = await delete_orphans(store, "", cutoff, protect)
+    result.deleted_orphans = deleted
+    result.failed += len(failed)
     if result.aborted_uploads or result.deleted_orphans or result.failed:
         log.info(
             "sweep_done",
@@ -91,10 +104,17 @@ async def sweep(
 
 
 class Maintenance:
-    def __init__(self, runner: Runner, pool: StorePool, metrics: MaintenanceMetrics) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        pool: StorePool,
+        metrics: MaintenanceMetrics,
+        on_verify_failed: VerifyFailed | None = None,
+    ) -> None:
         self.runner = runner
         self.pool = pool
         self.metrics = metrics
+        self.on_verify_failed = on_verify_failed
         self._verifying: dict[str, asyncio.Task[None]] = {}
 
     async def startup(self, config: Config) -> None:
@@ -132,51 +152,75 @@ class Maintenance:
         """Jobs with a run in progress: their folders are not swept."""
         return {f"{run.job}/" for run in self.runner.active()}
 
-    async def sweep_all(self, config: Config) -> None:
+    async def sweep_all(self, config: Config, now: datetime | None = None) -> None:
+        """Sweep every storage once; a storage that fails is logged and skipped."""
         for cfg in config.storages.values():
             try:
                 store = await self.pool.get(cfg)
-                await sweep(store, cfg.abandoned_upload_grace, self.protected_prefixes())
+                await sweep(store, cfg.abandoned_upload_grace, self.protected_prefixes(), now)
             except BackupdError as exc:
                 log.warning("sweep_failed", storage=cfg.name, error=str(exc))
 
     async def sweep_forever(self, config: Callable[[], Config]) -> None:
         while True:
-            await self.sweep_all(config())
+            try:
+                await self.sweep_all(config())
+            except Exception:  # the sweeper must outlive any one bad pass
+                log.error("sweep_crashed", exc_info=True)
             await asyncio.sleep(SWEEP_INTERVAL)
 
-    def start_verify(self, config: Config, job_name: str) -> None:
-        """A scheduled verification; one at a time per job, under the runner's global limit."""
+    def start_verify(self, config: Config, job_name: str) -> asyncio.Task[None] | None:
+        """Start a scheduled verification; None if one of this job is still going."""
         if job_name in self._verifying or job_name not in config.jobs:
-            return
-        task = asyncio.create_task(self._verify(config, config.jobs[job_name]))
+            return None
+        task = asyncio.create_task(
+            self._verify(config, config.jobs[job_name]), name=f"verify-{job_name}"
+        )
         self._verifying[job_name] = task
         task.add_done_callback(lambda _: self._verifying.pop(job_name, None))
+        return task
 
     async def _verify(self, config: Config, job: Job) -> None:
-        from backupd.manifest import find_backup
-        from backupd.verify import verify_backup
+        structlog.contextvars.bind_contextvars(job=job.name)
+        try:
+            async with self.runner.global_slot():
+                problems = await self._verify_storages(config, job)
+        finally:
+            structlog.contextvars.unbind_contextvars("job")
+        result = "failure" if problems else "success"
+        self.metrics.verified(job.name, result, now_utc().timestamp())
+        if problems and self.on_verify_failed is not None:
+            self.on_verify_failed(job, "verification failed: " + "; ".join(problems))
 
+    async def _verify_storages(self, config: Config, job: Job) -> list[str]:
+        """Verify the newest backup in each of the job's storages; returns what failed."""
         restore = job.verify is not None and job.verify.restore
-        async with self.runner.global_slot():
-            result = "failure"
+        problems = []
+        for index, name in enumerate(job.storage):
             try:
-                store = await self.pool.get(config.storages[job.storage[0]])
+                store = await self.pool.get(config.storages[name])
                 manifest = await find_backup(store, job.name, "latest")
                 report = await verify_backup(
-                    config, job, store, manifest, identity=None, restore=restore
-                )
-                result = "success" if report.ok else "failure"
-                log.info(
-                    "verify_finished",
-                    job=job.name,
-                    backup=manifest.stem,
-                    result=result,
-                    detail=report.lines[-1] if report.lines else "",
+                    config, job, store, manifest, identity=None, restore=restore and index == 0
                 )
             except BackupdError as exc:
-                log.error("verify_failed", job=job.name, error=str(exc))
-            self.metrics.verified(job.name, result, now_utc().timestamp())
+                problems.append(f"storage {name}: {exc}")
+                log.error("verify_failed", storage=name, error=str(exc))
+                continue
+            except Exception as exc:
+                problems.append(f"storage {name}: {exc!r}")
+                log.error("verify_crashed", storage=name, exc_info=True)
+                continue
+            problems += [f"storage {name}: {line}" for line in report.failures]
+            log_fn = log.info if report.ok else log.error
+            log_fn(
+                "verify_finished",
+                storage=name,
+                backup=manifest.stem,
+                result="success" if report.ok else "failure",
+                failures=report.failures,
+            )
+        return problems
 
     async def shutdown(self) -> None:
         tasks = list(self._verifying.values())

@@ -1,26 +1,35 @@
 """Applying retention to one storage: the plan from `retention.plan`, then deletion.
 
 Deletion removes a backup's manifest first, then its data objects, so a crash
-mid-prune never leaves a manifest pointing at missing data; data left behind
-without a manifest is the sweeper's to remove. Keys that fail to delete are
-counted and retried by the next prune.
+mid-prune never leaves a manifest pointing at missing data: the backup stops
+existing the moment its manifest is gone. What a failure leaves is retried:
+a manifest that could not be deleted is still a backup and is planned again
+by the next prune; data objects left behind after their manifest went are
+removed by the next prune of the job (and by the sweeper) once they are older
+than the storage's `abandoned_upload_grace`. Both kinds are counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import structlog
 
 from backupd import retention
 from backupd.config import Config, Job
-from backupd.manifest import Manifest, list_backups, now_utc
-from backupd.storage.base import Store
+from backupd.manifest import MANIFEST_SUFFIX, Manifest, list_backups, now_utc, parse_rfc3339
+from backupd.storage.base import ObjectInfo, Store
 
 log = structlog.get_logger("backupd.retention")
+
+# Keys backupd writes (SPEC "Storage layout"); nothing else in a storage is ever deleted.
+_FOLDER = r"(?P<job>[^/]+)/\d{4}/\d{2}/\d{2}/(?P=job)-\d{8}T\d{6}Z-[0-9a-z]+"
+DATA_KEY = re.compile(rf"^{_FOLDER}/[^/]+$")
+MANIFEST_KEY = re.compile(rf"^{_FOLDER}{re.escape(MANIFEST_SUFFIX)}$")
 
 
 class PruneMetrics(Protocol):
@@ -42,22 +51,39 @@ class PruneOutcome:
     storage: str
     dry_run: bool
     kept: dict[str, list[str]] = field(default_factory=dict)  # stem -> reasons
-    deleted: list[str] = field(default_factory=list)  # stems
-    failed: list[str] = field(default_factory=list)  # stems not (fully) deleted
+    deleted: list[str] = field(default_factory=list)  # stems (to delete, in a dry run)
+    failed: list[str] = field(default_factory=list)  # stems whose manifest could not be deleted
+    left: dict[str, list[str]] = field(default_factory=dict)  # deleted stem -> data keys left
+    swept: int = 0  # data objects of earlier prunes' deleted backups removed now
     remaining: list[Manifest] = field(default_factory=list)
+
+    @property
+    def errors(self) -> int:
+        """Backups not wholly deleted: counted, and retried by the next prune."""
+        return len(self.failed) + len(self.left)
 
     def describe(self) -> list[str]:
         head = f"job {self.job}, storage {self.storage}"
+        planned = len(self.deleted) + len(self.failed)
         lines = [
-            f"{head}: {'plan (dry run)' if self.dry_run else 'pruned'}: keep "
-            f"{len(self.kept)}, delete {len(self.deleted) + len(self.failed)}"
+            f"{head}: {'plan (dry run)' if self.dry_run else 'pruned'}: "
+            f"keep {len(self.kept)}, delete {planned}"
         ]
-        lines += [
-            f"  keep    {stem}  ({', '.join(reasons)})" for stem, reasons in self.kept.items()
-        ]
+        lines += [f"  keep          {stem}  ({', '.join(why)})" for stem, why in self.kept.items()]
         verb = "would delete" if self.dry_run else "deleted"
-        lines += [f"  {verb:<7} {stem}" for stem in self.deleted]
-        lines += [f"  FAILED  {stem} (retried at the next prune)" for stem in self.failed]
+        lines += [f"  {verb:<13} {stem}" for stem in self.deleted]
+        lines += [
+            f"  FAILED        {stem}  (manifest not deleted: still a backup, retried at the "
+            "next prune)"
+            for stem in self.failed
+        ]
+        for stem, keys in self.left.items():
+            lines += [
+                f"  LEFT          {key}  (data of deleted {stem}; retried at the next prune)"
+                for key in keys
+            ]
+        if self.swept:
+            lines.append(f"  swept {self.swept} data object(s) left by an earlier prune")
         return lines
 
 
@@ -68,53 +94,98 @@ async def prune_job(
     dry_run: bool = False,
     metrics: PruneMetrics | None = None,
     now: datetime | None = None,
+    grace: float | None = None,
 ) -> PruneOutcome:
+    """Apply `job`'s retention to `store` (or only plan it, with `dry_run`).
+
+    With `grace` (the storage's `abandoned_upload_grace`), data objects of this
+    job that have no manifest and were last written more than `grace` seconds
+    before `now` are deleted too: what earlier prunes failed to remove.
+    """
+    now = now or now_utc()
     backups = await list_backups(store, job.name)
     by_stem = {m.stem: m for m in backups}
     refs = [retention.BackupRef(id=m.stem, started_at=m.started) for m in backups]
-    plan = retention.plan(refs, job.retention, job.timezone, now or now_utc())
+    plan = retention.plan(refs, job.retention, job.timezone, now)
     outcome = PruneOutcome(job.name, store.name, dry_run, kept=dict(plan.keep))
+    if dry_run:
+        outcome.deleted = list(plan.delete)
+        outcome.remaining = backups
+        return outcome
     for stem in plan.delete:
         manifest = by_stem[stem]
-        if dry_run:
-            outcome.deleted.append(stem)
-            continue
-        if await _delete_backup(store, manifest):
-            outcome.deleted.append(stem)
-        else:
+        failed = await store.delete([manifest.manifest_key])
+        if failed:
+            log.warning("retention_delete_failed", job=job.name, storage=store.name, backup=stem)
             outcome.failed.append(stem)
-    outcome.remaining = [m for m in backups if m.stem not in outcome.deleted or dry_run]
-    if not dry_run:
-        if outcome.deleted or outcome.failed:
-            log.info(
-                "retention_applied",
-                job=job.name,
-                storage=store.name,
-                deleted=len(outcome.deleted),
-                failed=len(outcome.failed),
-                kept=len(plan.keep),
-            )
-        if metrics is not None:
-            if outcome.deleted:
-                metrics.retention_deleted(job.name, store.name, len(outcome.deleted))
-            if outcome.failed:
-                metrics.retention_delete_failed(job.name, store.name, len(outcome.failed))
-            report_listing(metrics, job.name, store.name, outcome.remaining)
+            continue
+        outcome.deleted.append(stem)
+        left = await store.delete([manifest.object_key(o) for o in manifest.objects])
+        if left:
+            log.warning("retention_data_left", job=job.name, storage=store.name, keys=left)
+            outcome.left[stem] = left
+    if grace is not None:
+        just_left = {key for keys in outcome.left.values() for key in keys}
+        deleted, _ = await delete_orphans(
+            store, f"{job.name}/", now - timedelta(seconds=grace), skip=just_left
+        )
+        outcome.swept = deleted
+    gone = set(outcome.deleted)
+    outcome.remaining = [m for m in backups if m.stem not in gone]
+    if outcome.deleted or outcome.errors or outcome.swept:
+        log.info(
+            "retention_applied",
+            job=job.name,
+            storage=store.name,
+            deleted=len(outcome.deleted),
+            errors=outcome.errors,
+            swept=outcome.swept,
+            kept=len(plan.keep),
+        )
+    if metrics is not None:
+        if outcome.deleted:
+            metrics.retention_deleted(job.name, store.name, len(outcome.deleted))
+        if outcome.errors:
+            metrics.retention_delete_failed(job.name, store.name, outcome.errors)
+        report_listing(metrics, job.name, store.name, outcome.remaining)
     return outcome
 
 
-async def _delete_backup(store: Store, manifest: Manifest) -> bool:
-    """Manifest first (the backup stops existing), then its data; True if all is gone."""
-    failed = await store.delete([manifest.manifest_key])
-    if failed:
-        log.warning("retention_delete_failed", backup=manifest.stem, keys=failed)
-        return False
-    data = [manifest.object_key(o) for o in manifest.objects]
-    failed = await store.delete(data)
-    if failed:
-        # The backup is gone (no manifest); leftover data is swept after its grace period.
-        log.warning("retention_data_left", backup=manifest.stem, keys=failed)
-    return True
+def orphaned_data(
+    objects: Sequence[ObjectInfo], cutoff: datetime, protect: Collection[str] = ()
+) -> list[str]:
+    """Keys of backupd data objects whose backup has no manifest, last written before `cutoff`.
+
+    `objects` must be a complete listing of the folders it covers (manifests
+    included). Keys under a `protect` prefix (jobs with a run in progress) and
+    keys outside backupd's layout are never returned.
+    """
+    stems = {o.key[: -len(MANIFEST_SUFFIX)] for o in objects if MANIFEST_KEY.match(o.key)}
+    return [
+        o.key
+        for o in objects
+        if DATA_KEY.match(o.key)
+        and o.key.rsplit("/", 1)[0] not in stems
+        and o.modified < cutoff
+        and not any(o.key.startswith(p) for p in protect)
+    ]
+
+
+async def delete_orphans(
+    store: Store,
+    prefix: str,
+    cutoff: datetime,
+    protect: Collection[str] = (),
+    skip: Collection[str] = (),
+) -> tuple[int, list[str]]:
+    """Delete `orphaned_data` under `prefix` (except `skip`); returns (deleted, failed keys)."""
+    orphans = [
+        key for key in orphaned_data(await store.list(prefix), cutoff, protect) if key not in skip
+    ]
+    if not orphans:
+        return 0, []
+    failed = await store.delete(orphans)
+    return len(orphans) - len(failed), failed
 
 
 def report_listing(metrics: PruneMetrics, job: str, storage: str, backups: list[Manifest]) -> None:
@@ -123,15 +194,9 @@ def report_listing(metrics: PruneMetrics, job: str, storage: str, backups: list[
         job,
         storage,
         len(backups),
-        _ts(newest.finished_at) if newest and newest.finished_at else None,
+        parse_rfc3339(newest.finished_at).timestamp() if newest and newest.finished_at else None,
         newest.size_bytes if newest else None,
     )
-
-
-def _ts(text: str) -> float:
-    from backupd.manifest import parse_rfc3339
-
-    return parse_rfc3339(text).timestamp()
 
 
 async def prune_after_success(
@@ -142,8 +207,14 @@ async def prune_after_success(
     metrics: PruneMetrics | None = None,
 ) -> None:
     """After a successful run: apply the job's retention on each of its storages."""
-    for store in stores.values():
+    for name, store in stores.items():
+        cfg = config.storages.get(name)
         try:
-            await prune_job(job, store, metrics=metrics)
+            await prune_job(
+                job,
+                store,
+                metrics=metrics,
+                grace=cfg.abandoned_upload_grace if cfg is not None else None,
+            )
         except Exception as exc:  # a prune failure never turns a good backup into a failure
             log.warning("retention_failed", job=job.name, storage=store.name, error=str(exc))

@@ -28,7 +28,7 @@ from backupd.backup import Trigger, run_backup
 from backupd.config import Config, Job, Storage
 from backupd.errors import BackupdError, UsageError
 from backupd.manifest import Manifest, now_utc, rfc3339
-from backupd.storage import open_store
+from backupd.storage import RetrySettings, open_store
 from backupd.storage.base import Store
 
 log = structlog.get_logger("backupd.runner")
@@ -54,18 +54,20 @@ class StorePool:
     """One open Store per storage config, shared by runs; closed together at the end.
 
     Keyed by the (frozen) storage config, so a reload that changes a storage
-    gets a new client while runs still using the old one keep it.
+    gets a new client while runs still using the old one keep it. `s3_retry`
+    overrides how S3 requests are retried (tests use zero waits).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, s3_retry: RetrySettings | None = None) -> None:
         self._stores: dict[Storage, Store] = {}
         self._lock = asyncio.Lock()
+        self._s3_retry = s3_retry
 
     async def get(self, cfg: Storage) -> Store:
         async with self._lock:
             store = self._stores.get(cfg)
             if store is None:
-                store = self._stores[cfg] = await open_store(cfg)
+                store = self._stores[cfg] = await open_store(cfg, s3_retry=self._s3_retry)
             return store
 
     async def for_job(self, config: Config, job: Job) -> dict[str, Store]:

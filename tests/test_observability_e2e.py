@@ -32,7 +32,7 @@ from backupd import __version__
 from backupd.config import load_config
 from backupd.manifest import folder_for, parse_rfc3339
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import BACKUPD, write_config
+from tests.helpers import BACKUPD, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
 
 PROMETHEUS = Path("/usr/bin/prometheus")
@@ -203,6 +203,7 @@ storage = ["local"]
     stored = sum((folder / o["key"]).stat().st_size for o in manifest["objects"])
     assert stored == _size(manifest) > 0
     assert _value(s, "backupd_bytes_written_total", job="ok", storage="local") == stored
+    assert not _value(s, "backupd_bytes_written_total", job="bad", storage="local")
     assert _value(s, "backupd_job_last_size_bytes", job="ok") == _size(manifest)
     last_success = _value(s, "backupd_job_last_success_timestamp_seconds", job="ok")
     assert last_success is not None
@@ -215,6 +216,16 @@ storage = ["local"]
     )
     assert _value(s, "backupd_job_next_run_timestamp_seconds", job="bad") is None
     assert _value(s, "backupd_build_info", version=__version__) == 1
+
+    # Retention lists the storage after the success (in the background, after the run).
+    def listed() -> dict[Any, float] | None:
+        s = _samples(_metrics(port))
+        counts = [_value(s, "backupd_backups", job=j, storage="local") for j in ("ok", "bad")]
+        return s if counts[0] and counts[1] is not None else None
+
+    s = wait_for(listed, 10, what="backupd_backups after the run's listing")
+    assert _value(s, "backupd_backups", job="ok", storage="local") == 1
+    assert _value(s, "backupd_backups", job="bad", storage="local") == 0
 
     lint = subprocess.run(
         [str(PROMTOOL), "check", "metrics"], input=text, capture_output=True, text=True
@@ -284,6 +295,58 @@ def test_restarted_daemon_reports_last_success_from_storage(
     assert _value(s, "backupd_job_runs_total", job="ok", result="success") == 0
 
 
+def test_running_gauge_counts_queued_runs_and_a_cancelled_one_leaves_it_at_zero(
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    daemons: list[DaemonProcess],
+) -> None:
+    # Each dump holds its pipe open after pg_dump, so `ok` keeps the only slot.
+    bindir = wrapped_bin_dir(tmp_path / "bin", '"$REAL" "$@"\nexec sleep 300')
+    cfg, port = _config(
+        tmp_path,
+        pg,
+        pg_password_file,
+        sample_db,
+        extra='[job.queued]\nsource = "main"\nstorage = ["local"]\n',
+    )
+    cfg.write_text(
+        cfg.read_text()
+        .replace("[daemon]\n", "[daemon]\nmax_concurrent_jobs = 1\n", 1)
+        .replace('type = "postgres"\n', f'type = "postgres"\npg_bin_dir = "{bindir}"\n', 1)
+    )
+    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    daemons.append(d)
+
+    def running(job: str) -> list[dict[str, Any]]:
+        return next(j["running"] for j in d.status()["jobs"] if j["name"] == job)
+
+    assert d.cli("trigger", "ok").returncode == 0
+    wait_for(lambda: [r["state"] for r in running("ok")] == ["running"], 15, what="ok to run")
+    assert d.cli("trigger", "queued").returncode == 0
+    (queued,) = wait_for(lambda: running("queued"), 5, what="the queued run")
+    assert queued["state"] == "queued"
+    s = _samples(_metrics(port))
+    assert _value(s, "backupd_job_running", job="ok") == 1
+    assert _value(s, "backupd_job_running", job="queued") == 1  # as `status` lists it
+
+    assert d.cli("cancel", queued["run_id"]).returncode == 0
+    wait_for(lambda: not running("queued"), 10, what="the queued run to be cancelled")
+    s = _samples(_metrics(port))
+    assert _value(s, "backupd_job_running", job="queued") == 0
+    assert _value(s, "backupd_job_runs_total", job="queued", result="cancelled") == 1
+    assert _value(s, "backupd_job_attempts_total", job="queued", result="cancelled") == 0
+
+    (busy,) = running("ok")
+    assert d.cli("cancel", busy["run_id"]).returncode == 0
+    wait_for(lambda: not running("ok"), 10, what="the running run to be cancelled")
+    s = _samples(_metrics(port))
+    assert _value(s, "backupd_job_running", job="ok") == 0
+    assert _value(s, "backupd_job_runs_total", job="ok", result="cancelled") == 1
+    assert _value(s, "backupd_job_attempts_total", job="ok", result="cancelled") == 1
+
+
 @pytest.mark.skipif(not PROMETHEUS.exists(), reason="needs Debian's prometheus package")
 def test_real_prometheus_scrapes_the_last_success(
     tmp_path: Path,
@@ -309,7 +372,7 @@ def test_real_prometheus_scrapes_the_last_success(
         "    static_configs:\n"
         f"      - targets: ['127.0.0.1:{port}']\n"
     )
-    prom_log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
+    prom_log = open(tmp_path / "prometheus.log", "wb")  # closed in the finally below
     prom = subprocess.Popen(
         [
             str(PROMETHEUS),
@@ -357,9 +420,8 @@ def test_sd_notify_ready_after_sockets_then_watchdog_then_stopping(
     received: list[str] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "LISTEN_PID")
-        } | {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "2000000"}
+        env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_PID"}
+        env |= {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "2000000"}
         with open(tmp_path / "daemon.log", "wb") as log:
             proc = subprocess.Popen(
                 [*BACKUPD, "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env

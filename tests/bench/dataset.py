@@ -1,7 +1,7 @@
 """The benchmark's PostgreSQL cluster and its deterministic dataset.
 
 One cluster lives under `var/bench/pg` and is reused between runs; each scale
-gets its own database (`bench_s100` for scale 1.0), built once and recognised
+gets its own database (`bench_s1` for scale 1.0), built once and recognised
 by a `bench_meta` row that names the generator version and scale. Every value
 is a pure function of the row number (hashint8, sha512, md5 of the row id), so
 two builds at the same scale hold the same bytes.
@@ -151,8 +151,8 @@ ALTER TABLE measurements ADD PRIMARY KEY (sensor_id, ts);
 
 
 def db_name(scale: float) -> str:
-    """`bench_s100` for scale 1.0, `bench_s025` for 0.25."""
-    return f"bench_s{round(scale * 100):03d}"
+    """`bench_s1` for scale 1.0, `bench_s0_25` for 0.25."""
+    return "bench_s" + f"{scale:g}".replace(".", "_")
 
 
 class BenchCluster:

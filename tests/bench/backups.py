@@ -1,0 +1,293 @@
+"""Backup and restore contenders: backupd against the shell pipelines it replaces.
+
+Each suite builds its contenders, runs them alternating (see `measure.alternate`)
+and records medians and the targets of issue 7. Outputs are deleted after every
+run (untimed), so each run writes into the same empty place.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.bench import dataset
+from tests.bench.measure import Contender, alternate, empty_dir, run, shell
+from tests.bench.report import Results
+from tests.pgcluster import PgCluster
+
+BACKUPD = str(Path(sys.executable).parent / "backupd")
+PART_SIZE_MIB = 16  # S3 part size for both S3 contenders (backupd's default)
+UPLOAD_CONCURRENCY = 4  # parts in flight for both S3 contenders (backupd's default)
+AWS_KEY, AWS_SECRET = "bench", "bench-secret"
+PG_DUMP = dataset.pg_tool("pg_dump")  # the binary itself, not Debian's perl pg_wrapper
+PG_RESTORE = dataset.pg_tool("pg_restore")
+
+# The boto3 contender: stdin to one object through upload_fileobj's multipart transfer.
+BOTO3_UPLOAD = """
+import sys, boto3
+from boto3.s3.transfer import TransferConfig
+part = int(sys.argv[4]) * 1024 * 1024
+cfg = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                     max_concurrency=int(sys.argv[5]), use_threads=True)
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id="bench", aws_secret_access_key="bench-secret")
+s3.upload_fileobj(sys.stdin.buffer, sys.argv[2], sys.argv[3], Config=cfg)
+"""
+
+
+@dataclass
+class Setup:
+    """What every suite needs: the cluster, the dataset, a scratch directory."""
+
+    pg: PgCluster
+    database: str
+    work: Path
+    repeat: int
+    progress: Callable[[str], None]
+    s3_endpoint: str = ""
+    bucket: str = "bench"
+
+    @property
+    def pg_env(self) -> dict[str, str]:
+        return dataset.pg_env(self.pg) | {
+            "AWS_ACCESS_KEY_ID": AWS_KEY,
+            "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def pg_args(self, database: str | None = None) -> str:
+        return f"-h 127.0.0.1 -p {self.pg.port} -U {self.pg.user} {database or self.database}"
+
+    def config(self, name: str, database: str | None = None) -> Path:
+        """A backupd config with jobs `fs` (filesystem) and, with S3 up, `s3`; zstd:3."""
+        path = self.work / f"{name}.toml"
+        pwfile = self.work / "pg-password"
+        pwfile.write_text(self.pg.password + "\n")
+        pwfile.chmod(0o600)
+        s3 = ""
+        if self.s3_endpoint:
+            s3 = f"""
+                [storage.s3]
+                type = "s3"
+                bucket = "{self.bucket}"
+                prefix = "backupd/"
+                endpoint_url = "{self.s3_endpoint}"
+                region = "us-east-1"
+                access_key_id = {{ env = "AWS_ACCESS_KEY_ID" }}
+                secret_access_key = {{ env = "AWS_SECRET_ACCESS_KEY" }}
+                part_size = "{PART_SIZE_MIB}MiB"
+                upload_concurrency = {UPLOAD_CONCURRENCY}
+
+                [job.s3]
+                source = "main"
+                storage = ["s3"]
+                compression = "zstd:3"
+                """
+        path.write_text(
+            textwrap.dedent(f"""\
+            [daemon]
+            socket = "{self.work}/{name}.sock"
+            http_listen = ""
+            log_level = "warning"
+
+            [source.main]
+            type = "postgres"
+            dsn = "{self.pg.dsn(database or self.database)}"
+            password = {{ file = "{pwfile}" }}
+
+            [storage.fs]
+            type = "filesystem"
+            path = "{self.work}/{name}-fs"
+
+            [job.fs]
+            source = "main"
+            storage = ["fs"]
+            compression = "zstd:3"
+            """)
+            + textwrap.dedent(s3)
+        )
+        return path
+
+
+def warm_up(setup: Setup) -> int:
+    """One untimed dump (the table files in the page cache, as for every later run);
+    returns the size of the uncompressed custom-format dump."""
+    size_file = setup.work / "raw-dump-bytes"
+    run(
+        shell(f"{PG_DUMP} -Fc -Z0 {setup.pg_args()} | wc -c > {size_file}"),
+        log=setup.work / "warm-up.log",
+        env=setup.pg_env,
+    )
+    return int(size_file.read_text())
+
+
+def filesystem_suite(setup: Setup, results: Results) -> None:
+    cfg = setup.config("fs")
+    store = setup.work / "fs-fs"
+    out = setup.work / "out"
+    out.mkdir(exist_ok=True)
+    contenders = [
+        Contender(
+            "backupd backup -> filesystem (zstd:3)",
+            lambda: [BACKUPD, "backup", "fs", "-c", str(cfg)],
+            env=setup.pg_env,
+            gnu_time=True,
+            prepare=lambda: empty_dir(store),
+        ),
+        Contender(
+            "pg_dump -Fc -Z0 | zstd -3 > file",
+            lambda: shell(f"{PG_DUMP} -Fc -Z0 {setup.pg_args()} | zstd -3 -q > {out}/dump.zst"),
+            env=setup.pg_env,
+            cleanup=lambda: (out / "dump.zst").unlink(),
+        ),
+        Contender(
+            "pg_dump -Fc > file (built-in gzip)",
+            lambda: shell(f"{PG_DUMP} -Fc {setup.pg_args()} > {out}/dump.fc"),
+            env=setup.pg_env,
+            cleanup=lambda: (out / "dump.fc").unlink(),
+        ),
+    ]
+    setup.progress("filesystem store: backupd vs pg_dump | zstd vs pg_dump -Fc")
+    alternate(contenders, setup.repeat, setup.work / "logs" / "fs", setup.progress)
+    rows = results.add_timed("fs", contenders)
+    ours, zstd, fc = (rows[c.name].median for c in contenders)
+    results.target("fs: backupd / (pg_dump | zstd -3)", ours / zstd, "<=", 1.10, "x")
+    results.target("fs: (pg_dump -Fc) / backupd", fc / ours, ">=", 3.0, "x")
+
+
+def s3_suite(setup: Setup, results: Results) -> None:
+    import boto3  # type: ignore[import-untyped]
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=setup.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=AWS_KEY,
+        aws_secret_access_key=AWS_SECRET,
+    )
+    client.create_bucket(Bucket=setup.bucket)
+
+    def empty_bucket() -> None:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=setup.bucket):
+            for obj in page.get("Contents", []):
+                client.delete_object(Bucket=setup.bucket, Key=obj["Key"])
+
+    cfg = setup.config("s3")
+    script = setup.work / "boto3_upload.py"
+    script.write_text(BOTO3_UPLOAD)
+    contenders = [
+        Contender(
+            f"backupd backup -> S3 (zstd:3, {PART_SIZE_MIB} MiB parts x{UPLOAD_CONCURRENCY})",
+            lambda: [BACKUPD, "backup", "s3", "-c", str(cfg)],
+            env=setup.pg_env,
+            gnu_time=True,
+            cleanup=empty_bucket,
+        ),
+        Contender(
+            "pg_dump -Fc -Z0 | zstd -3 | boto3 upload_fileobj",
+            lambda: shell(
+                f"{PG_DUMP} -Fc -Z0 {setup.pg_args()} | zstd -3 -q | {sys.executable} {script} "
+                f"{setup.s3_endpoint} {setup.bucket} shell/{uuid.uuid4().hex}.dump.zst "
+                f"{PART_SIZE_MIB} {UPLOAD_CONCURRENCY}"
+            ),
+            env=setup.pg_env,
+            cleanup=empty_bucket,
+        ),
+    ]
+    setup.progress("S3 store (moto): backupd vs pg_dump | zstd | boto3")
+    alternate(contenders, setup.repeat, setup.work / "logs" / "s3", setup.progress)
+    rows = results.add_timed("s3", contenders)
+    ours, boto = (rows[c.name].median for c in contenders)
+    results.target("s3: backupd / (pg_dump | zstd | boto3)", ours / boto, "<=", 1.0, "x")
+
+
+def restore_suite(setup: Setup, results: Results) -> None:
+    cfg = setup.config("restore")
+    out = setup.work / "out"
+    out.mkdir(exist_ok=True)
+    setup.progress("restore: making one backup each way (untimed)")
+    empty_dir(setup.work / "restore-fs")
+    run(
+        [BACKUPD, "backup", "fs", "-c", str(cfg)],
+        log=setup.work / "restore-backup.log",
+        env=setup.pg_env,
+    )
+    run(
+        shell(f"{PG_DUMP} -Fc -Z0 {setup.pg_args()} | zstd -3 -q > {out}/restore.zst"),
+        log=setup.work / "restore-dump.log",
+        env=setup.pg_env,
+    )
+    target = "bench_restore"
+
+    def fresh() -> None:
+        setup.pg.dropdb(target)
+        setup.pg.createdb(target)
+
+    def drop() -> None:
+        setup.pg.dropdb(target)
+
+    contenders = [
+        Contender(
+            "backupd restore (filesystem, zstd:3)",
+            lambda: [BACKUPD, "restore", "fs", "-c", str(cfg), "--to", setup.pg.dsn(target)],
+            env=setup.pg_env,
+            gnu_time=True,
+            prepare=fresh,
+            cleanup=drop,
+        ),
+        Contender(
+            "zstd -dc file | pg_restore -d NEW",
+            lambda: shell(f"zstd -dc {out}/restore.zst | {PG_RESTORE} -d {setup.pg.dsn(target)}"),
+            env=setup.pg_env,
+            prepare=fresh,
+            cleanup=drop,
+        ),
+    ]
+    setup.progress("restore into a fresh database: backupd vs zstd -dc | pg_restore")
+    alternate(contenders, setup.repeat, setup.work / "logs" / "restore", setup.progress)
+    rows = results.add_timed("restore", contenders)
+    ours, shell_ = (rows[c.name].median for c in contenders)
+    results.target("restore: backupd / (zstd -dc | pg_restore)", ours / shell_, "<=", 1.15, "x")
+
+
+def rss_suite(
+    setup: Setup, results: Results, small_db: str, small_scale: float, big_scale: float
+) -> None:
+    """Peak RSS of `backupd backup` (filesystem, zstd:3) at two dataset sizes.
+
+    The big scale reuses the filesystem suite's runs when it ran (same command).
+    """
+    big = next((r for r in results.rows if r.suite == "fs" and r.name.startswith("backupd")), None)
+    sizes: dict[float, list[float]] = {}
+    for scale, database in ((small_scale, small_db), (big_scale, setup.database)):
+        if scale == big_scale and big is not None:
+            sizes[scale] = big.rss_mib
+            continue
+        cfg = setup.config(f"rss-{dataset.db_name(scale)}", database)
+        store = setup.work / f"rss-{dataset.db_name(scale)}-fs"
+        contender = Contender(
+            f"backupd backup, scale {scale:g}",
+            lambda cfg=cfg: [BACKUPD, "backup", "fs", "-c", str(cfg)],  # type: ignore[misc]
+            env=setup.pg_env,
+            gnu_time=True,
+            prepare=lambda store=store: empty_dir(store),  # type: ignore[misc]
+        )
+        setup.progress(f"peak RSS of backupd backup at scale {scale:g} ({database})")
+        alternate([contender], setup.repeat, setup.work / "logs" / "rss", setup.progress)
+        sizes[scale] = [s.max_rss_kb / 1024 for s in contender.samples]
+    small_row = results.add(
+        "rss", f"backupd backup peak RSS, scale {small_scale:g}", "MiB", sizes[small_scale]
+    )
+    big_row = results.add(
+        "rss", f"backupd backup peak RSS, scale {big_scale:g}", "MiB", sizes[big_scale]
+    )
+    peak = max(small_row.median, big_row.median)
+    growth = (big_row.median / small_row.median - 1) * 100
+    results.target("rss: peak RSS of backupd backup", peak, "<=", 120, "MiB")
+    results.target(
+        f"rss: growth from scale {small_scale:g} to {big_scale:g}", abs(growth), "<=", 10, "%"
+    )

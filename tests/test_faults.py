@@ -1,0 +1,698 @@
+"""Issue 8: things break on purpose, and a backup is still either complete or absent.
+
+S3 faults come from `tests/faultproxy.py` between backupd and moto; the
+database, pg_dump, the disk and the daemon process are the real ones, broken
+for real (a PostgreSQL restart, a wrapped pg_dump, a full tmpfs, SIGKILL).
+Each test asserts what a user would check: what `backupd list` shows, what
+the bucket and the directory hold, whether the bytes restore, what the
+metrics and the logs say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import subprocess
+import tomllib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from backupd.backup import Trigger, run_backup
+from backupd.config import Config, load_config, parse_config
+from backupd.daemon import schedule_entries
+from backupd.errors import StorageError
+from backupd.maintenance import sweep
+from backupd.manifest import Manifest
+from backupd.metrics import Metrics
+from backupd.runner import Run, Runner, StorePool
+from backupd.scheduler import ScheduleLoop
+from backupd.storage import RetrySettings, Store, open_store
+from tests.daemon_proc import DaemonProcess
+from tests.fakeclock import FakeClock
+from tests.faultproxy import (
+    TRANSIENT_FAULTS,
+    Delay,
+    ErrorReply,
+    FaultProxy,
+    Rule,
+    TruncateUpstream,
+)
+from tests.helpers import run_cli, wrapped_bin_dir, write_config
+from tests.pgcluster import PgCluster, wait_for
+
+MiB = 1024 * 1024
+
+# Retries without the production waits: a test must not sleep for backoff.
+FAST_RETRY = RetrySettings(attempts=6, timeout=60.0, wait_initial=0.01, wait_max=0.05, wait_jitter=0)
+
+# 200,000 rows of md5 text: about 21 MB as an uncompressed custom dump, five 5 MiB parts.
+BIG_SQL = """
+CREATE TABLE blobs (id serial PRIMARY KEY, a text, b text, c text);
+INSERT INTO blobs (a, b, c)
+  SELECT md5(g::text), md5((g * 7)::text), md5((g * 13)::text)
+  FROM generate_series(1, 200000) g;
+"""
+
+
+# -- fixtures and helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_db(pg: PgCluster) -> Iterator[str]:
+    """A database whose dump spans several S3 parts; read-only, shared by the module."""
+    name = "faults_" + uuid.uuid4().hex[:8]
+    pg.createdb(name)
+    pg.psql(BIG_SQL, name)
+    yield name
+    pg.dropdb(name)
+
+
+@pytest.fixture
+def proxy(s3_server: str) -> Iterator[FaultProxy]:
+    with FaultProxy(s3_server, seed=1) as fp:
+        yield fp
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def proxied_config(
+    tmp_path: Path,
+    pg: PgCluster,
+    password_file: Path,
+    database: str,
+    *,
+    endpoint: str,
+    bucket: str,
+    storage_extra: str = "",
+    max_attempts: int = 1,
+    **kwargs: Any,
+) -> Path:
+    """write_config's config with path-style S3 addressing (required behind the proxy)."""
+    path = write_config(
+        tmp_path / "backupd.toml",
+        pg,
+        password_file=password_file,
+        database=database,
+        s3=(endpoint, bucket),
+        **kwargs,
+    )
+    text = path.read_text().replace(
+        'region = "us-east-1"\n', f'region = "us-east-1"\naddressing_style = "path"\n{storage_extra}'
+    )
+    text = text.replace("max_attempts = 1,", f"max_attempts = {max_attempts},")
+    path.write_text(text)
+    return path
+
+
+@asynccontextmanager
+async def open_stores(config: Config, names: tuple[str, ...]) -> AsyncIterator[dict[str, Store]]:
+    stores: dict[str, Store] = {}
+    try:
+        for name in names:
+            stores[name] = await open_store(config.storages[name], s3_retry=FAST_RETRY)
+        yield stores
+    finally:
+        for store in stores.values():
+            await store.aclose()
+
+
+async def no_backoff(seconds: float) -> None:
+    """The runner's sleep between attempts, skipped: a test never sleeps for backoff."""
+
+
+async def run_job(config: Config, job: str = "app") -> tuple[Run, Metrics]:
+    """One run through the real Runner (attempts, metrics), its stores opened by its pool."""
+    metrics = Metrics()
+    metrics.jobs_configured(config.jobs)
+    pool = StorePool(s3_retry=FAST_RETRY)
+    try:
+        runner = Runner(config, pool, metrics=metrics, sleep=no_backoff)
+        run = await runner.wait(runner.submit(job, Trigger()))
+    finally:
+        await pool.aclose()
+    return run, metrics
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def keys(s3_client: Any, bucket: str) -> list[str]:
+    return sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []))
+
+
+def uploads(s3_client: Any, bucket: str) -> list[dict[str, Any]]:
+    return list(s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def files(root: Path) -> list[Path]:
+    """Every file under `root`, hidden temporary uploads included."""
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def pids(pattern: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+
+
+def stored_sha256(s3_client: Any, bucket: str, manifest: Manifest, prefix: str = "prod/") -> str:
+    (entry,) = manifest.objects
+    body = s3_client.get_object(Bucket=bucket, Key=prefix + manifest.object_key(entry))["Body"]
+    return hashlib.sha256(body.read()).hexdigest()
+
+
+def listed(cfg: Path) -> list[dict[str, Any]]:
+    out = run_cli("list", "-c", str(cfg), "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+# -- S3 faults ------------------------------------------------------------------------------
+
+
+async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_backup(
+    tmp_path: Path,
+    pg: PgCluster,
+    big_db: str,
+    pg_password_file: Path,
+    proxy: FaultProxy,
+    s3_bucket: str,
+    s3_client: Any,
+    record_testsuite_property: Callable[[str, object], None],
+) -> None:
+    """Each request gets 6 tries; at 30% a request now and then still runs out, and
+    then the run's next attempt (max_attempts = 3) starts the backup over."""
+    cfg = proxied_config(
+        tmp_path, pg, pg_password_file, big_db, endpoint=proxy.url, bucket=s3_bucket,
+        extra_job='compression = "none"\n', max_attempts=3,
+    )
+    config = load_config(cfg)
+    flaky = proxy.add(Rule(TRANSIENT_FAULTS, probability=0.3))
+    with structlog.testing.capture_logs() as events:
+        run, metrics = await run_job(config)
+    proxy.clear()
+    assert run.state == "success", run.error
+    retries = [e for e in events if e["event"] == "stamina.retry_scheduled"]
+    assert flaky.injected >= 5, proxy.injected()
+    if run.attempts == 1:  # every injected fault was survived by one retry of its request
+        assert len(retries) == flaky.injected
+    else:
+        assert 0 < len(retries) < flaky.injected
+    assert sample(metrics, "backupd_job_attempts_total", job="app", result="retry") == (
+        run.attempts - 1
+    )
+    assert sample(metrics, "backupd_job_attempts_total", job="app", result="success") == 1
+
+    # Lost replies to CreateMultipartUpload (or a failed attempt's aborts that ran out
+    # of tries) leave uploads that no backup refers to: the sweeper's job.
+    (backup,) = listed(cfg)
+    manifest = Manifest.from_json(json.dumps(backup).encode())
+    leftovers = len(uploads(s3_client, s3_bucket))
+    async with open_stores(config, ("offsite",)) as stores:
+        swept = await sweep(stores["offsite"], 0.0, set())
+    assert swept.aborted_uploads == leftovers and swept.failed == 0
+    assert uploads(s3_client, s3_bucket) == []
+    assert len(keys(s3_client, s3_bucket)) == 2  # the manifest and its one data object
+
+    # The stored bytes are the ones the manifest vouches for, and they restore.
+    assert stored_sha256(s3_client, s3_bucket, manifest) == manifest.objects[0].sha256
+    target = "restored_" + uuid.uuid4().hex[:6]
+    pg.createdb(target)
+    try:
+        out = run_cli("restore", "app", "-c", str(cfg), "--to", pg.dsn(target),
+                      env={"PGPASSWORD": pg.password})
+        assert out.returncode == 0, out.stderr
+        assert pg.row_counts(target) == pg.row_counts(big_db) == {"public.blobs": 200000}
+    finally:
+        pg.dropdb(target)
+    figures = {
+        "s3_requests": sum(proxy.seen().values()),
+        "faults_injected": flaky.injected,
+        "retries_logged": len(retries),
+        "attempts": run.attempts,
+        "leftovers_swept": leftovers + swept.deleted_orphans,
+    }
+    for name, value in figures.items():
+        record_testsuite_property(f"flaky_{name}", value)
+
+
+@pytest.mark.parametrize("problem", ["AccessDenied", "NoSuchBucket"])
+async def test_refusal_fails_the_run_once_without_a_retry_storm(
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    proxy: FaultProxy,
+    s3_bucket: str,
+    problem: str,
+    record_testsuite_property: Callable[[str, object], None],
+) -> None:
+    bucket = s3_bucket
+    if problem == "AccessDenied":
+        proxy.add(Rule(ErrorReply(403, "AccessDenied", "Access Denied")))
+    else:
+        bucket = "missing-" + uuid.uuid4().hex[:8]  # moto itself answers NoSuchBucket
+    cfg = proxied_config(
+        tmp_path, pg, pg_password_file, sample_db, endpoint=proxy.url, bucket=bucket,
+        max_attempts=4,
+    )
+    with structlog.testing.capture_logs() as events:
+        run, metrics = await run_job(load_config(cfg))
+    assert run.state == "failure" and run.attempts == 1
+    expected = "access denied to bucket" if problem == "AccessDenied" else "does not exist"
+    assert expected in (run.error or "") and repr(bucket) in (run.error or "")
+    assert not [e for e in events if e["event"] == "stamina.retry_scheduled"]
+    assert sample(metrics, "backupd_job_attempts_total", job="app", result="failure") == 1
+    assert sample(metrics, "backupd_job_attempts_total", job="app", result="retry") == 0
+    assert sample(metrics, "backupd_job_runs_total", job="app", result="failure") == 1
+    # One refused request: the small dump goes up as a single PutObject.
+    assert proxy.seen() == {"PutObject": 1}
+    record_testsuite_property(f"refused_{problem}_s3_requests", sum(proxy.seen().values()))
+
+
+@pytest.mark.parametrize("times", [1, None], ids=["once", "always"])
+async def test_complete_answering_200_with_an_error(
+    tmp_path: Path,
+    pg: PgCluster,
+    big_db: str,
+    pg_password_file: Path,
+    proxy: FaultProxy,
+    s3_bucket: str,
+    s3_client: Any,
+    times: int | None,
+) -> None:
+    """The store assembles the object, then says 200 with an <Error> body (S3 documents this).
+
+    Once: the retry finds the upload gone, the size check confirms the object, the
+    backup is published. Always: the run fails, and the object the store did
+    assemble is deleted, so nothing is left that looks like data.
+    """
+    cfg = proxied_config(
+        tmp_path, pg, pg_password_file, big_db, endpoint=proxy.url, bucket=s3_bucket,
+        extra_job='compression = "none"\n',
+    )
+    config = load_config(cfg)
+    job = config.jobs["app"]
+    fault = ErrorReply(200, "InternalError", "We encountered an internal error.", forward=True)
+    proxy.add(Rule(fault, ops=("CompleteMultipartUpload",), times=times))
+    async with open_stores(config, job.storage) as stores:
+        if times == 1:
+            manifest = await run_backup(job, config.sources["main"], stores, trigger=Trigger())
+        else:
+            with pytest.raises(StorageError, match="complete upload") as failed:
+                await run_backup(job, config.sources["main"], stores, trigger=Trigger())
+    completes = proxy.seen()["CompleteMultipartUpload"]
+    if times == 1:
+        assert completes == 2
+        assert stored_sha256(s3_client, s3_bucket, manifest) == manifest.objects[0].sha256
+        assert [m["stem"] for m in listed(cfg)] == [manifest.stem]
+    else:
+        assert completes == FAST_RETRY.attempts and "InternalError" in str(failed.value)
+        assert keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
+        assert listed(cfg) == []
+
+
+async def test_a_part_the_store_kept_short_fails_the_run(
+    tmp_path: Path,
+    pg: PgCluster,
+    big_db: str,
+    pg_password_file: Path,
+    proxy: FaultProxy,
+    s3_bucket: str,
+    s3_client: Any,
+) -> None:
+    """A store that does not check Content-MD5 keeps a truncated part and answers 200.
+
+    The part is cut to 5 MiB (still a legal part size), so only backupd's own
+    check of the completed object's size can notice.
+    """
+    cfg = proxied_config(
+        tmp_path, pg, pg_password_file, big_db, endpoint=proxy.url, bucket=s3_bucket,
+        extra_job='compression = "none"\n',
+    )
+    cfg.write_text(cfg.read_text().replace('part_size = "5MiB"', 'part_size = "6MiB"'))
+    config = load_config(cfg)
+    job = config.jobs["app"]
+    proxy.add(Rule(TruncateUpstream(5 * MiB), ops=("UploadPart",), query={"partNumber": "1"}))
+    async with open_stores(config, job.storage) as stores:
+        with pytest.raises(StorageError, match=r"bytes after upload, expected"):
+            await run_backup(job, config.sources["main"], stores, trigger=Trigger())
+    assert proxy.injected() == {"body cut to 5242880 bytes upstream": 1}
+    assert keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
+    assert listed(cfg) == []
+
+
+# -- the daemon killed at each stage of a backup ----------------------------------------------
+
+# stage -> (a rule that holds the daemon there, (uploads, objects) a crash there leaves)
+STAGES: dict[str, tuple[Callable[[], Rule], tuple[int, int]]] = {
+    "before-upload": (lambda: Rule(Delay(120), ops=("CreateMultipartUpload",)), (0, 0)),
+    "mid-part": (
+        lambda: Rule(Delay(120, after_bytes=MiB), ops=("UploadPart",), query={"partNumber": "2"}),
+        (1, 0),
+    ),
+    "after-last-part": (lambda: Rule(Delay(120), ops=("CompleteMultipartUpload",)), (1, 0)),
+    "before-manifest": (
+        lambda: Rule(Delay(120), ops=("PutObject",), key_suffix=".manifest.json"),
+        (0, 1),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        pytest.param("before-upload", marks=pytest.mark.slow),
+        "mid-part",
+        pytest.param("after-last-part", marks=pytest.mark.slow),
+        pytest.param("before-manifest", marks=pytest.mark.slow),
+    ],
+)
+def test_kill_9_at_each_stage_leaves_nothing_listed_and_the_restart_sweeps(
+    tmp_path: Path,
+    pg: PgCluster,
+    big_db: str,
+    pg_password_file: Path,
+    proxy: FaultProxy,
+    s3_bucket: str,
+    s3_client: Any,
+    daemons: list[DaemonProcess],
+    stage: str,
+) -> None:
+    marker = "pgdump-" + uuid.uuid4().hex
+    bindir = wrapped_bin_dir(tmp_path / "bin", f'exec -a {marker} "$REAL" "$@"')
+    cfg = proxied_config(
+        tmp_path, pg, pg_password_file, big_db, endpoint=proxy.url, bucket=s3_bucket,
+        storage_extra='abandoned_upload_grace = "1s"\n',
+        extra_source=f'pg_bin_dir = "{bindir}"', extra_job='compression = "none"\n',
+    )
+    make_rule, (left_uploads, left_objects) = STAGES[stage]
+    rule = proxy.add(make_rule())
+    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    daemons.append(d)
+    assert d.cli("trigger", "app").returncode == 0
+    wait_for(lambda: rule.injected >= 1, 60, what=f"the daemon to reach stage {stage}")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    assert d.wait(10) == -signal.SIGKILL
+    proxy.clear()
+
+    # Nothing is a backup, pg_dump does not outlive the daemon, and the crash left
+    # exactly the leftovers of its stage.
+    assert listed(cfg) == []
+    wait_for(lambda: not pids(marker), 30, what="pg_dump to exit after the daemon died")
+    assert len(uploads(s3_client, s3_bucket)) == left_uploads
+    assert len(keys(s3_client, s3_bucket)) == left_objects
+    assert not [k for k in keys(s3_client, s3_bucket) if k.endswith(".manifest.json")]
+
+    # Once the leftovers are older than the 1s grace, a restarted daemon sweeps them at start.
+    def leftover_times() -> list[datetime]:
+        times = [u["Initiated"] for u in uploads(s3_client, s3_bucket)]
+        listing = s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
+        return times + [o["LastModified"] for o in listing]
+
+    wait_for(
+        lambda: all(datetime.now(UTC) - t > timedelta(seconds=1.2) for t in leftover_times()),
+        10,
+        what="the leftovers to age past the grace",
+    )
+    again = DaemonProcess(cfg, tmp_path / "daemon2.log").start()
+    daemons.append(again)
+    wait_for(
+        lambda: not uploads(s3_client, s3_bucket) and not keys(s3_client, s3_bucket),
+        30,
+        what="the restarted daemon to sweep the leftovers",
+    )
+    if left_uploads or left_objects:
+        (done,) = [e for e in again.events() if e.get("event") == "sweep_done"]
+        assert (done["aborted_uploads"], done["deleted_orphans"]) == (left_uploads, left_objects)
+
+    out = again.cli("trigger", "app", "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr + again.logs()
+    (backup,) = listed(cfg)
+    manifest = Manifest.from_json(json.dumps(backup).encode())
+    assert stored_sha256(s3_client, s3_bucket, manifest) == manifest.objects[0].sha256
+    assert uploads(s3_client, s3_bucket) == []
+
+
+# -- the database, pg_dump and the disk -------------------------------------------------------
+
+
+async def test_postgres_restarted_mid_dump_fails_the_attempt_and_the_retry_succeeds(
+    tmp_path: Path,
+    pg: PgCluster,
+    big_db: str,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+    s3_client: Any,
+) -> None:
+    streaming, go = tmp_path / "streaming", tmp_path / "go"
+    # The first 256 KiB go through, then the wrapper stops reading until the test says go:
+    # pg_dump is blocked mid-COPY with its connection open when the server restarts.
+    bindir = wrapped_bin_dir(
+        tmp_path / "bin",
+        "set -o pipefail\n"
+        f'"$REAL" "$@" | {{ dd bs=262144 count=1 iflag=fullblock status=none; touch "{streaming}"\n'
+        f'  while [ ! -e "{go}" ]; do sleep 0.05; done; cat; }}',
+    )
+    fs = tmp_path / "store"
+    cfg = write_config(
+        tmp_path / "b.toml", pg, password_file=pg_password_file, database=big_db, fs_path=fs,
+        s3=(s3_server, s3_bucket), extra_source=f'pg_bin_dir = "{bindir}"',
+    )
+    cfg.write_text(cfg.read_text().replace("max_attempts = 1,", "max_attempts = 3,"))
+    config = load_config(cfg)
+
+    async def restart_when_streaming() -> None:
+        await asyncio.to_thread(wait_for, streaming.exists, 60, what="pg_dump to stream")
+        await asyncio.to_thread(pg.restart)
+        go.touch()
+
+    with structlog.testing.capture_logs() as events:
+        restarter = asyncio.create_task(restart_when_streaming())
+        run, metrics = await run_job(config)
+        await restarter
+    assert run.state == "success", run.error
+    assert run.attempts == 2
+    (failed,) = [e for e in events if e["event"] == "attempt_failed"]
+    assert failed["transient"] is True and "pg_dump" in failed["error"]
+    assert sample(metrics, "backupd_job_attempts_total", job="app", result="retry") == 1
+    assert sample(metrics, "backupd_job_attempts_total", job="app", result="success") == 1
+    # Only the second attempt's backup exists, on both targets, and nothing else.
+    (backup,) = listed(cfg)
+    assert backup["stem"] == run.backup and backup["attempts"] == 2
+    assert len(files(fs)) == 2 and len(keys(s3_client, s3_bucket)) == 2
+    assert uploads(s3_client, s3_bucket) == []
+
+
+@pytest.mark.parametrize("output", ["", "PGDMP"], ids=["empty", "tiny"])
+async def test_pg_dump_exiting_0_with_too_little_output_is_a_failure(
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+    s3_client: Any,
+    output: str,
+) -> None:
+    bindir = wrapped_bin_dir(tmp_path / "bin", f"printf '{output}'\nexit 0")
+    fs = tmp_path / "store"
+    cfg = write_config(
+        tmp_path / "b.toml", pg, password_file=pg_password_file, database=sample_db, fs_path=fs,
+        s3=(s3_server, s3_bucket), extra_source=f'pg_bin_dir = "{bindir}"',
+    )
+    cfg.write_text(cfg.read_text().replace("max_attempts = 1,", "max_attempts = 3,"))
+    run, metrics = await run_job(load_config(cfg))
+    assert run.state == "failure" and run.attempts == 1  # not transient: never retried
+    assert f"is {len(output)} bytes, below min_size 1024" in (run.error or "")
+    assert sample(metrics, "backupd_job_runs_total", job="app", result="failure") == 1
+    assert sample(metrics, "backupd_job_last_success_timestamp_seconds", job="app") == 0
+    assert listed(cfg) == []
+    assert files(fs) == [] and keys(s3_client, s3_bucket) == [] and not uploads(s3_client, s3_bucket)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A tmpfs of `request.param` bytes (e.g. "2m"); skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={request.param},mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {out.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("small_fs", ["2m", "7m"], indirect=True)
+async def test_full_filesystem_fails_the_run_and_publishes_no_other_target(
+    tmp_path: Path,
+    pg: PgCluster,
+    big_db: str,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+    s3_client: Any,
+    small_fs: Path,
+) -> None:
+    """2 MiB fill before the first S3 part; 7 MiB after the multipart upload began."""
+    marker = "pgdump-" + uuid.uuid4().hex
+    bindir = wrapped_bin_dir(tmp_path / "bin", f'exec -a {marker} "$REAL" "$@"')
+    cfg = write_config(
+        tmp_path / "b.toml", pg, password_file=pg_password_file, database=big_db,
+        fs_path=small_fs, s3=(s3_server, s3_bucket), extra_source=f'pg_bin_dir = "{bindir}"',
+        extra_job='compression = "none"\n',
+    )
+    run, metrics = await run_job(load_config(cfg))
+    assert run.state == "failure" and run.attempts == 1
+    assert "filesystem storage local" in (run.error or "")
+    assert "no space left on device" in (run.error or "")
+    assert sample(metrics, "backupd_job_runs_total", job="app", result="failure") == 1
+    assert files(small_fs) == []  # no temporary file, no directory of the run left
+    assert keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
+    assert listed(cfg) == []
+    assert pids(marker) == []
+
+
+# -- the clock ---------------------------------------------------------------------------------
+
+CLOCK_CONFIG = """
+[source.main]
+type = "postgres"
+dsn = "postgresql://backup@db1/app"
+[storage.local]
+type = "filesystem"
+path = "/var/backups/backupd"
+{jobs}
+"""
+
+
+def clock_config(**jobs: tuple[str, str]) -> Config:
+    text = CLOCK_CONFIG.format(
+        jobs="".join(
+            f'[job.{name}]\nsource = "main"\nstorage = ["local"]\n'
+            f'schedule = ["{expr}"]\ntimezone = "{tz}"\n'
+            for name, (expr, tz) in jobs.items()
+        )
+    )
+    return parse_config(tomllib.loads(text))
+
+
+class SimulatedRunner:
+    """Stands in for the runner's bookkeeping on the fake clock: each run lasts
+    `duration` seconds and a fire while the job runs is skipped (the runner's overlap rule)."""
+
+    def __init__(self, clock: FakeClock, duration: float) -> None:
+        self.clock = clock
+        self.duration = duration
+        self.fired: dict[str, list[datetime]] = {}
+        self.started: dict[str, list[datetime]] = {}
+        self.overlaps: dict[str, int] = {}
+        self.missed: dict[str, int] = {}
+        self._busy_until: dict[str, float] = {}
+
+    async def fire(self, key: str, slot: datetime) -> None:
+        job = key.split(":", 1)[1]
+        assert self.clock.now() >= slot, "a slot fired early"
+        self.fired.setdefault(job, []).append(slot)
+        if self._busy_until.get(job, 0.0) > self.clock.monotonic():
+            self.overlaps[job] = self.overlaps.get(job, 0) + 1
+            return
+        self._busy_until[job] = self.clock.monotonic() + self.duration
+        self.started.setdefault(job, []).append(slot)
+
+    def skipped(self, key: str, reason: str, count: int) -> None:
+        assert reason == "missed"
+        job = key.split(":", 1)[1]
+        self.missed[job] = self.missed.get(job, 0) + count
+
+    def running(self) -> list[str]:
+        now = self.clock.monotonic()
+        return sorted(job for job, until in self._busy_until.items() if until > now)
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+async def test_reload_while_jobs_run_and_clock_jumps_fire_every_slot_once() -> None:
+    """Berlin's fall-back night: a reload in the repeated hour while runs are in
+    progress, then the wall clock stepped forward 20 minutes and back 10."""
+    start = utc("2026-10-25 00:40")  # 02:40 CEST; clocks go back at 01:00 UTC
+    clock = FakeClock(start)
+    sim = SimulatedRunner(clock, duration=150.0)
+    before = clock_config(
+        tenmin=("*/10 * * * *", "Europe/Berlin"),
+        fixed=("45 2 * * *", "Europe/Berlin"),
+        minutely=("* * * * *", "UTC"),
+        dropped=("*/5 * * * *", "UTC"),
+    )
+    after = clock_config(
+        tenmin=("*/10 * * * *", "Europe/Berlin"),  # unchanged: keeps its pending slot
+        fixed=("45 2 * * *", "Europe/Berlin"),
+        minutely=("*/2 * * * *", "UTC"),  # changed: recomputed, never before its last fire
+        added=("*/15 * * * *", "Asia/Kolkata"),
+    )
+    loop = ScheduleLoop(clock, schedule_entries(before), sim.fire, skipped=sim.skipped)
+    task = asyncio.create_task(loop.run())
+    await clock.wait_for_sleepers()
+    try:
+        await clock.advance(25 * 60 + 30)  # 01:05:30 UTC = 02:05:30 CET, the second 02:xx
+        assert sim.running() == ["minutely", "tenmin"]
+        loop.replace(schedule_entries(after))
+        await clock.wait_for_sleepers()
+        await clock.advance(14 * 60 + 30)  # 01:20 UTC
+        clock.jump(20 * 60)  # NTP step to 01:40
+        await clock.advance(20 * 60)  # 02:00
+        clock.jump(-10 * 60)  # back to 01:50
+        await clock.advance(20 * 60)  # 02:10
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    def at(*times: str) -> list[datetime]:
+        return [utc(f"2026-10-25 {t}") for t in times]
+
+    # Fixed-time 02:45 runs once, at its first occurrence, not again at 02:45 CET.
+    assert sim.fired["fixed"] == at("00:45")
+    # Every 10 minutes of real time through the repeated hour; the forward step
+    # fires the latest passed slot and counts 01:20 and 01:30 as missed; the
+    # backward step refires nothing.
+    assert sim.fired["tenmin"] == at(
+        "00:50", "01:00", "01:10", "01:40", "01:50", "02:00", "02:10"
+    )
+    assert sim.missed["tenmin"] == 2
+    # Every minute until the reload, every two minutes after it, no slot twice.
+    minutely = sim.fired["minutely"]
+    assert minutely[:26] == [start + timedelta(minutes=n) for n in range(26)][1:] + at("01:06")
+    assert len(minutely) == len(set(minutely)) and minutely == sorted(minutely)
+    assert sim.fired["added"] == at("01:15", "01:40", "01:45", "02:00", "02:15")[:-1]
+    assert sim.fired["dropped"] == at("00:45", "00:50", "00:55", "01:00", "01:05")
+    for job, slots in sim.fired.items():
+        assert len(slots) == len(set(slots)), f"{job} fired a slot twice"
+    # Runs never overlap: a fire during a run is skipped, as the runner does.
+    assert sim.overlaps["minutely"] > 0 and "tenmin" not in sim.overlaps
+
+

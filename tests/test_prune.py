@@ -1,0 +1,259 @@
+"""Issue 5 acceptance: retention applied to real storage, after runs and by `backupd prune`.
+
+Deletion is manifest first, then data: a prune interrupted between the two
+leaves no manifest without its data, and what it leaves is swept later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import re
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from backupd.backup import Trigger, run_backup
+from backupd.config import Config, FilesystemStorage, Job, load_config
+from backupd.maintenance import sweep
+from backupd.manifest import MANIFEST_SUFFIX, Manifest, list_backups, now_utc
+from backupd.metrics import Metrics
+from backupd.retention_apply import prune_after_success, prune_job
+from backupd.runner import Runner, StorePool
+from backupd.storage.base import Store
+from backupd.storage.filesystem import FilesystemStore
+from tests.helpers import run_cli, write_config
+from tests.pgcluster import PgCluster
+
+
+def _fs_keys(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _s3_keys(s3_client, bucket: str) -> set[str]:  # type: ignore[no-untyped-def]
+    contents = s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"].removeprefix("prod/") for o in contents}
+
+
+def _keys_of(manifests: Sequence[Manifest]) -> set[str]:
+    keys = {m.manifest_key for m in manifests}
+    return keys | {m.object_key(o) for m in manifests for o in m.objects}
+
+
+def _retention(cfg: Path, policy: str) -> None:
+    text = re.sub(r"retention = \{[^}]*\}\n", "", cfg.read_text())
+    cfg.write_text(text.replace('min_size = "1KiB"\n', f'min_size = "1KiB"\n{policy}\n', 1))
+
+
+async def _runs(config: Config, n: int, metrics: Metrics | None = None) -> list[str]:
+    """`n` successful runs of job app, each followed by its prune; their stems, oldest first."""
+
+    async def after(
+        config: Config, job: Job, manifest: Manifest, stores: Mapping[str, Store]
+    ) -> None:
+        await prune_after_success(config, job, manifest, stores, metrics=metrics)
+
+    pool = StorePool()
+    runner = Runner(config, pool, after_success=after)
+    stems = []
+    try:
+        for _ in range(n):
+            run = await runner.wait(runner.submit("app", Trigger()))
+            assert run.state == "success", run.error
+            assert run.backup is not None
+            stems.append(run.backup)
+    finally:
+        await pool.aclose()
+    return stems
+
+
+async def _listing(config: Config, storage: str) -> list[Manifest]:
+    pool = StorePool()
+    try:
+        return await list_backups(await pool.get(config.storages[storage]), "app")
+    finally:
+        await pool.aclose()
+
+
+def _plan(stdout: str) -> dict[str, dict[str, list[str]]]:
+    """`prune` output per storage: stems by verb (keep, would delete, deleted)."""
+    plans: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in stdout.splitlines():
+        head = re.match(r"job app, storage (\S+): ", line)
+        if head:
+            current = plans.setdefault(head.group(1), {})
+            continue
+        verb, stem = re.match(r"  (keep|would delete|deleted)\s+(\S+)", line).groups()  # type: ignore[union-attr]
+        current.setdefault(verb, []).append(stem)
+    return plans
+
+
+async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+    s3_client,  # type: ignore[no-untyped-def]
+) -> None:
+    fs = tmp_path / "store"
+    cfg = write_config(
+        tmp_path / "backupd.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=fs,
+        s3=(s3_server, s3_bucket),
+        extra_job="retention = { keep_last = 2 }\n",
+    )
+    metrics = Metrics()
+    stems = await _runs(load_config(cfg), 4, metrics)
+
+    # Two backups remain in each storage, the two newest, and nothing else of the others.
+    config = load_config(cfg)
+    for storage, keys in (("local", _fs_keys(fs)), ("offsite", _s3_keys(s3_client, s3_bucket))):
+        remaining = await _listing(config, storage)
+        assert [m.stem for m in remaining] == [stems[3], stems[2]]
+        assert keys == _keys_of(remaining)
+        assert not any(stem in key for key in keys for stem in stems[:2])
+        deleted = metrics.registry.get_sample_value(
+            "backupd_retention_deleted_total", {"job": "app", "storage": storage}
+        )
+        assert deleted == 2
+        assert (
+            metrics.registry.get_sample_value("backupd_backups", {"job": "app", "storage": storage})
+            == 2
+        )
+
+    # More backups under a looser policy, then a stricter one: the dry run plans, deletes nothing.
+    _retention(cfg, "retention = { keep_last = 10 }")
+    stems += await _runs(load_config(cfg), 3)
+    _retention(cfg, "retention = { keep_last = 3 }")
+    before = (_fs_keys(fs), _s3_keys(s3_client, s3_bucket))
+    out = run_cli("prune", "app", "--dry-run", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert (_fs_keys(fs), _s3_keys(s3_client, s3_bucket)) == before
+    plan = _plan(out.stdout)
+    newest_first = stems[:1:-1]  # the five that exist: stems[6] .. stems[2]
+    for storage in ("local", "offsite"):
+        assert plan[storage] == {
+            "keep": newest_first[:3],
+            "would delete": [stems[2], stems[3]],
+        }
+    assert f"  keep          {stems[6]}  (newest, last 3)" in out.stdout
+    assert f"  keep          {stems[4]}  (last 3)" in out.stdout
+    assert "job app, storage local: plan (dry run): keep 3, delete 2" in out.stdout
+
+    # prune applies exactly that plan.
+    out = run_cli("prune", "app", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    applied = _plan(out.stdout)
+    config = load_config(cfg)
+    for storage in ("local", "offsite"):
+        assert applied[storage]["deleted"] == plan[storage]["would delete"]
+        assert applied[storage]["keep"] == plan[storage]["keep"]
+        assert [m.stem for m in await _listing(config, storage)] == plan[storage]["keep"]
+    assert _fs_keys(fs) == _keys_of(await _listing(config, "local"))
+    assert _s3_keys(s3_client, s3_bucket) == _keys_of(await _listing(config, "offsite"))
+
+
+class RefusingStore(FilesystemStore):
+    """A test double of the filesystem store whose delete() refuses some keys, the way
+    S3 DeleteObjects reports per-key errors, or hangs on data keys (a prune killed there)."""
+
+    def __init__(self, cfg: FilesystemStorage) -> None:
+        super().__init__(cfg)
+        self.refuse: set[str] = set()
+        self.hang_on_data = False
+        self.hanging = asyncio.Event()
+
+    async def delete(self, keys: Sequence[str]) -> builtins.list[str]:
+        if self.hang_on_data and any(not k.endswith(MANIFEST_SUFFIX) for k in keys):
+            self.hanging.set()
+            await asyncio.Event().wait()  # until the prune is cancelled
+        refused = [k for k in keys if k in self.refuse]
+        return [*await super().delete([k for k in keys if k not in self.refuse]), *refused]
+
+
+async def _store_with_backups(
+    tmp_path: Path, pg: PgCluster, db: str, password_file: Path, n: int, policy: str
+) -> tuple[Job, RefusingStore, list[Manifest]]:
+    cfg = write_config(
+        tmp_path / "backupd.toml",
+        pg,
+        password_file=password_file,
+        database=db,
+        fs_path=tmp_path / "store",
+        extra_job=policy + "\n",
+    )
+    config = load_config(cfg)
+    job = config.jobs["app"]
+    storage = config.storages["local"]
+    assert isinstance(storage, FilesystemStorage)
+    store = RefusingStore(storage)
+    await store.open()
+    manifests = [
+        await run_backup(job, config.sources["main"], {"local": store}, trigger=Trigger())
+        for _ in range(n)
+    ]
+    return job, store, manifests
+
+
+async def test_partial_delete_failures_are_counted_and_retried_by_the_next_prune(
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+) -> None:
+    job, store, (oldest, middle, newest) = await _store_with_backups(
+        tmp_path, pg, sample_db, pg_password_file, 3, "retention = { keep_last = 1 }"
+    )
+    oldest_data = oldest.object_key(oldest.objects[0])
+    store.refuse = {oldest_data, middle.manifest_key}
+    metrics = Metrics()
+    now = now_utc()
+
+    first = await prune_job(job, store, metrics=metrics, now=now, grace=3600)
+    assert first.deleted == [oldest.stem]  # its manifest is gone: no longer a backup
+    assert first.left == {oldest.stem: [oldest_data]}
+    assert first.failed == [middle.stem]  # its manifest stayed: still a whole backup
+    assert first.errors == 2
+    errors = {"job": "app", "storage": "local"}
+    assert metrics.registry.get_sample_value("backupd_retention_delete_errors_total", errors) == 2
+    assert [m.stem for m in await list_backups(store, "app")] == [newest.stem, middle.stem]
+    assert _fs_keys(store.root) == _keys_of([newest, middle]) | {oldest_data}
+    lines = "\n".join(first.describe())
+    assert f"FAILED        {middle.stem}" in lines and f"LEFT          {oldest_data}" in lines
+
+    store.refuse = set()
+    second = await prune_job(job, store, metrics=metrics, now=now + timedelta(hours=2), grace=3600)
+    assert second.deleted == [middle.stem]
+    assert second.swept == 1 and second.errors == 0
+    assert _fs_keys(store.root) == _keys_of([newest])
+    assert metrics.registry.get_sample_value("backupd_retention_deleted_total", errors) == 2
+
+
+async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without_data(
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+) -> None:
+    job, store, (oldest, newest) = await _store_with_backups(
+        tmp_path, pg, sample_db, pg_password_file, 2, "retention = { keep_last = 1 }"
+    )
+    store.hang_on_data = True
+    task = asyncio.create_task(prune_job(job, store))
+    await asyncio.wait_for(store.hanging.wait(), 30)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    store.hang_on_data = False
+
+    # Every manifest left has all its data; the oldest's data is there, without a manifest.
+    remaining = await list_backups(store, "app")
+    assert [m.stem for m in remaining] == [newest.stem]
+    oldest_data = oldest.object_key(oldest.objects[0])
+    assert _fs_keys(store.root) == _keys_of(remaining) | {oldest_data}
+
+    # The sweeper removes it once older than the grace; the complete backup stays.
+    early = await sweep(store, 3600, now=now_utc())
+    assert early.deleted_orphans == 0 and oldest_data in _fs_keys(store.root)
+    late = await sweep(store, 3600, now=now_utc() + timedelta(hours=2))
+    assert late.deleted_orphans == 1
+    assert _fs_keys(store.root) == _keys_of(remaining)
