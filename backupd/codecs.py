@@ -30,8 +30,16 @@ class Identity:
 
 
 class _Zstd:
+    """zstd in libzstd's own worker thread (`threads=1`, what the zstd CLI does by
+    default): `update` hands the input over and returns what is ready, so reading,
+    hashing and uploading overlap with compression. Still one standard frame."""
+
     def __init__(self, level: int) -> None:
-        self._obj = zstandard.ZstdCompressor(level=level).compressobj()
+        # write_checksum: a content checksum, as the zstd CLI writes, so corruption fails
+        # decompression instead of yielding wrong bytes.
+        self._obj = zstandard.ZstdCompressor(
+            level=level, threads=1, write_checksum=True
+        ).compressobj()
 
     def update(self, data: bytes) -> bytes:
         return bytes(self._obj.compress(data))
@@ -123,13 +131,32 @@ class _Lz4Dec:
         return b""
 
 
+class _Checked:
+    """Turns each codec library's own error into ValueError: corrupted input, not a bug."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self._inner = inner
+
+    def update(self, data: bytes) -> bytes:
+        try:
+            return self._inner.update(data)
+        except (zstandard.ZstdError, zlib.error, RuntimeError) as exc:
+            raise ValueError(f"corrupted compressed data: {exc}") from None
+
+    def finish(self) -> bytes:
+        try:
+            return self._inner.finish()
+        except (zstandard.ZstdError, zlib.error, RuntimeError) as exc:
+            raise ValueError(f"corrupted compressed data: {exc}") from None
+
+
 def decompressor(algorithm: str) -> Encoder:
     if algorithm == "zstd":
-        return _ZstdDec()
+        return _Checked(_ZstdDec())
     if algorithm == "gzip":
-        return _GzipDec()
+        return _Checked(_GzipDec())
     if algorithm == "lz4":
-        return _Lz4Dec()
+        return _Checked(_Lz4Dec())
     return Identity()
 
 

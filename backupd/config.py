@@ -1280,6 +1280,13 @@ def _job(
     if "source" not in values or "storage" not in values:
         return None
     values.setdefault("timezone", (daemon or DaemonConfig()).timezone)
+    verify = values.get("verify")
+    if isinstance(verify, VerifyPolicy) and verify.restore and values.get("encryption"):
+        t.ctx.child("verify").error(
+            "restore = true cannot work on an encrypted job: the daemon holds no private key "
+            "(use restore = false here, and `backupd verify --restore --identity FILE` by hand)"
+        )
+        return None
     return Job(name=name, **values)
 
 

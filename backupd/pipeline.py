@@ -19,7 +19,6 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from backupd.codecs import Encoder
 from backupd.storage.base import Upload
@@ -49,6 +48,13 @@ class _Stop(Exception):
     """Raised in the worker thread when the consumer has given up."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """The worker's exception, carried to the event loop through the queue."""
+
+    error: BaseException
+
+
 async def stream_fd(
     fd: int,
     encoders: Sequence[Encoder],
@@ -62,92 +68,83 @@ async def stream_fd(
     worker stops reading, so a writer blocked on the pipe gets EPIPE.
     """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH)
+    # `credits` bounds the queue: the worker takes one per chunk, the loop gives
+    # it back once every target has the chunk. So the worker waits only while
+    # QUEUE_DEPTH chunks are outstanding, never for a round trip through the loop
+    # (which, on a busy machine, costs a scheduler time slice per chunk).
+    queue: asyncio.Queue[bytes | _Failed | None] = asyncio.Queue()
+    credits = threading.Semaphore(QUEUE_DEPTH)
     stop = threading.Event()
     digest = hashlib.sha256()
     counts = {"raw": 0, "stored": 0}
 
-    def hand_over(item: bytes | None) -> None:
+    def put(item: bytes | _Failed | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def hand_over(data: bytes) -> None:
+        while not credits.acquire(timeout=0.5):
+            if stop.is_set():
+                raise _Stop
         if stop.is_set():
             raise _Stop
-        fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-        while True:
-            try:
-                fut.result(timeout=0.5)
-                return
-            except TimeoutError:
-                if stop.is_set():
-                    fut.cancel()
-                    raise _Stop from None
+        put(data)
 
-    def encode(data: bytes, final: bool) -> None:
-        for enc in encoders:
-            data = enc.update(data) + (enc.finish() if final else b"")
-        if data:
-            digest.update(data)
-            counts["stored"] += len(data)
-            hand_over(data)
-
-    def work() -> None:
+    def work() -> bool:
+        """Read to EOF; False if the consumer gave up first."""
+        pending: list[bytes] = []
+        size = 0
         try:
             while not stop.is_set():
-                block = os.read(fd, CHUNK_SIZE)
-                if not block:
-                    break
-                counts["raw"] += len(block)
-                encode(block, final=False)
-            else:
-                return
-            encode(b"", final=True)
-            hand_over(None)
+                data = os.read(fd, CHUNK_SIZE)
+                final = not data
+                counts["raw"] += len(data)
+                for enc in encoders:
+                    data = enc.update(data) + (enc.finish() if final else b"")
+                if data:
+                    digest.update(data)
+                    counts["stored"] += len(data)
+                    pending.append(data)
+                    size += len(data)
+                # Compressed output comes in uneven pieces: hand over about a chunk at a time.
+                if pending and (final or size >= CHUNK_SIZE):
+                    hand_over(pending[0] if len(pending) == 1 else b"".join(pending))
+                    pending, size = [], 0
+                if final:
+                    return True
+            return False
         finally:
             os.close(fd)
 
-    worker: asyncio.Future[None] = loop.create_future()
-
     def run_worker() -> None:
         try:
-            work()
+            finished = work()
+        except _Stop:
+            return
         except BaseException as exc:  # reported to the event loop, never lost
-            loop.call_soon_threadsafe(_settle, worker, exc)
+            put(_Failed(exc))
         else:
-            loop.call_soon_threadsafe(_settle, worker, None)
+            if finished:
+                put(None)  # after os.close(fd): the caller gets the fd closed
 
     threading.Thread(target=run_worker, name="backupd-stream", daemon=True).start()
     try:
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            waiters: set[asyncio.Future[Any]] = {getter, worker}
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                await worker  # raises the worker's error; a clean exit always queues None first
-                continue
-            chunk = getter.result()
-            if chunk is None:
-                break
-            await asyncio.gather(*(u.write(chunk) for u in uploads))
+        while (item := await queue.get()) is not None:
+            if isinstance(item, _Failed):
+                raise item.error
+            if len(uploads) == 1:
+                await uploads[0].write(item)
+            else:
+                await asyncio.gather(*(u.write(item) for u in uploads))
+            credits.release()
             if on_bytes is not None:
-                on_bytes(len(chunk))
-        await worker
+                on_bytes(len(item))
     except BaseException:
         # The worker may still be blocked reading the pipe: it ends (and closes
         # the fd) once the caller kills the dump tool. Never wait for it here.
         stop.set()
-        while not queue.empty():
-            queue.get_nowait()
         raise
     return StreamResult(counts["raw"], counts["stored"], digest.hexdigest())
-
-
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None or isinstance(exc, _Stop):
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
-    fut.exception()  # mark retrieved: the consumer may already be gone
 
 
 async def abort_all(uploads: Mapping[str, Upload] | Sequence[Upload]) -> None:

@@ -155,16 +155,6 @@ def _refuse_password_in(dsn: str) -> None:
         )
 
 
-async def list_archive(
-    store: Store, manifest: Manifest, entry: ObjectEntry, identity: str | None
-) -> ReadResult:
-    """Feed a custom-format dump to `pg_restore --list`: proves the archive is readable whole."""
-    tool = postgres.find_tool("pg_restore", "", 0)
-    return await _into_process(
-        store, manifest, entry, identity, [str(tool.path), "--list"], "pg_restore --list"
-    )
-
-
 async def _into_process(
     store: Store,
     manifest: Manifest,
@@ -196,8 +186,8 @@ async def _into_process(
             stdin.write(data)
             await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
-            # The tool stopped reading. `pg_restore --list` does once it has the TOC,
-            # and exits 0: the rest is still read, to check its size and SHA-256.
+            # The tool stopped reading: its exit status says why. If it exited 0 the
+            # rest is still read, to check its size and SHA-256.
             if await proc.wait() != 0:
                 raise
             tool_done = True

@@ -31,6 +31,7 @@ from backupd.config import (
     parse_duration,
     parse_size,
 )
+from backupd.crypto import generate_identity
 from backupd.dsn import dsn_database, dsn_host, redact_dsn
 from backupd.errors import ConfigError, SecretError
 
@@ -896,3 +897,27 @@ def test_an_empty_file_is_a_valid_config_with_defaults(tmp_path: Path) -> None:
     assert load_config(path) == Config(
         daemon=DaemonConfig(), sources={}, storages={}, jobs={}, notifiers={}, path=str(path)
     )
+
+
+def test_restore_drill_refused_on_an_encrypted_job() -> None:
+    recipient = generate_identity()[1]
+    data = {
+        "source": {"main": {"type": "postgres", "dsn": "postgresql://u@h/db"}},
+        "storage": {"local": {"type": "filesystem", "path": "/srv/b"}},
+        "job": {
+            "app": {
+                "source": "main",
+                "storage": ["local"],
+                "encryption": {"recipients": [recipient]},
+                "verify": {
+                    "schedule": "0 5 * * 0",
+                    "restore": True,
+                    "target": "postgresql://u@h/postgres",
+                },
+            }
+        },
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert len(err.value.errors) == 1
+    assert err.value.errors[0].startswith("job.app.verify: restore = true cannot work")

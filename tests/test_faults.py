@@ -78,7 +78,7 @@ def big_db(pg: PgCluster) -> Iterator[str]:
 
 @pytest.fixture
 def proxy(s3_server: str) -> Iterator[FaultProxy]:
-    with FaultProxy(s3_server, seed=1) as fp:
+    with FaultProxy(s3_server, seed=8) as fp:
         yield fp
 
 
@@ -194,42 +194,55 @@ async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_ba
     s3_client: Any,
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
-    """Each request gets 6 tries; at 30% a request now and then still runs out, and
-    then the run's next attempt (max_attempts = 3) starts the backup over."""
+    """Three backups in a row through the faults. Each request gets 6 tries; at 30%
+    one now and then still runs out, and then the run's next attempt
+    (max_attempts = 3) starts that backup over."""
     cfg = proxied_config(
         tmp_path, pg, pg_password_file, big_db, endpoint=proxy.url, bucket=s3_bucket,
         extra_job='compression = "none"\n', max_attempts=3,
     )
     config = load_config(cfg)
     flaky = proxy.add(Rule(TRANSIENT_FAULTS, probability=0.3))
+    runs: list[Run] = []
     with structlog.testing.capture_logs() as events:
-        run, metrics = await run_job(config)
+        for _ in range(3):
+            run, metrics = await run_job(config)
+            assert run.state == "success", run.error
+            assert sample(metrics, "backupd_job_attempts_total", job="app", result="retry") == (
+                run.attempts - 1
+            )
+            runs.append(run)
     proxy.clear()
-    assert run.state == "success", run.error
-    retries = [e for e in events if e["event"] == "stamina.retry_scheduled"]
     assert flaky.injected >= 5, proxy.injected()
-    if run.attempts == 1:  # every injected fault was survived by one retry of its request
-        assert len(retries) == flaky.injected
-    else:
-        assert 0 < len(retries) < flaky.injected
-    assert sample(metrics, "backupd_job_attempts_total", job="app", result="retry") == (
-        run.attempts - 1
-    )
-    assert sample(metrics, "backupd_job_attempts_total", job="app", result="success") == 1
+    # backupd logs each retry it makes; aiohttp itself silently resends an idempotent
+    # request (PUT, HEAD) once when a reused connection drops, so not every fault is logged.
+    retries = [e for e in events if e["event"] == "stamina.retry_scheduled"]
+    assert 0 < len(retries) <= flaky.injected
+    if all(run.attempts == 1 for run in runs):  # every faulted request was sent again
+        log = proxy.log()
+        for n, seen in enumerate(log):
+            if seen.fault is not None:
+                assert any(
+                    (s.op, s.path, s.query.get("partNumber"), s.fault)
+                    == (seen.op, seen.path, seen.query.get("partNumber"), None)
+                    for s in log[n + 1 :]
+                ), seen
 
     # Lost replies to CreateMultipartUpload (or a failed attempt's aborts that ran out
     # of tries) leave uploads that no backup refers to: the sweeper's job.
-    (backup,) = listed(cfg)
-    manifest = Manifest.from_json(json.dumps(backup).encode())
+    backups = listed(cfg)
+    assert sorted(b["stem"] for b in backups) == sorted(run.backup or "" for run in runs)
     leftovers = len(uploads(s3_client, s3_bucket))
     async with open_stores(config, ("offsite",)) as stores:
         swept = await sweep(stores["offsite"], 0.0, set())
     assert swept.aborted_uploads == leftovers and swept.failed == 0
     assert uploads(s3_client, s3_bucket) == []
-    assert len(keys(s3_client, s3_bucket)) == 2  # the manifest and its one data object
+    assert len(keys(s3_client, s3_bucket)) == 2 * 3  # each manifest and its data object
 
-    # The stored bytes are the ones the manifest vouches for, and they restore.
-    assert stored_sha256(s3_client, s3_bucket, manifest) == manifest.objects[0].sha256
+    # The stored bytes are the ones the manifests vouch for, and the latest restores.
+    for backup in backups:
+        manifest = Manifest.from_json(json.dumps(backup).encode())
+        assert stored_sha256(s3_client, s3_bucket, manifest) == manifest.objects[0].sha256
     target = "restored_" + uuid.uuid4().hex[:6]
     pg.createdb(target)
     try:
@@ -240,10 +253,10 @@ async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_ba
     finally:
         pg.dropdb(target)
     figures = {
-        "s3_requests": sum(proxy.seen().values()),
+        "s3_requests": flaky.matched,
         "faults_injected": flaky.injected,
         "retries_logged": len(retries),
-        "attempts": run.attempts,
+        "attempts": sum(run.attempts for run in runs),
         "leftovers_swept": leftovers + swept.deleted_orphans,
     }
     for name, value in figures.items():

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from backupd.backup import Trigger, run_backup
 from backupd.config import Config, FilesystemStorage, Job, load_config
@@ -30,7 +31,7 @@ def _fs_keys(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
-def _s3_keys(s3_client, bucket: str) -> set[str]:  # type: ignore[no-untyped-def]
+def _s3_keys(s3_client: Any, bucket: str) -> set[str]:
     contents = s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])
     return {o["Key"].removeprefix("prod/") for o in contents}
 
@@ -96,7 +97,7 @@ async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
     pg_password_file: Path,
     s3_server: str,
     s3_bucket: str,
-    s3_client,  # type: ignore[no-untyped-def]
+    s3_client: Any,
 ) -> None:
     fs = tmp_path / "store"
     cfg = write_config(

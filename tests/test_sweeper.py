@@ -10,6 +10,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from backupd.backup import Trigger, run_backup
 from backupd.config import load_config
@@ -46,12 +47,12 @@ def _files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
-def _s3_keys(s3_client, bucket: str) -> set[str]:  # type: ignore[no-untyped-def]
+def _s3_keys(s3_client: Any, bucket: str) -> set[str]:
     contents = s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])
     return {o["Key"].removeprefix("prod/") for o in contents}
 
 
-def _s3_uploads(s3_client, bucket: str) -> set[str]:  # type: ignore[no-untyped-def]
+def _s3_uploads(s3_client: Any, bucket: str) -> set[str]:
     uploads = s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     return {u["Key"].removeprefix("prod/") for u in uploads}
 
@@ -96,7 +97,7 @@ async def test_s3_sweep_aborts_old_multipart_uploads_and_deletes_orphans(
     pg_password_file: Path,
     s3_server: str,
     s3_bucket: str,
-    s3_client,  # type: ignore[no-untyped-def]
+    s3_client: Any,
 ) -> None:
     cfg = write_config(
         tmp_path / "b.toml",
