@@ -308,7 +308,9 @@ class FaultProxy:
             self._session = session
             app = web.Application(client_max_size=1 << 30)
             app.router.add_route("*", "/{tail:.*}", self._handle)
-            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+            runner = web.AppRunner(
+                app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0
+            )
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
@@ -395,12 +397,8 @@ class FaultProxy:
         if isinstance(fault, Delay):
             prefix = await _read_some(request, fault.after_bytes)
             self._record(request, op, fault, forwarded=False, status=None)
-            assert self._release is not None
-            try:
-                async with asyncio.timeout(fault.seconds):
-                    await self._release.wait()
-            except TimeoutError:
-                pass
+            if not await self._hold(fault.seconds):
+                return _reset(request)  # the proxy stops: drop what it still holds
             status, headers, body = await self._forward(request, prefix + await request.read())
             return _reply(request, status, headers, body)
         if isinstance(fault, ResetRequest):
@@ -431,6 +429,24 @@ class FaultProxy:
         assert isinstance(fault, TruncateResponse)
         self._record(request, op, fault, forwarded=True, status=status)
         return await _partial(request, status, headers, upstream_body, fault.keep_bytes, False)
+
+    async def _hold(self, seconds: float) -> bool:
+        """Wait `seconds` or until released; False if the proxy stops meanwhile.
+
+        A client that vanished while its request body was only half read is not
+        noticed here (reading is paused), hence the explicit stop.
+        """
+        assert self._release is not None and self._stopping is not None
+        waiters = [
+            asyncio.ensure_future(self._release.wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return not self._stopping.is_set()
 
     async def _forward(
         self, request: web.Request, body: bytes, *, strip_checksums: bool = False
