@@ -235,13 +235,18 @@ async def _dump_one(
         finally:
             if read_fd >= 0:
                 os.close(read_fd)
-        sizes = await asyncio.gather(*(u.complete() for u in uploads.values()))
-        for name, size in zip(uploads, sizes, strict=True):
+
+        async def complete(name: str, upload: Upload) -> None:
+            size = await upload.complete()
+            # Noted at once, not after every target: if another target fails now,
+            # this finished object must be deleted (abort() no longer reaches it).
             completed[name].append(key)
             if size != result.size_bytes:
                 raise BackupdError(
                     f"storage {name} stored {size} bytes of {key}, expected {result.size_bytes}"
                 )
+
+        await asyncio.gather(*(complete(name, upload) for name, upload in uploads.items()))
         return result
     except BaseException:
         await abort_all(uploads)

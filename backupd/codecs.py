@@ -32,14 +32,21 @@ class Identity:
 class _Zstd:
     """zstd in libzstd's own worker thread (`threads=1`, what the zstd CLI does by
     default): `update` hands the input over and returns what is ready, so reading,
-    hashing and uploading overlap with compression. Still one standard frame."""
+    hashing and uploading overlap with compression. Still one standard frame.
+
+    Jobs of 1 MiB instead of libzstd's default (4x the window, 8 MiB at level 3)
+    keep its buffers near 10 MiB instead of about 50 MiB, at the same speed and ratio.
+    """
+
+    JOB_SIZE = 1 << 20
 
     def __init__(self, level: int) -> None:
         # write_checksum: a content checksum, as the zstd CLI writes, so corruption fails
         # decompression instead of yielding wrong bytes.
-        self._obj = zstandard.ZstdCompressor(
-            level=level, threads=1, write_checksum=True
-        ).compressobj()
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=1, job_size=self.JOB_SIZE, write_checksum=True
+        )
+        self._obj = zstandard.ZstdCompressor(compression_params=params).compressobj()
 
     def update(self, data: bytes) -> bytes:
         return bytes(self._obj.compress(data))

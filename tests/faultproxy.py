@@ -36,11 +36,25 @@ from aiohttp import web
 from yarl import URL
 
 # Hop-by-hop and framing headers that the proxy recomputes on each leg.
-_DROP_REQUEST = {"host", "content-length", "transfer-encoding", "connection", "expect", "keep-alive"}
-_DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-alive", "server", "date"}
+_DROP_REQUEST = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "expect",
+    "keep-alive",
+}
+_DROP_RESPONSE = {
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "server",
+    "date",
+}
 
 
-def operation(method: str, path: str, query: Any) -> str:
+def operation(method: str, path: str, query: Mapping[str, str]) -> str:
     """The S3 operation a path-style request is, e.g. "UploadPart"."""
     segments = [s for s in path.split("/") if s]
     if not segments:
@@ -145,7 +159,8 @@ class TruncateResponse:
 
 @dataclass(frozen=True)
 class Delay:
-    """Hold the request `seconds` (or until `FaultProxy.release()`), then forward it.
+    """Hold the request `seconds` (or until `FaultProxy.release()`), then forward it,
+    or apply `then` to it instead.
 
     `after_bytes` of the body are read first, so the client is caught mid-upload.
     A client that disconnects meanwhile cancels the request: it is never forwarded.
@@ -153,10 +168,12 @@ class Delay:
 
     seconds: float = 3600.0
     after_bytes: int = 0
+    then: Fault | None = None
 
     @property
     def name(self) -> str:
-        return f"held {self.seconds:g}s after {self.after_bytes} request bytes"
+        then = f", then {self.then.name}" if self.then is not None else ""
+        return f"held {self.seconds:g}s after {self.after_bytes} request bytes{then}"
 
 
 @dataclass(frozen=True)
@@ -182,7 +199,9 @@ class OneOf:
         return "one of " + ", ".join(f.name for f in self.faults)
 
 
-Fault = ErrorReply | ResetRequest | ResetResponse | TruncateResponse | Delay | TruncateUpstream | OneOf
+Fault = (
+    ErrorReply | ResetRequest | ResetResponse | TruncateResponse | Delay | TruncateUpstream | OneOf
+)
 
 TRANSIENT_FAULTS = OneOf(
     (
@@ -195,9 +214,6 @@ TRANSIENT_FAULTS = OneOf(
     )
 )
 """What a flaky store or network does, each worth retrying (S3 docs: 500, 503, resets)."""
-
-LOST_REPLY = (ErrorReply, ResetResponse, TruncateResponse)
-"""Faults after which the store may have done the request (when it was forwarded)."""
 
 
 @dataclass
@@ -232,7 +248,12 @@ class Rule:
 
 @dataclass(frozen=True)
 class Seen:
-    """One request as the proxy handled it."""
+    """One request as the proxy handled it.
+
+    A held request is logged when it arrives (not forwarded, no status yet), so
+    a test can tell from the log which stage a client is held at, and once more
+    when it goes on.
+    """
 
     op: str
     method: str
@@ -241,13 +262,6 @@ class Seen:
     fault: str | None  # None: forwarded untouched
     forwarded: bool  # whether the store received it (whole or cut short)
     status: int | None  # what the client was sent; None when the connection was reset
-
-
-@dataclass
-class _Decision:
-    fault: Fault | None
-    rule: Rule | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class FaultProxy:
@@ -266,6 +280,7 @@ class FaultProxy:
         self._stopping: asyncio.Event | None = None
         self._release: asyncio.Event | None = None
         self._error: BaseException | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -314,10 +329,8 @@ class FaultProxy:
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
-            server = site._server
-            assert isinstance(server, asyncio.Server)
-            port = server.sockets[0].getsockname()[1]
-            self.url = f"http://127.0.0.1:{port}"
+            host, port = runner.addresses[0][:2]
+            self.url = f"http://{host}:{port}"
             self._ready.set()
             try:
                 await self._stopping.wait()
@@ -356,7 +369,8 @@ class FaultProxy:
         """Faults applied, by fault name."""
         return collections.Counter(s.fault for s in self.log() if s.fault is not None)
 
-    def _decide(self, request: web.Request, op: str) -> _Decision:
+    def _decide(self, request: web.Request, op: str) -> Fault | None:
+        """The fault the first firing rule applies to this request, or None."""
         with self._lock:
             for rule in self._rules:
                 if not rule.matches(op, request.method, request.path, request.query):
@@ -372,8 +386,8 @@ class FaultProxy:
                 fault: Fault = rule.fault
                 while isinstance(fault, OneOf):
                     fault = self._rng.choice(fault.faults)
-                return _Decision(fault, rule)
-        return _Decision(None)
+                return fault
+        return None
 
     def _record(self, request: web.Request, op: str, fault: Fault | None, **kw: Any) -> None:
         with self._lock:
@@ -392,15 +406,14 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         op = operation(request.method, request.path, request.query)
-        decision = self._decide(request, op)
-        fault = decision.fault
+        fault = self._decide(request, op)
+        prefix = b""
         if isinstance(fault, Delay):
             prefix = await _read_some(request, fault.after_bytes)
             self._record(request, op, fault, forwarded=False, status=None)
             if not await self._hold(fault.seconds):
                 return _reset(request)  # the proxy stops: drop what it still holds
-            status, headers, body = await self._forward(request, prefix + await request.read())
-            return _reply(request, status, headers, body)
+            fault = fault.then
         if isinstance(fault, ResetRequest):
             await _read_some(request, fault.after_bytes)
             self._record(request, op, fault, forwarded=False, status=None)
@@ -409,7 +422,7 @@ class FaultProxy:
             await request.read()
             self._record(request, op, fault, forwarded=False, status=fault.status)
             return _error(fault)
-        body = await request.read()
+        body = prefix + await request.read()
         if isinstance(fault, TruncateUpstream):
             status, headers, upstream_body = await self._forward(
                 request, body[: fault.keep_bytes], strip_checksums=True
@@ -454,6 +467,7 @@ class FaultProxy:
         url = self.upstream.with_path(request.raw_path.split("?", 1)[0], encoded=True)
         if request.query_string:
             url = URL(f"{url}?{request.raw_path.split('?', 1)[1]}", encoded=True)
+        assert self._session is not None
         dropped = set(_DROP_REQUEST)
         if strip_checksums:
             dropped |= {"content-md5", "x-amz-content-sha256"}
@@ -465,7 +479,8 @@ class FaultProxy:
             kept = [
                 (k, v)
                 for k, v in upstream.headers.items()
-                if k.lower() not in _DROP_RESPONSE or (request.method == "HEAD" and k.lower() == "content-length")
+                if k.lower() not in _DROP_RESPONSE
+                or (request.method == "HEAD" and k.lower() == "content-length")
             ]
             return upstream.status, kept, payload
 
@@ -500,9 +515,7 @@ def _error(fault: ErrorReply) -> web.Response:
 
 def _reset(request: web.Request) -> web.Response:
     """Reset the connection (RST, not FIN); aiohttp then finds nowhere to write the reply."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
+    _end(request.transport, reset=True)
     return web.Response(status=500)
 
 
@@ -516,9 +529,8 @@ async def _partial(
 ) -> web.StreamResponse:
     """Send the headers with the full length and `keep` body bytes, then reset or close."""
     transport = request.transport
-    if keep == 0 or keep >= len(body):
-        if transport is not None:
-            transport.abort() if reset else transport.close()
+    if not 0 < keep < len(body):  # nothing to cut short: send nothing at all
+        _end(transport, reset)
         return web.Response(status=500)
     response = web.StreamResponse(status=status)
     for key, value in headers:
@@ -527,16 +539,21 @@ async def _partial(
     response.content_length = len(body)
     await response.prepare(request)
     await response.write(body[:keep])
-    if transport is not None:
-        if reset:
-            transport.abort()
-        else:
-            transport.close()
+    _end(transport, reset)
     return response
 
 
+def _end(transport: asyncio.Transport | None, reset: bool) -> None:
+    """Reset the connection (RST) or close it (FIN)."""
+    if transport is None:
+        return
+    if reset:
+        transport.abort()
+    else:
+        transport.close()
+
+
 __all__ = [
-    "LOST_REPLY",
     "TRANSIENT_FAULTS",
     "Delay",
     "ErrorReply",
@@ -552,4 +569,3 @@ __all__ = [
     "error_body",
     "operation",
 ]
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -364,6 +365,20 @@ class DumpProcess:
             await asyncio.shield(self.wait())
 
 
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it if backupd dies (even by kill -9).
+
+    A dump waiting on a lock writes nothing, so it would never notice its
+    reader is gone; outside systemd (whose cgroup kill covers this) it would
+    outlive the daemon. Only an async-signal-safe prctl runs here.
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 @contextlib.asynccontextmanager
 async def spawn(
     argv: list[str], env: dict[str, str], stdout_fd: int, name: str
@@ -377,6 +392,7 @@ async def spawn(
             stderr=asyncio.subprocess.PIPE,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     except OSError as exc:
         raise SourceError(f"cannot start {argv[0]}: {exc.strerror}") from None

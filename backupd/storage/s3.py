@@ -16,6 +16,7 @@ import asyncio
 import base64
 import builtins
 import hashlib
+import io
 import secrets
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import AsyncExitStack
@@ -109,8 +110,13 @@ def _error_code(exc: botocore_errors.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _md5_base64(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+def _md5_base64(data: bytes | io.BytesIO) -> str:
+    if isinstance(data, io.BytesIO):
+        with data.getbuffer() as view:
+            digest = hashlib.md5(view, usedforsecurity=False).digest()
+    else:
+        digest = hashlib.md5(data, usedforsecurity=False).digest()
+    return base64.b64encode(digest).decode()
 
 
 class S3Upload:
@@ -121,14 +127,19 @@ class S3Upload:
     propagates, so `abort()` is then a no-op. If `complete()` fails after the
     final request may have reached the store (cancellation, a lost reply, a size
     mismatch), the object under the key is deleted too.
+
+    Parts are filled in `io.BytesIO` buffers that are reused once their part is
+    up: the body goes to aiohttp without a copy (a BytesIO made from bytes
+    shares them, and aiohttp's `getbuffer()` would copy each part, fresh pages
+    and all), and memory stays at `upload_concurrency + 1` part buffers.
     """
 
     def __init__(self, store: S3Store, key: str) -> None:
         self.key = key
         self._store = store
         self._object_key = store.prefix + key
-        self._chunks: list[bytes | memoryview] = []
-        self._buffered = 0
+        self._part: io.BytesIO | None = None  # the part being filled
+        self._spare: list[io.BytesIO] = []  # buffers of parts already sent, for reuse
         self._size = 0
         self._create: asyncio.Task[str] | None = None
         self._upload_id: str | None = None
@@ -170,7 +181,7 @@ class S3Upload:
         if self._state == "done":
             return
         self._state = "aborted"
-        self._chunks = []
+        self._part, self._spare = None, []
         if self._cleanup is None:
             self._cleanup = asyncio.ensure_future(self._discard())
         await asyncio.shield(self._cleanup)
@@ -187,22 +198,27 @@ class S3Upload:
             raise StorageError(f"upload of {self.key} was aborted")
 
     async def _write(self, data: bytes) -> None:
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        view = memoryview(data)
         self._size += len(view)
         part_size = self._store.part_size
-        while self._buffered + len(view) >= part_size:
-            take = part_size - self._buffered
-            self._chunks.append(view[:take])
+        while view:
+            if self._part is None:
+                self._part = self._spare.pop() if self._spare else io.BytesIO()
+                self._part.seek(0)
+            take = min(part_size - self._part.tell(), len(view))
+            self._part.write(view[:take])
             view = view[take:]
-            part = b"".join(self._chunks)
-            self._chunks, self._buffered = [], 0
-            await self._send_part(part)
-        if view:
-            self._chunks.append(view)
-            self._buffered += len(view)
+            if self._create is None and self._part.tell() >= self._store.early_create:
+                # Headed for a multipart upload: start it now, so its round trip
+                # overlaps with filling the first part instead of stalling the stream.
+                self._create = asyncio.ensure_future(self._store.create_multipart(self._object_key))
+            if self._part.tell() == part_size:
+                part, self._part = self._part, None
+                await self._send_part(part)
 
-    async def _send_part(self, part: bytes) -> None:
+    async def _send_part(self, part: io.BytesIO) -> None:
         """Start uploading one part; waits while `upload_concurrency` parts are in flight."""
+        part.truncate()  # a reused buffer may be longer than this part
         self._check_parts()
         if self._upload_id is None:
             if self._create is None:
@@ -226,7 +242,7 @@ class S3Upload:
         self._next_part += 1
         self._parts.add(asyncio.create_task(self._upload_part(self._upload_id, number, part)))
 
-    async def _upload_part(self, upload_id: str, number: int, part: bytes) -> None:
+    async def _upload_part(self, upload_id: str, number: int, part: io.BytesIO) -> None:
         try:
             self._etags[number] = await self._store.upload_part(
                 self._object_key, upload_id, number, part
@@ -235,25 +251,28 @@ class S3Upload:
             if self._failure is None:
                 self._failure = exc
         finally:
+            self._spare.append(part)
             self._slots.release()
 
     async def _complete(self) -> int:
         store = self._store
-        if self._upload_id is None:
-            body = b"".join(self._chunks)
-            self._chunks = []
+        if self._create is None:
+            body = b""
+            if self._part is not None:
+                self._part.truncate()
+                body, self._part = self._part.getvalue(), None
             await self._publish(store.put_object(self._object_key, body))
             return len(body)
-        if self._chunks:
-            last = b"".join(self._chunks)
-            self._chunks, self._buffered = [], 0
+        if self._part is not None:
+            last, self._part = self._part, None
             await self._send_part(last)
+        upload_id = await asyncio.shield(self._create)  # done: a part was sent
         await asyncio.wait(self._parts)
         self._check_parts()
         for task in self._parts:
             task.result()  # a bug in a part task surfaces here, not as a lost exception
         parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-        await self._publish(store.complete_multipart(self._object_key, self._upload_id, parts))
+        await self._publish(store.complete_multipart(self._object_key, upload_id, parts))
         size = await store.object_size(self._object_key)
         if size != self._size:
             raise StorageError(
@@ -314,10 +333,15 @@ class S3Store(BaseStore):
         self.prefix = cfg.prefix
         self.part_size = cfg.part_size
         self.upload_concurrency = cfg.upload_concurrency
+        # An object that reaches this size is uploaded in parts (smaller: one PutObject).
+        self.early_create = max(self.MIN_PART_SIZE, cfg.part_size // 2)
         self.storage_class = cfg.storage_class
         self._client = client
         self._exit_stack = exit_stack
         self._retry = retry
+        # Over plain HTTP botocore signs every body's SHA-256 (SigV4) and the store
+        # checks it: a Content-MD5 as well would hash each part twice for nothing.
+        self._payload_signed = cfg.endpoint_url.startswith("http://")
 
     # -- errors and requests -------------------------------------------------
 
@@ -373,9 +397,12 @@ class S3Store(BaseStore):
     ) -> dict[str, Any]:
         """One S3 request, retried while transient; error codes in `ignore` count as done."""
         method = getattr(self._client, operation)
+        body = params.get("Body")
         response: dict[str, Any] = {}
         async for attempt in self._retry.context():
             with attempt:
+                if isinstance(body, io.IOBase):
+                    body.seek(0)  # every attempt sends the whole body
                 try:
                     response = await method(Bucket=self.bucket, **params)
                 except botocore_errors.ClientError as exc:
@@ -405,6 +432,12 @@ class S3Store(BaseStore):
     def _storage_class(self) -> dict[str, Any]:
         return {"StorageClass": self.storage_class} if self.storage_class else {}
 
+    async def _checksum(self, body: bytes | io.BytesIO) -> dict[str, Any]:
+        """Content-MD5 (computed off the event loop), unless SigV4 signs the body."""
+        if self._payload_signed:
+            return {}
+        return {"ContentMD5": await asyncio.to_thread(_md5_base64, body)}
+
     # -- primitives used by S3Upload -----------------------------------------
 
     async def create_multipart(self, object_key: str) -> str:
@@ -416,8 +449,9 @@ class S3Store(BaseStore):
         )
         return str(response["UploadId"])
 
-    async def upload_part(self, object_key: str, upload_id: str, number: int, data: bytes) -> str:
-        md5 = await asyncio.to_thread(_md5_base64, data)
+    async def upload_part(
+        self, object_key: str, upload_id: str, number: int, data: io.BytesIO
+    ) -> str:
         response = await self._call(
             f"upload part {number} of {object_key}",
             "upload_part",
@@ -425,7 +459,7 @@ class S3Store(BaseStore):
             UploadId=upload_id,
             PartNumber=number,
             Body=data,
-            ContentMD5=md5,
+            **await self._checksum(data),
         )
         return str(response["ETag"])
 
@@ -470,13 +504,12 @@ class S3Store(BaseStore):
         )
 
     async def put_object(self, object_key: str, body: bytes) -> None:
-        md5 = await asyncio.to_thread(_md5_base64, body)
         await self._call(
             f"write {object_key}",
             "put_object",
             Key=object_key,
             Body=body,
-            ContentMD5=md5,
+            **await self._checksum(body),
             **self._storage_class(),
         )
 
