@@ -9,7 +9,7 @@ import os
 import pwd
 import sys
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from backupd import control
@@ -60,6 +60,12 @@ async def _store_for(pool: StorePool, config: Config, job: Job, storage: str | N
 def _print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _human_size(n: int) -> str:
@@ -184,6 +190,16 @@ def _manual_trigger() -> Trigger:
 # -- reading storage ---------------------------------------------------------------------
 
 
+async def _open_backup(
+    args: argparse.Namespace, pool: StorePool
+) -> tuple[Config, Job, Store, Manifest]:
+    """The config, job, storage and manifest that `JOB [--storage] [--backup]` name."""
+    config = _load(args)
+    job = _job(config, args.job)
+    store = await _store_for(pool, config, job, args.storage)
+    return config, job, store, await find_backup(store, job.name, args.backup)
+
+
 async def list_(args: argparse.Namespace) -> int:
     config = _load(args)
     jobs = [_job(config, args.job)] if args.job else list(config.jobs.values())
@@ -211,20 +227,15 @@ async def list_(args: argparse.Namespace) -> int:
                 storage,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(rows)
     return EXIT_OK
 
 
 async def restore(args: argparse.Namespace) -> int:
     from backupd import restore as restoring
 
-    config = _load(args)
-    job = _job(config, args.job)
     async with _pool() as pool:
-        store = await _store_for(pool, config, job, args.storage)
-        manifest = await find_backup(store, job.name, args.backup)
+        config, job, store, manifest = await _open_backup(args, pool)
         result = await restoring.restore(
             store,
             manifest,
@@ -243,11 +254,8 @@ async def restore(args: argparse.Namespace) -> int:
 async def download(args: argparse.Namespace) -> int:
     from backupd import restore as restoring
 
-    config = _load(args)
-    job = _job(config, args.job)
     async with _pool() as pool:
-        store = await _store_for(pool, config, job, args.storage)
-        manifest = await find_backup(store, job.name, args.backup)
+        _, _, store, manifest = await _open_backup(args, pool)
         result = await restoring.download(
             store, manifest, database=args.database, output=args.output, identity=args.identity
         )
@@ -262,11 +270,8 @@ async def download(args: argparse.Namespace) -> int:
 async def verify(args: argparse.Namespace) -> int:
     from backupd.verify import verify_backup
 
-    config = _load(args)
-    job = _job(config, args.job)
     async with _pool() as pool:
-        store = await _store_for(pool, config, job, args.storage)
-        manifest = await find_backup(store, job.name, args.backup)
+        config, job, store, manifest = await _open_backup(args, pool)
         report = await verify_backup(
             config, job, store, manifest, identity=args.identity, restore=args.restore
         )
@@ -376,9 +381,7 @@ async def status(args: argparse.Namespace) -> int:
                 ",".join(r["run_id"] for r in job.get("running", [])) or "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(rows)
     return EXIT_OK
 
 

@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", default=",".join(SUITES), help=f"comma-separated suites of {','.join(SUITES)}"
     )
     p.add_argument("--work", type=Path, default=ROOT / "var" / "bench", help="cluster + scratch")
+    p.add_argument(
+        "--backupd",
+        default=backups.BACKUPD,
+        help="the backupd command to measure (default: this venv's; e.g. a patched build)",
+    )
     p.add_argument("--results", type=Path, default=ROOT / "tests" / "bench" / "results")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "load_before": load(),
             "tools": tool_versions(),
+            "backupd": args.backupd,
         }
     )
     work = args.work.resolve()
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         pg = cluster.start()
         database = dataset.ensure_dataset(pg, args.scale, progress)
         small_db = dataset.ensure_dataset(pg, small_scale, progress) if "rss" in args.only else ""
-        setup = backups.Setup(pg, database, scratch, args.repeat, progress)
+        setup = backups.Setup(pg, database, scratch, args.repeat, progress, backupd=args.backupd)
         raw = backups.warm_up(setup)
         results.header["dataset"] = (
             f"{database}: {dataset.database_size(pg, database)} on disk, "

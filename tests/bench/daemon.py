@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.bench.backups import BACKUPD, Setup
+from tests.bench.backups import Setup
 from tests.bench.measure import BenchError, empty_dir, median
 from tests.bench.report import Results
 from tests.pgcluster import free_port
@@ -109,7 +109,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Daemon:
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, backupd: str, config: Path, log: Path) -> None:
+        self.backupd = backupd
         self.config = config
         self.log = log
         self.sock = str(config.parent / "control.sock")
@@ -120,7 +121,7 @@ class Daemon:
         with open(self.log, "ab") as out:
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(
-                [BACKUPD, "run", "-c", str(self.config)], stdout=out, stderr=subprocess.STDOUT
+                [self.backupd, "run", "-c", str(self.config)], stdout=out, stderr=subprocess.STDOUT
             )
         while True:
             if self.proc.poll() is not None:
@@ -147,11 +148,11 @@ class Daemon:
                 self.proc.wait()
         self.proc = None
 
-    def peak_rss_mib(self) -> float:
+    def peak_rss_mb(self) -> float:
         assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+                return int(line.split()[1]) * 1024 / 1e6
         return 0.0
 
 
@@ -159,7 +160,7 @@ def daemon_suite(setup: Setup, results: Results, idle_seconds: float) -> None:
     directory = setup.work / "daemon"
     port = free_port()
     config = write_config(setup, directory, port)
-    daemon = Daemon(config, directory / "daemon.log")
+    daemon = Daemon(setup.backupd, config, directory / "daemon.log")
     setup.progress(f"daemon with {JOBS} jobs: start-up x{setup.repeat}")
     startups = []
     try:
@@ -188,12 +189,12 @@ def daemon_suite(setup: Setup, results: Results, idle_seconds: float) -> None:
         for _ in range(5):
             t = time.perf_counter()
             out = subprocess.run(
-                [BACKUPD, "status", "-c", str(config)], capture_output=True, check=False
+                [setup.backupd, "status", "-c", str(config)], capture_output=True, check=False
             )
             cli.append(time.perf_counter() - t)
             if out.returncode != 0:
                 raise BenchError(f"backupd status failed: {out.stderr.decode()[-2000:]}")
-        rss = daemon.peak_rss_mib()
+        rss = daemon.peak_rss_mb()
     finally:
         daemon.stop()
     metrics_ms = [s[0] * 1000 for s in scrapes]
@@ -210,7 +211,7 @@ def daemon_suite(setup: Setup, results: Results, idle_seconds: float) -> None:
         "ms",
         [c * 1000 for c in cli],
     )
-    results.add("daemon", f"{JOBS} jobs: daemon peak RSS", "MiB", [rss])
+    results.add("daemon", f"{JOBS} jobs: daemon peak RSS", "MB", [rss])
     results.target(f"daemon: start-up with {JOBS} jobs", median(startups), "<", 2.0, "s")
     results.target("daemon: idle CPU", idle, "<", 1.0, "%")
     results.target("daemon: /metrics scrape", median(metrics_ms), "<", 100, "ms")

@@ -102,7 +102,7 @@ def alternate(
             c.samples.append(sample)
             progress(
                 f"  [{r + 1}/{repeat}] {c.name}: {sample.wall:.2f}s wall, {sample.cpu:.2f}s cpu, "
-                f"{sample.max_rss_kb / 1024:.0f} MiB peak RSS"
+                f"{sample.max_rss_kb * 1024 / 1e6:.0f} MB peak RSS"
             )
 
 

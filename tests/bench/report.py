@@ -17,10 +17,10 @@ from tests.bench.measure import Contender
 class Row:
     suite: str
     name: str
-    unit: str  # "s", "ms", "%", "MiB"
+    unit: str  # "s", "ms", "%", "MB"
     values: list[float]
     cpu: list[float] = field(default_factory=list)  # seconds, timed contenders only
-    rss_mib: list[float] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)  # peak RSS, MB (10^6 bytes)
 
     @property
     def median(self) -> float:
@@ -33,7 +33,7 @@ class Target:
     value: float
     op: str  # "<=", ">=", "<"
     limit: float
-    unit: str  # "x", "s", "%", "ms", "MiB"
+    unit: str  # "x", "s", "%", "ms", "MB"
 
     @property
     def ok(self) -> bool:
@@ -61,7 +61,7 @@ class Results:
                 "s",
                 [s.wall for s in c.samples],
                 [s.cpu for s in c.samples],
-                [s.max_rss_kb / 1024 for s in c.samples],
+                [s.max_rss_kb * 1024 / 1e6 for s in c.samples],
             )
             self.rows.append(row)
             rows[c.name] = row
@@ -86,6 +86,7 @@ class Results:
             f"{h['cpus']} CPUs  load {h['load_before']} -> {h.get('load_after', '?')}",
             f"dataset {h.get('dataset', '?')}",
             f"tools: {h.get('tools', '?')}",
+            f"backupd: {h.get('backupd', '?')}",
             "",
         ]
         cells = [("suite", "contender / measure", "median", "runs", "cpu (med)", "peak RSS")]
@@ -95,9 +96,9 @@ class Results:
                     r.suite,
                     r.name,
                     _fmt(r.median, r.unit),
-                    " ".join(_num(v, r.unit) for v in r.values),
+                    _runs(r),
                     f"{statistics.median(r.cpu):.2f} s" if r.cpu else "",
-                    f"{statistics.median(r.rss_mib):.0f} MiB" if r.rss_mib else "",
+                    f"{statistics.median(r.rss_mb):.0f} MB" if r.rss_mb else "",
                 )
             )
         lines += _grid(cells)
@@ -130,6 +131,14 @@ class Results:
         path.write_text(json.dumps(data, indent=2) + "\n")
         (directory / "latest.json").write_text(path.read_text())
         return path
+
+
+def _runs(row: Row) -> str:
+    """Every run's value, or the range when there are many (latency samples)."""
+    if len(row.values) <= 6:
+        return " ".join(_num(v, row.unit) for v in row.values)
+    low, high = _num(min(row.values), row.unit), _num(max(row.values), row.unit)
+    return f"n={len(row.values)}: {low} .. {high}"
 
 
 def _num(value: float, unit: str) -> str:
