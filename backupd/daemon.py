@@ -25,7 +25,8 @@ import structlog
 
 from backupd import __version__, logs
 from backupd.backup import Trigger
-from backupd.config import Config, Job, load_config
+from backupd.config import Config, Job
+from backupd.configfile import load_config
 from backupd.control import CommandError, ControlServer, Peer
 from backupd.errors import BackupdError, ConfigError
 from backupd.http import HttpServer

@@ -54,6 +54,14 @@ class SecretError(BackupdError):
     """A secret reference cannot be resolved (missing file or variable, unsafe mode)."""
 
 
+class SecretMissing(SecretError):
+    """The secret is not there in this environment (unset variable, absent file).
+
+    `backupd check` run by hand lacks the service's environment and systemd
+    credentials, so it reports these as unchecked rather than as errors.
+    """
+
+
 class SourceError(BackupdError):
     """The database cannot be backed up (auth, missing database, client too old)."""
 

@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from backupd.backup import Trigger, run_backup
-from backupd.config import load_config
+from backupd.configfile import load_config
 from backupd.manifest import list_backups
 from backupd.runner import StorePool
 from tests.helpers import BIG_TABLE_SQL, run_cli, sha256_file, wrapped_bin_dir, write_config

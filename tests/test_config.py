@@ -21,6 +21,8 @@ from backupd.config import (
     S3Storage,
     Secret,
     VerifyPolicy,
+)
+from backupd.configfile import (
     config_path,
     config_to_toml,
     format_duration,

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backupd.config import (
+from backupd.config import Config
+from backupd.configfile import (
     MAX_DURATION,
-    Config,
     config_to_toml,
     format_duration,
     format_size,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from backupd.backup import Trigger
-from backupd.config import load_config
+from backupd.configfile import load_config
 from backupd.runner import Runner, StorePool
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from backupd.config import load_config
+from backupd.configfile import load_config
 from backupd.crypto import (
     CHUNK,
     AgeDecryptor,

@@ -27,7 +27,8 @@ import pytest
 import structlog
 
 from backupd.backup import Trigger, run_backup
-from backupd.config import Config, load_config, parse_config
+from backupd.config import Config
+from backupd.configfile import load_config, parse_config
 from backupd.daemon import schedule_entries
 from backupd.errors import StorageError
 from backupd.maintenance import sweep

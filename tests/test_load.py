@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from backupd import control
-from backupd.config import Config, parse_config
+from backupd.config import Config
+from backupd.configfile import parse_config
 from backupd.daemon import schedule_entries
 from backupd.scheduler import ScheduleLoop
 from tests.daemon_proc import DaemonProcess

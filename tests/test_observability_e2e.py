@@ -29,7 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backupd import __version__
-from backupd.config import load_config
+from backupd.configfile import load_config
 from backupd.manifest import folder_for, parse_rfc3339
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, wrapped_bin_dir, write_config

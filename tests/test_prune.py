@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from backupd.backup import Trigger, run_backup
-from backupd.config import Config, FilesystemStorage, Job, load_config
+from backupd.config import Config, FilesystemStorage, Job
+from backupd.configfile import load_config
 from backupd.maintenance import sweep
 from backupd.manifest import MANIFEST_SUFFIX, Manifest, list_backups, now_utc
 from backupd.metrics import Metrics

@@ -28,7 +28,8 @@ import pytest
 import structlog
 
 from backupd.backup import Trigger, run_backup
-from backupd.config import Secret, load_config
+from backupd.config import Secret
+from backupd.configfile import load_config
 from backupd.errors import SecretError
 from backupd.runner import StorePool
 from backupd.sources.postgres import cve_2024_7348_fix
@@ -593,3 +594,31 @@ async def test_a_current_pg_dump_is_not_warned_about(
         await pool.aclose()
     assert cve_2024_7348_fix(manifest.tool["version"]) is None  # the installed client is current
     assert "pg_dump_outdated" not in [e["event"] for e in events]
+
+
+def test_check_notes_secrets_absent_here_and_connect_needs_them(
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+) -> None:
+    """`check` by hand lacks the service's environment: absent secrets are noted, not errors;
+    `check --connect` must reach the sources, so there they are errors."""
+    cfg = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=tmp_path / "store",
+    )
+    cfg.write_text(
+        cfg.read_text().replace(
+            f'password = {{ file = "{pg_password_file}" }}',
+            'password = { env = "BACKUPD_TEST_UNSET_SECRET" }',
+        )
+    )
+    out = run_cli("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "not checked here: source.main.password: secret environment variable" in out.stderr
+    out = run_cli("check", "--connect", "-c", str(cfg))
+    assert out.returncode == 2
+    assert (
+        "source.main.password: secret environment variable BACKUPD_TEST_UNSET_SECRET" in out.stderr
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from backupd.backup import Trigger, run_backup
-from backupd.config import load_config
+from backupd.configfile import load_config
 from backupd.maintenance import Maintenance, sweep
 from backupd.manifest import list_backups, now_utc
 from backupd.metrics import Metrics
