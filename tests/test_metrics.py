@@ -70,7 +70,8 @@ def test_success_and_failure_are_counted_with_their_timestamps() -> None:
     assert value(m, "backupd_job_last_size_bytes", job="j") == 1000
     assert value(m, "backupd_job_duration_seconds_count", job="j") == 2
     assert value(m, "backupd_job_duration_seconds_sum", job="j") == 14.5
-    assert value(m, "backupd_job_duration_seconds_bucket", job="j", le="15.0") == 2
+    assert value(m, "backupd_job_duration_seconds_bucket", job="j", le="10.0") == 1
+    assert value(m, "backupd_job_duration_seconds_bucket", job="j", le="60.0") == 2
     assert value(m, "backupd_job_duration_seconds_bucket", job="j", le="43200.0") == 2
     assert value(m, "backupd_job_running", job="j") == 0
 
