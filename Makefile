@@ -33,6 +33,7 @@ deps-system:
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 	command -v setpriv >/dev/null && command -v runuser >/dev/null || missing+=(util-linux)
 	command -v systemd-analyze >/dev/null || missing+=(systemd)
+	[ -x /usr/bin/time ] || missing+=(time)
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 	if [ $${#missing[@]} -eq 0 ]; then echo "deps-system: all present"; exit 0; fi
 	echo "deps-system: installing $${missing[*]}"
@@ -87,7 +88,7 @@ lint: .venv
 fmt: .venv
 	$(BIN)/ruff format .
 
-bench: .venv
+bench: deps-system .venv
 	$(BIN)/python -m tests.bench
 
 demo: deps-system .venv

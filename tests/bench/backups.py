@@ -138,7 +138,6 @@ def filesystem_suite(setup: Setup, results: Results) -> None:
             "backupd backup -> filesystem (zstd:3)",
             lambda: [setup.backupd, "backup", "fs", "-c", str(cfg)],
             env=setup.pg_env,
-            gnu_time=True,
             prepare=lambda: empty_dir(store),
         ),
         Contender(
@@ -187,7 +186,6 @@ def s3_suite(setup: Setup, results: Results) -> None:
             f"backupd backup -> S3 (zstd:3, {PART_SIZE_MIB} MiB parts x{UPLOAD_CONCURRENCY})",
             lambda: [setup.backupd, "backup", "s3", "-c", str(cfg)],
             env=setup.pg_env,
-            gnu_time=True,
             cleanup=empty_bucket,
         ),
         Contender(
@@ -238,7 +236,6 @@ def restore_suite(setup: Setup, results: Results) -> None:
             "backupd restore (filesystem, zstd:3)",
             lambda: [setup.backupd, "restore", "fs", "-c", str(cfg), "--to", setup.pg.dsn(target)],
             env=setup.pg_env,
-            gnu_time=True,
             prepare=fresh,
             cleanup=drop,
         ),
@@ -276,7 +273,6 @@ def rss_suite(
             f"backupd backup, scale {scale:g}",
             lambda cfg=cfg: [setup.backupd, "backup", "fs", "-c", str(cfg)],  # type: ignore[misc]
             env=setup.pg_env,
-            gnu_time=True,
             prepare=lambda store=store: empty_dir(store),  # type: ignore[misc]
         )
         setup.progress(f"peak RSS of backupd backup at scale {scale:g} ({database})")

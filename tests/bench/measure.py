@@ -1,10 +1,12 @@
 """Running contenders and measuring them: wall time, CPU time, peak RSS.
 
 Every contender is one child process (a `backupd` command, or `bash -c` for a
-shell pipeline). Wall time is `perf_counter` around it; CPU time and peak RSS
-come from `os.wait4`, which covers the child and the descendants it reaped
-(pg_dump, zstd, ...), not the PostgreSQL server. Peak RSS of backupd is taken
-with GNU `/usr/bin/time -v` as well, the tool an operator would use.
+shell pipeline) started under GNU `/usr/bin/time -v`. Wall time is
+`perf_counter` around it; CPU time comes from `os.wait4` and covers the child
+and the descendants it reaped (pg_dump, zstd, ...), not the PostgreSQL server.
+Peak RSS is GNU time's "Maximum resident set size": the largest process of the
+tree. (`wait4`'s own ru_maxrss is no good here: a child forked from this
+process starts with this process's high-water mark, moto's objects included.)
 """
 
 from __future__ import annotations
@@ -30,23 +32,15 @@ class BenchError(RuntimeError):
 class Sample:
     wall: float  # seconds
     cpu: float  # user + system seconds of the process tree (server excluded)
-    max_rss_kb: int  # largest resident set in the tree (GNU time's figure when used)
+    max_rss_kb: int  # largest resident set in the tree (GNU time's figure)
 
 
-def run(
-    argv: Sequence[str],
-    *,
-    log: Path,
-    env: dict[str, str] | None = None,
-    gnu_time: bool = False,
-) -> Sample:
+def run(argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None) -> Sample:
     """Run one contender to completion; raise BenchError (with its output) if it fails."""
-    argv = list(argv)
+    if not os.access(TIME_BIN, os.X_OK):
+        raise BenchError(f"{TIME_BIN} is missing: apt-get install -y time")
     time_out = log.with_suffix(".time")
-    if gnu_time:
-        if not os.access(TIME_BIN, os.X_OK):
-            raise BenchError(f"{TIME_BIN} is missing: apt-get install -y time")
-        argv = [TIME_BIN, "-v", "-o", str(time_out), *argv]
+    argv = [TIME_BIN, "-v", "-o", str(time_out), *argv]
     with open(log, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -56,13 +50,10 @@ def run(
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise BenchError(f"{' '.join(argv)[:300]} exited {proc.returncode}:\n{tail}")
-    rss = usage.ru_maxrss
-    if gnu_time:
-        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_out.read_text())
-        if match is None:
-            raise BenchError(f"no peak RSS in {time_out}")
-        rss = int(match.group(1))
-    return Sample(wall, usage.ru_utime + usage.ru_stime, rss)
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_out.read_text())
+    if match is None:
+        raise BenchError(f"no peak RSS in {time_out}")
+    return Sample(wall, usage.ru_utime + usage.ru_stime, int(match.group(1)))
 
 
 def shell(pipeline: str) -> list[str]:
@@ -77,7 +68,6 @@ class Contender:
     name: str
     argv: Callable[[], list[str]]
     env: dict[str, str] | None = None
-    gnu_time: bool = False
     prepare: Callable[[], None] = lambda: None
     cleanup: Callable[[], None] = lambda: None
     samples: list[Sample] = field(default_factory=list)
@@ -97,7 +87,7 @@ def alternate(
         for c in [*contenders[r % n :], *contenders[: r % n]]:
             c.prepare()
             slug = re.sub(r"[^a-z0-9]+", "-", c.name.lower()).strip("-")[:60]
-            sample = run(c.argv(), log=logdir / f"{slug}-{r}.log", env=c.env, gnu_time=c.gnu_time)
+            sample = run(c.argv(), log=logdir / f"{slug}-{r}.log", env=c.env)
             c.cleanup()
             c.samples.append(sample)
             progress(
