@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -110,12 +110,12 @@ async def run_backup(
                 key = (
                     f"{stem}/{data_name(dump.name, dump.fmt, job.compression.extension, encrypted)}"
                 )
-                async with _in_snapshot(job, dump, source.dsn, password) as (dump, counts):
-                    result = await _dump_one(
-                        job, dump, env, stores, folder + key, completed, on_bytes
-                    )
-                if counts is not None:
-                    tables[dump.name] = counts
+                async with _in_snapshot(job, dump, source.dsn, password) as (dump, snapshot):
+                    dumping = _dump_one(job, dump, env, stores, folder + key, completed, on_bytes)
+                    if snapshot is None:
+                        result = await dumping
+                    else:
+                        result, tables[dump.name] = await _while_counting(dumping, snapshot)
                 # min_size guards database dumps; the globals are small by nature.
                 floor = job.min_size if dump.tool == "pg_dump" else 1
                 if result.raw_bytes < floor:
@@ -191,14 +191,31 @@ def records_row_counts(job: Job) -> bool:
 @contextlib.asynccontextmanager
 async def _in_snapshot(
     job: Job, dump: _Dump, dsn: str, password: str | None
-) -> AsyncIterator[tuple[_Dump, dict[str, int] | None]]:
-    """Run a database's pg_dump inside a snapshot exported by backupd, with the row counts
-    taken in that same snapshot; other dumps run as they are, without counts."""
+) -> AsyncIterator[tuple[_Dump, postgres.Snapshot | None]]:
+    """Run a database's pg_dump inside a snapshot exported by backupd, so that rows can
+    be counted in that same snapshot; other dumps run as they are (no snapshot)."""
     if dump.tool != "pg_dump" or not records_row_counts(job):
         yield dump, None
         return
     async with postgres.exported_snapshot(dsn, password, dump.name) as snapshot:
-        yield replace(dump, argv=[*dump.argv, f"--snapshot={snapshot.id}"]), snapshot.row_counts
+        yield replace(dump, argv=[*dump.argv, f"--snapshot={snapshot.id}"]), snapshot
+
+
+async def _while_counting(
+    dumping: Coroutine[Any, Any, StreamResult], snapshot: postgres.Snapshot
+) -> tuple[StreamResult, dict[str, int]]:
+    """Run the dump and count rows in its snapshot at the same time (not one after the
+    other: on a 1 GB database the counts alone take ~0.6 s)."""
+    counting = asyncio.create_task(snapshot.count_rows())
+    try:
+        result = await dumping
+    except BaseException:
+        counting.cancel()
+        await asyncio.wait([counting])
+        if not counting.cancelled():
+            counting.exception()  # retrieved and dropped: the dump's error is the one to report
+        raise
+    return result, await counting
 
 
 async def _dump_one(

@@ -25,6 +25,7 @@ CompressionAlgorithm = Literal["none", "gzip", "zstd", "lz4"]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 AddressingStyle = Literal["auto", "path", "virtual"]
+S3Checksum = Literal["crc32", "md5"]
 NotifierType = Literal["webhook", "slack", "healthchecks"]
 
 JOB_KINDS: tuple[JobKind, ...] = ("full", "schema-only", "data-only")
@@ -32,6 +33,7 @@ DUMP_FORMATS: tuple[DumpFormat, ...] = ("custom", "plain")
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 ADDRESSING_STYLES: tuple[AddressingStyle, ...] = ("auto", "path", "virtual")
+S3_CHECKSUMS: tuple[S3Checksum, ...] = ("crc32", "md5")
 NOTIFIER_TYPES: tuple[NotifierType, ...] = ("webhook", "slack", "healthchecks")
 NOTIFY_EVENTS = ("start", "success", "failure", "recovered", "retry")
 
@@ -200,6 +202,8 @@ class S3Storage:
     upload_concurrency: int = 4
     storage_class: str = ""
     addressing_style: AddressingStyle = "auto"
+    # crc32: S3 flexible checksums, as AWS SDKs send them; md5: Content-MD5 only.
+    checksum: S3Checksum = "crc32"
     abandoned_upload_grace: float = 86400.0
     type: Literal["s3"] = "s3"
 

@@ -38,6 +38,7 @@ from backupd.config import (
     LOG_LEVELS,
     NOTIFIER_TYPES,
     NOTIFY_EVENTS,
+    S3_CHECKSUMS,
     Compression,
     CompressionAlgorithm,
     Config,
@@ -901,6 +902,7 @@ _S3_SCHEMA: dict[str, _Parser[Any]] = {
     "upload_concurrency": _int(1, 64),
     "storage_class": _string,
     "addressing_style": _choice(ADDRESSING_STYLES),
+    "checksum": _choice(S3_CHECKSUMS),
     "abandoned_upload_grace": _positive_duration,
 }
 
@@ -1135,6 +1137,7 @@ def _storage_doc(s: Storage) -> dict[str, Any]:
         "upload_concurrency": s.upload_concurrency,
         "storage_class": s.storage_class,
         "addressing_style": s.addressing_style,
+        "checksum": s.checksum,
         "abandoned_upload_grace": format_duration(s.abandoned_upload_grace),
     }
     return _without_none(doc)

@@ -470,7 +470,7 @@ class FaultProxy:
         assert self._session is not None
         dropped = set(_DROP_REQUEST)
         if strip_checksums:
-            dropped |= {"content-md5", "x-amz-content-sha256"}
+            dropped |= {"content-md5", "x-amz-content-sha256", "x-amz-checksum-crc32"}
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in dropped]
         async with self._session.request(
             request.method, url, headers=headers, data=io.BytesIO(body), allow_redirects=False

@@ -547,10 +547,11 @@ part_size = 8388608
     )
     storage = cfg.storages["s3"]
     assert isinstance(storage, S3Storage)
-    assert (storage.prefix, storage.endpoint_url, storage.part_size) == (
+    assert (storage.prefix, storage.endpoint_url, storage.part_size, storage.checksum) == (
         "prod/",
         "http://127.0.0.1:9000",
         8 * 1024**2,
+        "crc32",
     )
     errors = errors_of(
         """
@@ -558,6 +559,7 @@ part_size = 8388608
 type = "s3"
 bucket = "b"
 part_size = "4MiB"
+checksum = "sha1"
 upload_concurrency = 65
 access_key_id = { env = "KEY" }
 [storage.fs]
@@ -568,6 +570,7 @@ bucket = "b"
     )
     assert errors == [
         'storage.s3.part_size: expected a size between 5MiB and 5GiB, got "4MiB"',
+        'storage.s3.checksum: expected one of "crc32", "md5", got "sha1"',
         "storage.s3.upload_concurrency: expected an integer between 1 and 64, got 65",
         "storage.s3.secret_access_key: required when access_key_id is set (give both, or neither)",
         'storage.fs.path: expected an absolute path, got "relative/dir"',

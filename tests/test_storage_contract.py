@@ -41,13 +41,17 @@ def s3_config(endpoint: str, bucket: str, **overrides: object) -> S3Storage:
     return S3Storage(**settings)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", "s3", "s3-md5"])
 def storage_config(
     request: pytest.FixtureRequest, tmp_path: os.PathLike[str]
 ) -> S3Storage | FilesystemStorage:
+    """Each backend; S3 with both its checksum settings (CRC32 flexible checksums, MD5)."""
     if request.param == "filesystem":
         return FilesystemStorage(name="local", path=os.path.join(tmp_path, "store"))
-    return s3_config(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket"))
+    endpoint, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+    if request.param == "s3-md5":
+        return s3_config(endpoint, bucket, checksum="md5")
+    return s3_config(endpoint, bucket)
 
 
 @pytest.fixture

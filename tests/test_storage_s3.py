@@ -8,8 +8,10 @@ in which case it answers like a misbehaving S3 would (503 SlowDown, 200 with an
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import os
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,7 @@ from tests.pgcluster import free_port
 from tests.test_storage_contract import (
     MULTIPART_SIZE,
     NO_WAIT_RETRY,
+    read_object,
     s3_config,
     write_object,
 )
@@ -163,6 +166,59 @@ async def test_multipart_object_has_the_expected_parts_under_the_prefix(
     head = s3_client.head_object(Bucket=s3_bucket, Key="prod/app/db.dump")
     assert head["ContentLength"] == MULTIPART_SIZE
     assert head["ETag"].strip('"').endswith("-3")
+
+
+def crc32_b64(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+async def test_every_part_carries_its_crc32_and_the_store_keeps_the_composite(
+    proxy: FaultProxy, proxied: Store, s3_client: Any, s3_bucket: str
+) -> None:
+    data = os.urandom(MULTIPART_SIZE)
+    await write_object(proxied, "app/db.dump", data)
+
+    [create] = [r for r in proxy.seen if is_create(r)]
+    assert create.headers["x-amz-checksum-algorithm"] == "CRC32"
+    parts = [data[i : i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
+    sent = {
+        int(r.query["partNumber"]): r.headers.get("x-amz-checksum-crc32")
+        for r in proxy.seen
+        if is_upload_part()(r)
+    }
+    assert sent == {n: crc32_b64(part) for n, part in enumerate(parts, 1)}
+    # S3's composite: the CRC32 of the parts' CRC32s (AWS appends "-<parts>", moto does not).
+    composite = crc32_b64(b"".join(zlib.crc32(p).to_bytes(4, "big") for p in parts))
+    head = s3_client.head_object(Bucket=s3_bucket, Key="prod/app/db.dump", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32"].removesuffix(f"-{len(parts)}") == composite
+
+
+async def test_a_small_object_carries_its_crc32(proxy: FaultProxy, proxied: Store) -> None:
+    await proxied.put_bytes("app/manifest.json", b'{"id": "x"}')
+
+    [put] = [r for r in proxy.seen if r.method == "PUT"]
+    assert put.headers["x-amz-checksum-crc32"] == crc32_b64(b'{"id": "x"}')
+
+
+async def test_checksum_md5_sends_no_flexible_checksum(proxy: FaultProxy, s3_bucket: str) -> None:
+    """For stores that reject x-amz-checksum-*: over plain HTTP SigV4 signs each body's
+    SHA-256, so nothing else is sent (over HTTPS, Content-MD5)."""
+    store = await open_store(
+        s3_config(proxy.url, s3_bucket, checksum="md5"), s3_retry=NO_WAIT_RETRY
+    )
+    try:
+        data = os.urandom(MULTIPART_SIZE)
+        await write_object(store, "app/db.dump", data)
+        assert await read_object(store, "app/db.dump") == data
+    finally:
+        await store.aclose()
+
+    writes = [r for r in proxy.seen if r.method in ("PUT", "POST")]
+    assert len(writes) == 5  # create, 3 parts, complete
+    for request in writes:
+        assert not [h for h in request.headers if h.lower().startswith("x-amz-checksum")]
+        assert "Content-MD5" not in request.headers
+        assert len(request.headers["x-amz-content-sha256"]) == 64  # the signed body digest
 
 
 @pytest.mark.parametrize("size", [1000, MULTIPART_SIZE], ids=["small", "multipart"])

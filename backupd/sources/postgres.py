@@ -54,10 +54,24 @@ class ServerInfo:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A snapshot exported for pg_dump (`--snapshot=ID`) and the row counts seen in it."""
+    """A snapshot exported for pg_dump (`--snapshot=ID`), held open by `conn`."""
 
     id: str
-    row_counts: dict[str, int]
+    conn: asyncpg.Connection
+    where: str
+
+    async def count_rows(self) -> dict[str, int]:
+        """Exact row counts of every user table as this snapshot sees them.
+
+        Meant to run while pg_dump dumps the same snapshot: one backend, no
+        parallel workers, so it takes a core at most and ends well before the
+        dump (which reads the same tables and more).
+        """
+        try:
+            await self.conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        except (OSError, asyncpg.ConnectionDoesNotExistError) as exc:
+            raise SourceUnavailable(f"connection to {self.where} lost: {exc}") from None
+        return await _count_rows(self.conn, self.where)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +161,11 @@ async def table_row_counts(dsn: str, password: str | None, database: str) -> dic
 async def exported_snapshot(
     dsn: str, password: str | None, database: str
 ) -> AsyncIterator[Snapshot]:
-    """Open a REPEATABLE READ transaction on `database`, export its snapshot, count rows in it.
+    """Open a REPEATABLE READ transaction on `database` and export its snapshot.
 
     The transaction stays open until the block ends, so a pg_dump started inside
-    with `--snapshot=ID` dumps exactly the rows counted: the counts recorded in
-    the manifest are those of the dump, not of a moment before it.
+    with `--snapshot=ID` dumps exactly the rows `Snapshot.count_rows` counts: the
+    counts recorded in the manifest are those of the dump, not of a moment before it.
     """
     where = f"{redact_dsn(dsn)} (database {database})"
     conn = await connect(dsn, password, database)
@@ -163,7 +177,7 @@ async def exported_snapshot(
             raise SourceUnavailable(f"connection to {where} lost: {exc}") from None
         except asyncpg.PostgresError as exc:
             raise SourceError(f"cannot export a snapshot on {where}: {exc}") from None
-        yield Snapshot(snapshot_id, await _count_rows(conn, where))
+        yield Snapshot(snapshot_id, conn, where)
     finally:
         await conn.close()
 

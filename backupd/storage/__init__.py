@@ -5,7 +5,7 @@ from __future__ import annotations
 from backupd.config import FilesystemStorage, S3Storage
 from backupd.storage.base import IncompleteUpload, ObjectInfo, Store, Upload
 from backupd.storage.filesystem import open_filesystem_store
-from backupd.storage.s3 import RetrySettings, open_s3_store
+from backupd.storage.retry import RetrySettings
 
 __all__ = [
     "IncompleteUpload",
@@ -25,5 +25,9 @@ async def open_store(
     `s3_retry` overrides how S3 requests are retried (tests use zero waits).
     """
     if isinstance(cfg, S3Storage):
+        # Imported here: aiobotocore and aiohttp take ~0.2 s to import, which a
+        # `backupd backup` to the filesystem (or `--help`) should not pay.
+        from backupd.storage.s3 import open_s3_store
+
         return await open_s3_store(cfg, s3_retry)
     return await open_filesystem_store(cfg)

@@ -18,20 +18,19 @@ import builtins
 import hashlib
 import io
 import secrets
+import zlib
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Literal
 
 import aiohttp
 import botocore.exceptions as botocore_errors
-import stamina
 import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from backupd.config import S3Storage
+from backupd.config import S3Checksum, S3Storage
 from backupd.errors import NotFound, StorageError, TransientStorageError
 from backupd.storage.base import (
     BaseStore,
@@ -41,6 +40,7 @@ from backupd.storage.base import (
     check_key,
     check_prefix,
 )
+from backupd.storage.retry import RetrySettings
 
 log = structlog.get_logger(__name__)
 
@@ -82,40 +82,17 @@ _REQUEST_ERRORS = (botocore_errors.BotoCoreError, botocore_errors.ClientError, a
 _REQUEST_ERRORS_AND_OS = (*_REQUEST_ERRORS, OSError)
 
 
-@dataclass(frozen=True, slots=True)
-class RetrySettings:
-    """How one S3 request (a part, a listing...) is retried on transient errors.
-
-    `timeout` bounds all attempts of one request together. Tests pass waits of 0.
-    """
-
-    attempts: int = 6
-    timeout: float = 900.0
-    wait_initial: float = 0.5
-    wait_max: float = 30.0
-    wait_jitter: float = 1.0
-
-    def context(self) -> Any:
-        return stamina.retry_context(
-            on=TransientStorageError,
-            attempts=self.attempts,
-            timeout=self.timeout,
-            wait_initial=self.wait_initial,
-            wait_max=self.wait_max,
-            wait_jitter=self.wait_jitter,
-        )
-
-
 def _error_code(exc: botocore_errors.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _md5_base64(data: bytes | io.BytesIO) -> str:
-    if isinstance(data, io.BytesIO):
-        with data.getbuffer() as view:
+def _digest_base64(data: bytes | io.BytesIO, algorithm: S3Checksum) -> str:
+    """CRC32 (big-endian, as S3 wants it) or MD5 of a body, base64; releases the GIL."""
+    with data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data) as view:
+        if algorithm == "crc32":
+            digest = zlib.crc32(view).to_bytes(4, "big")
+        else:
             digest = hashlib.md5(view, usedforsecurity=False).digest()
-    else:
-        digest = hashlib.md5(data, usedforsecurity=False).digest()
     return base64.b64encode(digest).decode()
 
 
@@ -144,7 +121,7 @@ class S3Upload:
         self._create: asyncio.Task[str] | None = None
         self._upload_id: str | None = None
         self._next_part = 1
-        self._etags: dict[int, str] = {}
+        self._done: dict[int, dict[str, str]] = {}  # part number -> ETag (and checksum)
         self._parts: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(store.upload_concurrency)
         self._failure: StorageError | None = None
@@ -244,7 +221,7 @@ class S3Upload:
 
     async def _upload_part(self, upload_id: str, number: int, part: io.BytesIO) -> None:
         try:
-            self._etags[number] = await self._store.upload_part(
+            self._done[number] = await self._store.upload_part(
                 self._object_key, upload_id, number, part
             )
         except StorageError as exc:
@@ -271,7 +248,7 @@ class S3Upload:
         self._check_parts()
         for task in self._parts:
             task.result()  # a bug in a part task surfaces here, not as a lost exception
-        parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
+        parts = [{"PartNumber": n, **self._done[n]} for n in sorted(self._done)]
         await self._publish(store.complete_multipart(self._object_key, upload_id, parts))
         size = await store.object_size(self._object_key)
         if size != self._size:
@@ -336,12 +313,13 @@ class S3Store(BaseStore):
         # An object that reaches this size is uploaded in parts (smaller: one PutObject).
         self.early_create = max(self.MIN_PART_SIZE, cfg.part_size // 2)
         self.storage_class = cfg.storage_class
+        self.checksum = cfg.checksum
         self._client = client
         self._exit_stack = exit_stack
         self._retry = retry
         # Over plain HTTP botocore signs every body's SHA-256 (SigV4) and the store
         # checks it: a Content-MD5 as well would hash each part twice for nothing.
-        self._payload_signed = cfg.endpoint_url.startswith("http://")
+        self._md5_needed = cfg.checksum == "md5" and not cfg.endpoint_url.startswith("http://")
 
     # -- errors and requests -------------------------------------------------
 
@@ -429,14 +407,25 @@ class S3Store(BaseStore):
                     raise self._error(exc, action) from exc
         return items
 
+    def _checksum_algorithm(self) -> dict[str, Any]:
+        """Declared when a multipart upload starts: every part then carries its CRC32."""
+        return {"ChecksumAlgorithm": "CRC32"} if self.checksum == "crc32" else {}
+
     def _storage_class(self) -> dict[str, Any]:
         return {"StorageClass": self.storage_class} if self.storage_class else {}
 
     async def _checksum(self, body: bytes | io.BytesIO) -> dict[str, Any]:
-        """Content-MD5 (computed off the event loop), unless SigV4 signs the body."""
-        if self._payload_signed:
-            return {}
-        return {"ContentMD5": await asyncio.to_thread(_md5_base64, body)}
+        """The body's checksum parameter, computed off the event loop.
+
+        `crc32`: x-amz-checksum-crc32, which the store checks and keeps (per part,
+        and for the object as a composite of the parts). `md5`: Content-MD5,
+        unless SigV4 already signs the body's SHA-256 (plain HTTP).
+        """
+        if self.checksum == "crc32":
+            return {"ChecksumCRC32": await asyncio.to_thread(_digest_base64, body, "crc32")}
+        if self._md5_needed:
+            return {"ContentMD5": await asyncio.to_thread(_digest_base64, body, "md5")}
+        return {}
 
     # -- primitives used by S3Upload -----------------------------------------
 
@@ -445,13 +434,16 @@ class S3Store(BaseStore):
             f"start upload of {object_key}",
             "create_multipart_upload",
             Key=object_key,
+            **self._checksum_algorithm(),
             **self._storage_class(),
         )
         return str(response["UploadId"])
 
     async def upload_part(
         self, object_key: str, upload_id: str, number: int, data: io.BytesIO
-    ) -> str:
+    ) -> dict[str, str]:
+        """Upload one part; returns its entry for CompleteMultipartUpload (less the number)."""
+        checksum = await self._checksum(data)
         response = await self._call(
             f"upload part {number} of {object_key}",
             "upload_part",
@@ -459,9 +451,12 @@ class S3Store(BaseStore):
             UploadId=upload_id,
             PartNumber=number,
             Body=data,
-            **await self._checksum(data),
+            **checksum,
         )
-        return str(response["ETag"])
+        done = {"ETag": str(response["ETag"])}
+        if "ChecksumCRC32" in checksum:
+            done["ChecksumCRC32"] = checksum["ChecksumCRC32"]
+        return done
 
     async def complete_multipart(
         self, object_key: str, upload_id: str, parts: list[dict[str, Any]]
