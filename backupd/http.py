@@ -2,19 +2,23 @@
 
 Read-only by design: GET and HEAD only (aiohttp answers 405 to anything else
 on a known path, 404 elsewhere), no config shown, nothing changes state.
-/metrics is prometheus_client's aiohttp handler, so a scraper that asks for
-OpenMetrics or gzip gets it; a plain GET gets the Prometheus text format.
+/metrics is always the Prometheus text format (0.0.4), which every Prometheus
+accepts whatever else its Accept header offers: backupd renders it itself, fast
+(see `backupd.exposition`); OpenMetrics would add nothing backupd uses. It is
+gzipped (level 1, off the event loop) when the scraper asks, as Prometheus does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from backupd.errors import BackupdError, ConfigError
+from backupd.exposition import CONTENT_TYPE
 from backupd.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -64,7 +68,7 @@ class HttpServer:
     async def start(self) -> tuple[str, int]:
         """Listen, then return the bound (host, port); port 0 picks a free one."""
         app = web.Application()
-        app.router.add_get("/metrics", make_aiohttp_handler(self._metrics.registry))
+        app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -85,6 +89,14 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        body = self._metrics.exposition()
+        headers = {"Content-Type": CONTENT_TYPE}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = await asyncio.to_thread(gzip.compress, body, 1)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         try:

@@ -37,10 +37,10 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
-    generate_latest,
 )
 
 from backupd import __version__
+from backupd.exposition import TextExposition
 
 RUN_RESULTS = ("success", "failure", "cancelled")
 ATTEMPT_RESULTS = ("success", "retry", "failure", "cancelled")
@@ -169,12 +169,36 @@ class Metrics:
         for result in RELOAD_RESULTS:
             self._reloads.labels(result)
         self._reload_ok.set(1)
-        ProcessCollector(registry=r)
+        process = ProcessCollector(registry=r)
         self._last_success_ts: dict[str, float] = {}
+        # Every collector above, in the order registered: /metrics renders them so.
+        self._text = TextExposition(
+            [
+                self._runs,
+                self._attempts,
+                self._duration,
+                self._last_success,
+                self._last_failure,
+                self._last_size,
+                self._next_run,
+                self._running,
+                self._skipped,
+                self._bytes_written,
+                self._backups,
+                self._retention_deleted,
+                self._retention_errors,
+                self._last_verify,
+                self._reloads,
+                self._reload_ok,
+                self._notify_failures,
+                build_info,
+                process,
+            ]
+        )
 
     def exposition(self) -> bytes:
-        """The registry in Prometheus text format."""
-        return generate_latest(self.registry)
+        """The registry in the Prometheus text format (what /metrics serves)."""
+        return self._text.render()
 
     # -- configuration -------------------------------------------------------------
 

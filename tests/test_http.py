@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -67,18 +68,24 @@ async def test_metrics_are_served_in_prometheus_text_format(served: Served) -> N
     assert "backupd_build_info{" in text
 
 
-async def test_a_scraper_asking_for_openmetrics_gets_it(served: Served) -> None:
+async def test_a_scraper_asking_for_openmetrics_gets_the_text_format_gzipped(
+    served: Served,
+) -> None:
+    """What Prometheus 2.x sends: OpenMetrics first, text/plain accepted, gzip."""
     served.metrics.jobs_configured(["nightly"])
     accept = (
         "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
         "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
-    )  # what Prometheus 2.x sends
-    async with served.client.get(served.url + "/metrics", headers={"Accept": accept}) as resp:
+    )
+    headers = {"Accept": accept, "Accept-Encoding": "gzip"}
+    async with served.client.get(
+        served.url + "/metrics", headers=headers, auto_decompress=False
+    ) as resp:
         assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
-        text = await resp.text()
+        assert resp.headers["Content-Type"] == CONTENT_TYPE_PLAIN_0_0_4
+        assert resp.headers["Content-Encoding"] == "gzip"
+        text = gzip.decompress(await resp.read()).decode()
     assert 'backupd_job_runs_total{job="nightly",result="failure"} 0.0' in text
-    assert text.endswith("# EOF\n")
 
 
 async def test_head_is_allowed(served: Served) -> None:

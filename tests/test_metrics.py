@@ -6,9 +6,11 @@ import shutil
 import subprocess
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backupd import __version__
+from backupd.exposition import TextExposition
 from backupd.metrics import Metrics
 
 
@@ -217,3 +219,43 @@ def test_exposition_passes_promtool_lint() -> None:
     )
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
     assert proc.stdout.decode().strip() == ""
+
+
+def without_process_values(exposition: bytes) -> list[str]:
+    """The lines, less the process_* samples (memory and CPU change between two reads)."""
+    return [line for line in exposition.decode().splitlines() if not line.startswith("process_")]
+
+
+def test_exposition_is_byte_for_byte_what_prometheus_client_writes() -> None:
+    """backupd renders /metrics itself (fast); it must say exactly what generate_latest says."""
+    m = populated()
+    m.jobs_configured(["k", "gone"])
+    m.run_finished("k", "cancelled", 7.5, None, 1_700_000_001.0)
+    m.exposition()  # fills the per-series cache, which must not go stale:
+    m.forget_job("gone")
+    m.run_finished("j", "success", 1e6, 10**12, 1_700_100_000.0)
+
+    ours = m.exposition()
+
+    assert without_process_values(ours) == without_process_values(generate_latest(m.registry))
+    assert 'job="gone"' not in ours.decode()
+
+
+def test_text_exposition_escapes_like_prometheus_client() -> None:
+    registry = CollectorRegistry()
+    counter = Counter(
+        "odd_total", 'Help with \\ and\nnewline "quotes".', ["b", "a"], registry=registry
+    )
+    gauge = Gauge("plain", "A gauge.", ["x"], registry=registry)
+    histogram = Histogram("lat", "Latency.", ["z"], buckets=(0.5, 2.0), registry=registry)
+    counter.labels('q"uote', "back\\slash\nnl").inc(3)
+    gauge.labels("é").set(-1.5e-9)
+    gauge.labels("inf").set(float("inf"))
+    histogram.labels("a").observe(1.0)
+    histogram.labels("a").observe(9.0)
+    unlabelled = Gauge("solo", "No labels.", registry=registry)
+    unlabelled.set(2)
+
+    text = TextExposition([counter, gauge, histogram, unlabelled]).render()
+
+    assert text == generate_latest(registry)
