@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import stat
@@ -14,7 +15,7 @@ import pytest
 
 from backupd.config import FilesystemStorage
 from backupd.errors import NotFound, StorageError
-from backupd.storage import IncompleteUpload, open_store
+from backupd.storage import IncompleteUpload, filesystem, open_store
 from backupd.storage.filesystem import FilesystemStore, open_filesystem_store
 
 MiB = 1024 * 1024
@@ -46,6 +47,57 @@ async def test_root_directories_and_files_are_private(tmp_path: Path) -> None:
     assert mode(root / "app" / "2024" / "01" / "02") == 0o700
     assert mode(root / "app" / "2024" / "01" / "02" / "app.manifest.json") == 0o600
     await store.aclose()
+
+
+@pytest.fixture
+def fdatasyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every os.fdatasync call (the real one still runs), with EARLY_SYNC at 4 MiB."""
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(filesystem, "EARLY_SYNC", 4 * MiB)
+    monkeypatch.setattr(os, "fdatasync", counted)
+    return calls
+
+
+async def test_a_large_upload_is_flushed_while_it_is_written(
+    store: FilesystemStore, fdatasyncs: list[int]
+) -> None:
+    data = os.urandom(21 * MiB)
+    upload = await store.open_upload("app/big.dump")
+    for start in range(0, len(data), MiB):
+        await upload.write(data[start : start + MiB])
+    synced_while_writing = len(fdatasyncs)
+
+    assert await upload.complete() == len(data)
+
+    assert 2 <= synced_while_writing <= 5  # about one per 4 MiB, never more than one at a time
+    assert (store.root / "app" / "big.dump").read_bytes() == data
+
+
+async def test_a_failed_background_flush_fails_the_upload(
+    store: FilesystemStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel reports a writeback error once: the final fsync would not see it again."""
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(filesystem, "EARLY_SYNC", 2 * MiB)
+    monkeypatch.setattr(os, "fdatasync", eio)
+    upload = await store.open_upload("app/big.dump")
+
+    with pytest.raises(StorageError, match="input/output error") as failed:
+        for _ in range(8):
+            await upload.write(os.urandom(MiB))
+        await upload.complete()
+
+    assert str(store.root / "app" / "big.dump") in str(failed.value)
+    assert all_files(store.root) == []
 
 
 @pytest.fixture
