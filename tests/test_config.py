@@ -570,8 +570,8 @@ bucket = "b"
     )
     assert errors == [
         'storage.s3.part_size: expected a size between 5MiB and 5GiB, got "4MiB"',
-        'storage.s3.checksum: expected one of "crc32", "md5", got "sha1"',
         "storage.s3.upload_concurrency: expected an integer between 1 and 64, got 65",
+        'storage.s3.checksum: expected one of "crc32", "md5", got "sha1"',
         "storage.s3.secret_access_key: required when access_key_id is set (give both, or neither)",
         'storage.fs.path: expected an absolute path, got "relative/dir"',
         "storage.fs.bucket: unknown key",
