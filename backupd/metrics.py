@@ -171,23 +171,27 @@ class Metrics:
         self._reload_ok.set(1)
         process = ProcessCollector(registry=r)
         self._last_success_ts: dict[str, float] = {}
+        # The metrics with a `job` label, in the order registered.
+        self._per_job = (
+            self._runs,
+            self._attempts,
+            self._duration,
+            self._last_success,
+            self._last_failure,
+            self._last_size,
+            self._next_run,
+            self._running,
+            self._skipped,
+            self._bytes_written,
+            self._backups,
+            self._retention_deleted,
+            self._retention_errors,
+            self._last_verify,
+        )
         # Every collector above, in the order registered: /metrics renders them so.
         self._text = TextExposition(
             [
-                self._runs,
-                self._attempts,
-                self._duration,
-                self._last_success,
-                self._last_failure,
-                self._last_size,
-                self._next_run,
-                self._running,
-                self._skipped,
-                self._bytes_written,
-                self._backups,
-                self._retention_deleted,
-                self._retention_errors,
-                self._last_verify,
+                *self._per_job,
                 self._reloads,
                 self._reload_ok,
                 self._notify_failures,
@@ -220,22 +224,7 @@ class Metrics:
 
     def forget_job(self, job: str) -> None:
         """Drop every series of a job a reload removed, so it stops being alerted on."""
-        for metric in (
-            self._runs,
-            self._attempts,
-            self._duration,
-            self._last_success,
-            self._last_failure,
-            self._last_size,
-            self._next_run,
-            self._running,
-            self._skipped,
-            self._bytes_written,
-            self._backups,
-            self._retention_deleted,
-            self._retention_errors,
-            self._last_verify,
-        ):
+        for metric in self._per_job:
             metric.remove_by_labels({"job": job})
         self._last_success_ts.pop(job, None)
 
