@@ -371,3 +371,29 @@ async def test_config_without_credentials_uses_the_default_chain(
         await store.check()
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "checksum", "unsigned"),
+    [
+        ("https://s3.example.invalid", "crc32", True),
+        ("", "crc32", True),  # AWS itself: https
+        ("https://s3.example.invalid", "md5", False),  # botocore skips it for Content-MD5
+        ("http://127.0.0.1:9", "crc32", False),  # no TLS: SigV4 signs every body
+    ],
+)
+async def test_bodies_are_hashed_for_the_signature_only_without_tls_or_a_checksum(
+    endpoint: str, checksum: str, unsigned: bool
+) -> None:
+    """botocore signs each part's SHA-256 on the event loop unless told not to; over
+    TLS the CRC32 header already protects the body. (No TLS store here: the client's
+    settings are checked, not a request.)"""
+    store = await open_store(
+        s3_config(endpoint, "b", checksum=checksum, access_key_id=None, secret_access_key=None),
+        s3_retry=NO_WAIT_RETRY,
+    )
+    try:
+        options = store._client.meta.config.s3  # type: ignore[attr-defined]
+        assert (options.get("payload_signing_enabled") is False) == unsigned
+    finally:
+        await store.aclose()

@@ -625,9 +625,15 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
     if cfg.upload_concurrency < 1:
         raise StorageError(f"s3 storage {cfg.name}: upload_concurrency must be at least 1")
     credentials = await asyncio.to_thread(_credentials, cfg)
+    s3_options: dict[str, Any] = {"addressing_style": cfg.addressing_style}
+    if cfg.checksum == "crc32" and not cfg.endpoint_url.startswith("http://"):
+        # Over TLS the CRC32 header protects each body: no SHA-256 of every part on
+        # the event loop for the signature (botocore would skip it for Content-MD5,
+        # but does not notice a checksum header set by the caller).
+        s3_options["payload_signing_enabled"] = False
     config = AioConfig(
         signature_version="s3v4",
-        s3={"addressing_style": cfg.addressing_style},
+        s3=s3_options,
         retries={"total_max_attempts": 1, "mode": "standard"},  # parts are retried here
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
