@@ -23,8 +23,9 @@ from backupd import __version__
 from backupd.codecs import Encoder, compressor
 from backupd.config import Job, PostgresSource
 from backupd.crypto import AgeEncryptor
-from backupd.errors import BackupdError, DumpFailed
+from backupd.errors import BackupdError, DumpFailed, SourceError
 from backupd.manifest import (
+    FailedDatabase,
     Manifest,
     ObjectEntry,
     data_name,
@@ -97,45 +98,48 @@ async def run_backup(
     backup_id = new_backup_id()
     folder = folder_for(job.name, started)
     stem = stem_for(job.name, started, backup_id)
-    encrypted = job.encryption is not None
     log.info("backup_started", stem=stem, databases=list(server.databases), attempt=attempt)
     _emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
 
     completed: dict[str, list[str]] = {name: [] for name in stores}
     objects: list[ObjectEntry] = []
     tables: dict[str, dict[str, int]] = {}
+    failed: list[FailedDatabase] = [FailedDatabase(name, why) for name, why in server.unusable]
+    for name, why in server.unusable:
+        log.error("database_failed", database=name, error=why)
     try:
-        with postgres.passfile_env(password) as env:
+        with postgres.passfile_env(password, source.dsn) as env:
             for dump in dumps:
-                key = (
-                    f"{stem}/{data_name(dump.name, dump.fmt, job.compression.extension, encrypted)}"
-                )
-                async with _in_snapshot(job, dump, source.dsn, password) as (dump, snapshot):
-                    dumping = _dump_one(job, dump, env, stores, folder + key, completed, on_bytes)
-                    if snapshot is None:
-                        result = await dumping
-                    else:
-                        result, tables[dump.name] = await _while_counting(dumping, snapshot)
-                # min_size guards database dumps; the globals are small by nature.
-                floor = job.min_size if dump.tool == "pg_dump" else 1
-                if result.raw_bytes < floor:
-                    raise DumpFailed(
-                        f"{dump.tool} output for {dump.name} is {result.raw_bytes} bytes, below "
-                        f"min_size {floor}: refusing to call it a backup"
+                try:
+                    entry, counts = await _dump_database(
+                        job, source, dump, env, stores, stem, folder, completed, on_bytes, password
                     )
-                objects.append(
-                    ObjectEntry(
-                        database=dump.name,
-                        key=key,
-                        size_bytes=result.size_bytes,
-                        raw_bytes=result.raw_bytes,
-                        sha256=result.sha256,
-                        format=dump.fmt,
-                    )
-                )
+                except (DumpFailed, SourceError) as exc:
+                    if exc.transient or dump.tool != "pg_dump":
+                        raise  # the server is down, or the globals: the whole attempt fails
+                    # This database cannot be dumped; the others still can.
+                    log.error("database_failed", database=dump.name, error=str(exc))
+                    failed.append(FailedDatabase(dump.name, str(exc)))
+                    _emit(progress, {"event": "database_failed", "database": dump.name})
+                    continue
+                objects.append(entry)
+                if counts is not None:
+                    tables[dump.name] = counts
                 _emit(
                     progress,
-                    {"event": "object", "database": dump.name, "size_bytes": result.size_bytes},
+                    {"event": "object", "database": dump.name, "size_bytes": entry.size_bytes},
+                )
+        dumped = [o for o in objects if o.database in server.databases]
+        if failed and not dumped:
+            raise DumpFailed(
+                "no database could be backed up: " + "; ".join(f.summary() for f in failed)
+            )
+        if job.databases == ("*",):
+            total = sum(o.raw_bytes for o in dumped)
+            if total < job.min_size:
+                raise DumpFailed(
+                    f"the dumps of all {len(dumped)} databases total {total} bytes, below "
+                    f"min_size {job.min_size}: refusing to call it a backup"
                 )
         finished = now_utc()
         manifest = Manifest(
@@ -165,11 +169,20 @@ async def run_backup(
             attempts=attempt,
             backupd_version=__version__,
             tables=tables,
+            failed=tuple(failed),
         )
         await _publish(stores, manifest)
     except BaseException:
         await _discard(stores, completed)
         raise
+    if failed:
+        log.error(
+            "backup_partial",
+            stem=stem,
+            databases=[o.database for o in objects],
+            failed=[f.database for f in failed],
+        )
+        raise PartialBackup(manifest)
     log.info(
         "backup_published",
         stem=stem,
@@ -177,6 +190,62 @@ async def run_backup(
         duration_seconds=manifest.duration_seconds,
     )
     return manifest
+
+
+class PartialBackup(DumpFailed):
+    """Some databases were backed up and published, others failed: the run is a failure
+    (alerts fire), the backup exists and its manifest says what it lacks."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        failures = "; ".join(f.summary() for f in manifest.failed)
+        super().__init__(
+            f"{len(manifest.failed)} of {len(manifest.failed) + len(manifest.objects)} "
+            f"databases failed ({failures}); the others are published as backup {manifest.stem}"
+        )
+
+
+async def _dump_database(
+    job: Job,
+    source: PostgresSource,
+    dump: _Dump,
+    env: dict[str, str],
+    stores: Mapping[str, Store],
+    stem: str,
+    folder: str,
+    completed: dict[str, list[str]],
+    on_bytes: Callable[[str, int], None] | None,
+    password: str | None,
+) -> tuple[ObjectEntry, dict[str, int] | None]:
+    """Dump one database (or the globals) to every store; its entry and row counts."""
+    encrypted = job.encryption is not None
+    key = f"{stem}/{data_name(dump.name, dump.fmt, job.compression.extension, encrypted)}"
+    counts: dict[str, int] | None = None
+    async with _in_snapshot(job, dump, source.dsn, password) as (dump, snapshot):
+        dumping = _dump_one(job, dump, env, stores, folder + key, completed, on_bytes)
+        if snapshot is None:
+            result = await dumping
+        else:
+            result, counts = await _while_counting(dumping, snapshot)
+    # min_size guards each database a job names; with databases = ["*"] it guards the
+    # run's total (run_backup), since a cluster's `postgres` database is rightly tiny.
+    # The globals are small by nature.
+    floor = job.min_size if dump.tool == "pg_dump" and job.databases != ("*",) else 1
+    if result.raw_bytes < floor:
+        await _discard(stores, {name: [folder + key] for name in stores}, completed)
+        raise DumpFailed(
+            f"{dump.tool} output for {dump.name} is {result.raw_bytes} bytes, below "
+            f"min_size {floor}: refusing to call it a backup"
+        )
+    entry = ObjectEntry(
+        database=dump.name,
+        key=key,
+        size_bytes=result.size_bytes,
+        raw_bytes=result.raw_bytes,
+        sha256=result.sha256,
+        format=dump.fmt,
+    )
+    return entry, counts
 
 
 def records_row_counts(job: Job) -> bool:
@@ -293,11 +362,18 @@ async def _publish(stores: Mapping[str, Store], manifest: Manifest) -> None:
         raise
 
 
-async def _discard(stores: Mapping[str, Store], completed: dict[str, list[str]]) -> None:
-    """Delete data objects of a failed attempt (they have no manifest, so are not backups)."""
+async def _discard(
+    stores: Mapping[str, Store],
+    completed: dict[str, list[str]],
+    noted: dict[str, list[str]] | None = None,
+) -> None:
+    """Delete data objects of a failed attempt or database (no manifest names them, so
+    they are not backups); the keys are also struck from `noted`, the attempt's record."""
 
     async def one(name: str) -> None:
         keys = completed.get(name) or []
+        if noted is not None:
+            noted[name] = [k for k in noted.get(name, []) if k not in keys]
         if not keys:
             return
         failed = await stores[name].delete(keys)

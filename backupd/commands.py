@@ -21,6 +21,7 @@ from backupd.errors import (
     EXIT_OK,
     BackupdError,
     ConfigError,
+    NotFound,
     SecretError,
     SecretMissing,
     UsageError,
@@ -209,7 +210,26 @@ async def _open_backup(
     config = _load(args)
     job = _job(config, args.job)
     store = await _store_for(pool, config, job, args.storage)
-    return config, job, store, await find_backup(store, job.name, args.backup)
+    manifest = await find_backup(store, job.name, args.backup)
+    database = getattr(args, "database", None)
+    if database is not None and not manifest.holds(database):
+        await _missing_database(store, job, manifest, database)
+    return config, job, store, manifest
+
+
+async def _missing_database(store: Store, job: Job, manifest: Manifest, database: str) -> None:
+    """Raise NotFound for `database` missing from `manifest`, naming a backup that has it
+    (a partial backup lacks the databases that failed in its run)."""
+    try:
+        manifest.object_for(database)
+    except NotFound as exc:
+        holder = next((m for m in await list_backups(store, job.name) if m.holds(database)), None)
+        hint = (
+            f"; the newest backup holding it is {holder.stem} (--backup {holder.id})"
+            if holder is not None
+            else f"; no backup of job {job.name!r} in storage {store.name!r} holds it"
+        )
+        raise NotFound(f"{exc}{hint}") from None
 
 
 async def list_(args: argparse.Namespace) -> int:

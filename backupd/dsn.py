@@ -1,7 +1,14 @@
 """PostgreSQL connection strings: libpq URLs (postgresql://...) and keyword=value strings.
 
-Parsing only, no I/O: which keywords a DSN sets, its host and database, and a
-copy safe to log (any password removed).
+Parsing only, no I/O: which keywords a DSN sets, its host and database, a
+copy safe to log (any password removed), and the keyword=value string that
+points a DSN at one database.
+
+A database name is never pasted into a URL: libpq would percent-decode it
+(`a%41b` is `aAb`) and read anything after a `?` as more parameters, so a
+database called `x?host=evil` would send the backup role to another server.
+`for_database` quotes the name as one keyword=value value instead, which libpq
+takes literally, whatever characters PostgreSQL allowed in it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,39 @@ def dsn_params(dsn: str) -> dict[str, str]:
 def dsn_database(dsn: str) -> str | None:
     """The database a DSN names, or None (libpq then uses the user name)."""
     return dsn_params(dsn).get("dbname") or None
+
+
+def conninfo(params: dict[str, str]) -> str:
+    """libpq keyword=value form of `params`, every value single-quoted and escaped.
+
+    libpq parses this back to exactly `params`: no percent-decoding, no nested
+    URL, no value can end early or add a keyword.
+    """
+    for key in params:
+        if not key or any(c in SPACE or c in "='\\" for c in key):
+            raise ValueError("invalid connection keyword")
+    return " ".join(f"{key}={_quote(value)}" for key, value in params.items())
+
+
+def for_database(dsn: str, database: str) -> str:
+    """The DSN's connection settings pointed at `database`, as a keyword=value string.
+
+    `database` may be any name PostgreSQL allows (quotes, `?`, `%`, `=`, spaces,
+    a leading `postgresql://`): it reaches the server unchanged. Raises ValueError
+    only for a NUL character, which no PostgreSQL identifier can hold.
+    """
+    if "\x00" in database:
+        raise ValueError("a database name cannot contain a NUL character")
+    params = dsn_params(dsn)
+    params.pop("dbname", None)
+    params["dbname"] = database
+    return conninfo(params)
+
+
+def _quote(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("a connection value cannot contain a NUL character")
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def dsn_host(dsn: str) -> str:

@@ -14,6 +14,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 
@@ -47,8 +48,30 @@ def folder_for(job: str, started_at: datetime) -> str:
 
 
 def data_name(database: str, fmt: str, compression_ext: str, encrypted: bool) -> str:
+    """The object name of one database's dump: `{database}.{ext}`, the name made safe.
+
+    Any database name PostgreSQL allows is backed up as itself; only its object
+    name is escaped (the manifest keeps the real name): characters other than
+    letters, digits, `-`, `_`, `.`, `@` and `+` become %XX, so a name with `/`,
+    `..`, spaces or control characters stays one object in the backup's folder.
+    """
     ext = "dump" if fmt == "custom" else "sql"
-    return f"{database}.{ext}{compression_ext}{'.age' if encrypted else ''}"
+    return f"{object_stem(database)}.{ext}{compression_ext}{'.age' if encrypted else ''}"
+
+
+def object_stem(database: str) -> str:
+    return quote(database, safe="-_.@+") or "%00"
+
+
+@dataclass(frozen=True, slots=True)
+class FailedDatabase:
+    """A database a run could not back up; the backup published the others."""
+
+    database: str
+    error: str  # one line, as the run reported it
+
+    def summary(self) -> str:
+        return f"{self.database}: {self.error}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +103,7 @@ class Manifest:
     attempts: int
     backupd_version: str
     tables: dict[str, dict[str, int]] = field(default_factory=dict)  # database -> table -> rows
+    failed: tuple[FailedDatabase, ...] = ()  # databases this run could not back up
     format_version: int = FORMAT_VERSION
 
     @property
@@ -119,7 +143,16 @@ class Manifest:
             if o.database == database:
                 return o
         names = ", ".join(o.database for o in self.objects)
+        why = next((f.error for f in self.failed if f.database == database), None)
+        if why is not None:
+            raise NotFound(
+                f"backup {self.stem} has no database {database!r}: it failed in this run "
+                f"({why}); the backup has: {names}"
+            )
         raise NotFound(f"backup {self.stem} has no database {database!r} (it has: {names})")
+
+    def holds(self, database: str) -> bool:
+        return any(o.database == database for o in self.objects)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -138,6 +171,7 @@ class Manifest:
             raise ValueError(f"unsupported manifest format_version {data.get('format_version')!r}")
         data.pop("stem", None)
         objects = tuple(ObjectEntry(**o) for o in data.pop("objects"))
+        data["failed"] = tuple(FailedDatabase(**f) for f in data.pop("failed", None) or ())
         known = set(cls.__dataclass_fields__)
         return cls(objects=objects, **{k: v for k, v in data.items() if k in known})
 

@@ -188,6 +188,7 @@ async def _spawn(argv: list[str], env: dict[str, str] | None) -> asyncio.subproc
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
             env=env,
+            pass_fds=postgres.inherited_fds(env),
         )
     except OSError as exc:
         raise SourceError(f"cannot start {argv[0]}: {exc.strerror}") from None
@@ -382,18 +383,19 @@ async def _restore(
         tool = _tool("psql", pg_bin_dir, manifest)
         argv = [str(tool.path), "--no-psqlrc", "--quiet", "--set", "ON_ERROR_STOP=1"]
         argv += ["--no-password", f"--dbname={dsn}"]
-    with _auth_env(password) as env:
+    with _auth_env(password, target) as env:
         read = await _stream(store, manifest, entry, _decoders(manifest, identity), argv, env)
     _check(read, entry, decoded=True)
 
 
 @contextlib.contextmanager
-def _auth_env(password: str | None) -> Iterator[dict[str, str] | None]:
-    """The tool's environment: a passfile with `password`, else backupd's own environment."""
+def _auth_env(password: str | None, target: str) -> Iterator[dict[str, str] | None]:
+    """The tool's environment: a passfile with `password` for `target`'s hosts, else
+    backupd's own environment."""
     if password is None:
         yield None
         return
-    with postgres.passfile_env(password) as env:
+    with postgres.passfile_env(password, target) as env:
         yield env
 
 

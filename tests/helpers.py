@@ -122,7 +122,7 @@ def wrapped_bin_dir(base: Path, body: str) -> Path:
         f'echo "ARGV: $*" >> "{base}/calls.log"\n'
         f'env | grep -E "^PG" >> "{base}/calls.log"\n'
         f'[ -n "$PGPASSFILE" ] && cat "$PGPASSFILE" > "{base}/passfile.copy" && '
-        f'stat -c %a "$PGPASSFILE" > "{base}/passfile.mode"\n' + body + "\n"
+        f'stat -L -c %a "$PGPASSFILE" > "{base}/passfile.mode"\n' + body + "\n"
     )
     script.chmod(0o755)
     for tool in ("pg_dumpall", "pg_restore", "psql"):

@@ -302,9 +302,11 @@ def test_password_never_in_argv_or_logs(
     assert (bindir / "passfile.mode").read_text().strip() == "600"
     assert pg.password in (bindir / "passfile.copy").read_text()  # it did reach pg_dump
     assert pg.password not in out.stdout + out.stderr
-    # the passfile is gone once the run is over
+    # the passfile never was on a file system: an inherited in-memory file, gone with the run
     passfile = next(line for line in calls.splitlines() if line.startswith("PGPASSFILE="))
-    assert not Path(passfile.split("=", 1)[1]).exists()
+    assert passfile.split("=", 1)[1].startswith("/dev/fd/")
+    # and it gives the password to the DSN's own host and port only
+    assert (bindir / "passfile.copy").read_text().startswith(f"127.0.0.1:{pg.port}:*:*:")
     manifest = json.loads(run_cli("list", "-c", str(cfg), "--json").stdout)[0]
     assert [o["database"] for o in manifest["objects"]] == [sample_db, "globals"]
     assert pg.password not in json.dumps(manifest)

@@ -1,9 +1,13 @@
 """PostgreSQL: asyncpg preflight, pg_dump selection, and the dump subprocesses.
 
-The password never reaches argv: the child gets a 0600 passfile (PGPASSFILE)
-in a private directory that exists only while the child runs. pg_dump runs
-in its own process group so a cancelled run can kill it and everything it
-started.
+The password never reaches argv nor any file system: the child gets a
+password file that lives in memory only (memfd, mode 0600), inherited as an
+open descriptor and named by PGPASSFILE=/dev/fd/N. It vanishes with the last
+process holding it, even after SIGKILL, and its entries name the DSN's exact
+hosts and ports, so libpq never offers the password to another server.
+Database names reach every tool and connection as one quoted keyword=value
+parameter (`dsn.for_database`), never pasted into a URL. pg_dump runs in its
+own process group so a cancelled run can kill it and everything it started.
 """
 
 from __future__ import annotations
@@ -15,17 +19,16 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlencode
 
 import asyncpg
 import structlog
 
 from backupd.config import Job, PostgresSource
-from backupd.dsn import dsn_host, redact_dsn
+from backupd.dsn import dsn_host, dsn_params, for_database, redact_dsn
 from backupd.errors import SourceError, SourceUnavailable
 
 log = structlog.get_logger("backupd.postgres")
@@ -50,6 +53,8 @@ class ServerInfo:
     major: int
     host: str
     databases: tuple[str, ...]  # the databases this job dumps, resolved
+    # databases this job would dump but cannot (a name that is not UTF-8): name -> why
+    unusable: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +86,20 @@ class DumpTool:
     major: int
 
 
+def asyncpg_dsn(dsn: str) -> str:
+    """`dsn` (URL or keyword=value) as the URL asyncpg parses, every setting a query value.
+
+    asyncpg only reads URLs; a keyword=value DSN, which libpq and `check` accept,
+    is converted here rather than refused at run time.
+    """
+    params = dsn_params(dsn)
+    if "hostaddr" in params and "host" not in params:
+        params["host"] = params.pop("hostaddr")  # asyncpg has no hostaddr
+    return "postgresql://" + (f"?{urlencode(params)}" if params else "")
+
+
 def _connect_kwargs(dsn: str, password: str | None, database: str | None) -> dict[str, object]:
-    kwargs: dict[str, object] = {"dsn": dsn, "timeout": CONNECT_TIMEOUT}
+    kwargs: dict[str, object] = {"dsn": asyncpg_dsn(dsn), "timeout": CONNECT_TIMEOUT}
     if password is not None:
         kwargs["password"] = password
     if database is not None:
@@ -118,12 +135,9 @@ async def preflight(source: PostgresSource, job: Job, password: str | None) -> S
     try:
         version_num = int(await conn.fetchval("SHOW server_version_num"))
         version = str(await conn.fetchval("SHOW server_version")).split()[0]
+        unusable: tuple[tuple[str, str], ...] = ()
         if job.databases == ("*",):
-            rows = await conn.fetch(
-                "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
-                "ORDER BY datname"
-            )
-            databases = tuple(r["datname"] for r in rows)
+            databases, unusable = await _every_database(conn)
         elif job.databases:
             databases = job.databases
             rows = await conn.fetch(
@@ -145,7 +159,45 @@ async def preflight(source: PostgresSource, job: Job, password: str | None) -> S
         major=version_num // 10000,
         host=dsn_host(source.dsn) or "localhost",
         databases=databases,
+        unusable=unusable,
     )
+
+
+async def _every_database(
+    conn: asyncpg.Connection,
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """`databases = ["*"]`: every database that accepts connections, template1 and
+    user templates included (only template0, which refuses connections, is left out).
+
+    Names are read as bytes: a SQL_ASCII cluster can hold a name that is not
+    UTF-8, which is reported as unusable instead of failing the whole listing.
+    """
+    rows = await conn.fetch(
+        "SELECT convert_to(datname::text, 'UTF8') AS raw, datallowconn, datistemplate "
+        "FROM pg_database ORDER BY datname"
+    )
+    databases: list[str] = []
+    unusable: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for row in rows:
+        raw = bytes(row["raw"])
+        try:
+            name = raw.decode()
+        except UnicodeDecodeError:
+            shown = raw.decode(errors="backslashreplace")
+            unusable.append((shown, "the database name is not valid UTF-8"))
+            continue
+        if not row["datallowconn"]:
+            skipped.append(name)
+        else:
+            databases.append(name)
+    if skipped:
+        log.info(
+            "databases_skipped",
+            databases=skipped,
+            reason="datallowconn is false: the database accepts no connections, so no dump",
+        )
+    return tuple(databases), tuple(unusable)
 
 
 async def table_row_counts(dsn: str, password: str | None, database: str) -> dict[str, int]:
@@ -292,7 +344,7 @@ def warn_if_outdated(tool: DumpTool) -> None:
 
 def dump_argv(tool: DumpTool, job: Job, dsn: str, database: str) -> list[str]:
     """pg_dump's argument list: never a shell, never a password."""
-    argv = [str(tool.path), "--no-password", f"--dbname={with_database(dsn, database)}"]
+    argv = [str(tool.path), "--no-password", f"--dbname={for_database(dsn, database)}"]
     if job.format == "custom":
         argv += ["--format=custom", "--compress=0"]
     else:
@@ -312,34 +364,73 @@ def dumpall_globals_argv(tool: DumpTool, dsn: str) -> list[str]:
 
 
 def with_database(dsn: str, database: str) -> str:
-    """The DSN pointing at `database` (libpq: a later dbname wins in key=value form)."""
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        return parts._replace(path="/" + database).geturl()
-    escaped = database.replace("\\", "\\\\").replace("'", "\\'")
-    return f"{dsn} dbname='{escaped}'"
+    """The DSN pointing at `database`: a keyword=value string with the name quoted
+    (see `dsn.for_database`); never a URL with the name pasted in."""
+    return for_database(dsn, database)
+
+
+def passfile_lines(dsn: str, password: str) -> str:
+    """.pgpass entries giving `password` to the DSN's own hosts and ports only.
+
+    libpq matches the host as given (a socket directory too; "localhost" when
+    none is given) and the port (5432 by default); PGHOST/PGPORT stand in when
+    the DSN names none, as they do for libpq.
+    """
+    params = dsn_params(dsn)
+    hosts = (params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "").split(
+        ","
+    )
+    ports = (params.get("port") or os.environ.get("PGPORT") or "").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    escaped = _pgpass_escape(password)
+    lines = []
+    for host, port in zip(hosts, ports, strict=False):
+        names = {host or "localhost"}
+        if not host or host in ("/run/postgresql", "/var/run/postgresql", "/tmp"):
+            names |= {"localhost"}  # libpq's default socket directory matches localhost
+        for name in sorted(names):
+            lines.append(f"{_pgpass_escape(name)}:{_pgpass_escape(port or '5432')}:*:*:{escaped}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _pgpass_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 @contextlib.contextmanager
-def passfile_env(password: str | None) -> Iterator[dict[str, str]]:
-    """The child's environment: PGPASSFILE pointing at a private 0600 file, removed after."""
+def passfile_env(password: str | None, dsn: str) -> Iterator[dict[str, str]]:
+    """The child's environment; with a password, PGPASSFILE names an in-memory file.
+
+    The file is a memfd (never on any file system, gone with the last process
+    holding it, so nothing survives a SIGKILL), mode 0600 as libpq demands,
+    passed to the child as an inherited descriptor (`inherited_fds`).
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGPASSFILE")}
     env.setdefault("PGAPPNAME", "backupd")
     env.setdefault("PGCONNECT_TIMEOUT", str(int(CONNECT_TIMEOUT)))
     if password is None:
         yield env
         return
-    tmpdir = tempfile.mkdtemp(prefix="backupd-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+    fd = os.memfd_create("backupd-pgpass", os.MFD_CLOEXEC)
     try:
-        path = Path(tmpdir) / "pgpass"
-        escaped = password.replace("\\", "\\\\").replace(":", "\\:")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"*:*:*:*:{escaped}\n")
-        env["PGPASSFILE"] = str(path)
+        os.fchmod(fd, 0o600)
+        data = passfile_lines(dsn, password).encode()
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        env["PGPASSFILE"] = f"/dev/fd/{fd}"
         yield env
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        os.close(fd)
+
+
+def inherited_fds(env: dict[str, str] | None) -> tuple[int, ...]:
+    """The descriptors a child started with `env` must inherit (its in-memory passfile)."""
+    path = (env or {}).get("PGPASSFILE", "")
+    if path.startswith("/dev/fd/") and path[len("/dev/fd/") :].isdigit():
+        return (int(path[len("/dev/fd/") :]),)
+    return ()
 
 
 class DumpProcess:
@@ -407,6 +498,7 @@ async def spawn(
             env=env,
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            pass_fds=inherited_fds(env),
         )
     except OSError as exc:
         raise SourceError(f"cannot start {argv[0]}: {exc.strerror}") from None
@@ -441,6 +533,7 @@ __all__ = [
     "exit_error",
     "exported_snapshot",
     "find_tool",
+    "inherited_fds",
     "is_transient_failure",
     "passfile_env",
     "preflight",
