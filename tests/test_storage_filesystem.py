@@ -54,10 +54,16 @@ def fdatasyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every os.fdatasync call (the real one still runs), with EARLY_SYNC at 4 MiB."""
     calls: list[int] = []
     real = os.fdatasync
+    running = [0]
 
     def counted(fd: int) -> None:
         calls.append(fd)
-        real(fd)
+        running[0] += 1
+        try:
+            assert running[0] == 1, "two fdatasyncs at once"
+            real(fd)
+        finally:
+            running[0] -= 1
 
     monkeypatch.setattr(filesystem, "EARLY_SYNC", 4 * MiB)
     monkeypatch.setattr(os, "fdatasync", counted)
@@ -75,7 +81,9 @@ async def test_a_large_upload_is_flushed_while_it_is_written(
 
     assert await upload.complete() == len(data)
 
-    assert 2 <= synced_while_writing <= 5  # about one per 4 MiB, never more than one at a time
+    # About one per 4 MiB when the disk keeps up (fewer when one fdatasync spans
+    # several writes on a busy machine), never more than one at a time (the fixture).
+    assert 1 <= synced_while_writing <= 5
     assert (store.root / "app" / "big.dump").read_bytes() == data
 
 
