@@ -47,8 +47,7 @@ def conninfo(pg: PgCluster, database: str) -> str:
 
 def psql(pg: PgCluster, sql: str, database: str = "postgres") -> str:
     out = subprocess.run(
-        [str(PG_BIN / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"]
-        + ["-d", conninfo(pg, database), "-c", sql],
+        [str(PG_BIN / "psql"), "-X", "-q", "-At", "-d", conninfo(pg, database), "-c", sql],
         env=pg.env(),
         check=True,
         capture_output=True,
