@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -160,7 +161,16 @@ def _b64(data: bytes) -> bytes:
 
 
 def _unb64(data: bytes) -> bytes:
-    return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
+    """Canonical unpadded base64 only, as age requires (Go's RawStdEncoding.Strict()).
+
+    Anything else (padding, a newline, unused bits that are not zero, a
+    character outside the alphabet) would make one header readable in several
+    spellings: raises ValueError.
+    """
+    decoded = base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
+    if _b64(decoded) != data:
+        raise ValueError("not canonical base64")
+    return decoded
 
 
 def _nonce(counter: int, last: bool) -> bytes:
@@ -255,88 +265,94 @@ class AgeEncryptor:
 class AgeDecryptor:
     """Encoder that turns an age file (X25519 recipients) back into the plaintext.
 
-    Every chunk is authenticated before it is returned, and the final one
-    carries a flag in its nonce, so a truncated or altered file raises
-    DecryptionError instead of yielding a shorter plaintext.
+    The header is parsed as strictly as the reference implementation does
+    (canonical base64 everywhere, the stanza grammar, the MAC line), so one
+    file has one spelling. Every payload chunk is authenticated before it is
+    returned, and the final one carries a flag in its nonce, so a truncated,
+    extended or altered file raises DecryptionError instead of yielding a
+    shorter or longer plaintext. As age does, a chunk is released as soon as it
+    authenticates, and an error found after some chunks of one `update`
+    authenticated is raised by the next call (`update` or `finish`).
+    The C2SP CCTV age vectors (tests/test_age_vectors.py) are its test suite.
     """
 
     def __init__(self, identities: list[X25519PrivateKey]) -> None:
         self._identities = identities
         self._aead: ChaCha20Poly1305 | None = None
         self._header = bytearray()
+        self._buf = bytearray()  # a partial chunk
         self._counter = 0
-        self._chunks = _Chunker(CHUNK + TAG, self._open)
+        self._done = False  # the final chunk has been read
+        self._error: DecryptionError | None = None
 
     def update(self, data: bytes) -> bytes:
-        if self._aead is None:
-            self._header += data
-            if not self._read_header():
-                return b""
-            data = bytes(self._header)
-            self._header = bytearray()
-        return self._chunks.feed(data, [])
+        if self._error is not None:
+            raise self._error
+        out: list[bytes] = []
+        try:
+            if self._aead is None:
+                self._header += data
+                if not self._read_header():
+                    return b""
+                data = bytes(self._header)
+                self._header = bytearray()
+            self._feed(memoryview(data), out)
+        except DecryptionError as exc:
+            self._error = exc  # every later call raises it too
+            if not out:
+                raise
+            # Return what did authenticate first: the next call raises the error.
+        return b"".join(out)
+
+    def _feed(self, view: memoryview, out: list[bytes]) -> None:
+        if view and self._done:
+            raise _trailing_data()
+        size = CHUNK + TAG
+        if self._buf:
+            need = size - len(self._buf)
+            if len(view) < need:
+                self._buf += view
+                return
+            self._buf += view[:need]
+            view = view[need:]
+            out.append(self._open_full(self._buf))
+            self._buf.clear()
+        pos, end = 0, len(view)
+        while end - pos >= size and not self._done:
+            out.append(self._open_full(view[pos : pos + size]))
+            pos += size
+        if pos < end:
+            if self._done:
+                raise _trailing_data()
+            self._buf += view[pos:]
 
     def finish(self) -> bytes:
+        if self._error is not None:
+            raise self._error
         if self._aead is None:
             raise DecryptionError("not an age file, or truncated inside its header")
-        return self._chunks.flush()
-
-    def _read_header(self) -> bool:
-        """Parse and check the header once it is complete; False while it is not."""
-        buf = self._header
-        if not buf.startswith(INTRO[: len(buf)]):
-            raise DecryptionError("not an age-encrypted stream (no age header)")
-        end = buf.find(b"\n---")
-        if end < 0:
-            if len(buf) > _MAX_HEADER:
-                raise DecryptionError("not an age file: header too large")
-            return False
-        eol = buf.find(b"\n", end + 4)
-        if eol < 0 or len(buf) < eol + 1 + 16:
-            return False
-        header = bytes(buf[: end + 4])
-        if len(header) < len(INTRO) + 3 or buf[end + 4 : end + 5] != b" ":
-            raise DecryptionError("malformed age header")
-        mac = _unb64_or_fail(bytes(buf[end + 5 : eol]), "header MAC")
-        nonce = bytes(buf[eol + 1 : eol + 17])
-        file_key = self._unwrap(_stanzas(header[len(INTRO) : end + 1]))
-        expected = hmac.new(_hkdf(file_key, b"", b"header"), header, hashlib.sha256).digest()
-        if not hmac.compare_digest(mac, expected):
-            raise DecryptionError("age header MAC mismatch: the file is corrupted")
-        self._aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
-        del buf[: eol + 17]
-        return True
-
-    def _unwrap(self, stanzas: list[tuple[list[bytes], bytes]]) -> bytes:
-        x25519 = [(args, body) for args, body in stanzas if args[:1] == [b"X25519"]]
-        if not x25519:
-            kinds = sorted({a[0].decode(errors="replace") for a, _ in stanzas if a})
+        if self._done:
+            return b""
+        if not self._buf and self._counter > 0:
             raise DecryptionError(
-                "this age file has no X25519 recipient (only: "
-                f"{', '.join(kinds) or 'none'}); backupd decrypts X25519 keys only"
+                "age payload is truncated: its last chunk is missing (the backup is incomplete)"
             )
-        for args, body in x25519:
-            if len(args) != 2:
-                raise DecryptionError("malformed X25519 stanza in the age header")
-            share = _unb64_or_fail(args[1], "X25519 share")
-            if len(share) != 32 or len(body) != 32:
-                raise DecryptionError("malformed X25519 stanza in the age header")
-            for identity in self._identities:
-                pub = identity.public_key().public_bytes_raw()
-                try:
-                    shared = identity.exchange(X25519PublicKey.from_public_bytes(share))
-                except ValueError:  # a low-order point: all-zero shared secret
-                    raise DecryptionError("invalid X25519 share in the age header") from None
-                wrap = _hkdf(shared, share + pub, _X25519_INFO)
-                try:
-                    file_key = ChaCha20Poly1305(wrap).decrypt(_ZERO_NONCE, body, None)
-                except InvalidTag:
-                    continue
-                if len(file_key) == 16:
-                    return file_key
-        raise DecryptionError(
-            "no identity matches any recipient of this backup (wrong --identity file?)"
-        )
+        # A short (or, for an empty payload, tag-only) last chunk.
+        if self._counter > 0 and len(self._buf) == TAG:
+            raise DecryptionError("age payload ends with an empty chunk: not a valid age file")
+        plain = self._open(self._buf, last=True)
+        self._buf.clear()
+        self._done = True
+        return plain
+
+    def _open_full(self, chunk: _Buffer) -> bytes:
+        """A full-size chunk: a middle one, or else (its flag says so) the final one."""
+        try:
+            return self._open(chunk, last=False)
+        except DecryptionError:
+            plain = self._open(chunk, last=True)
+            self._done = True
+            return plain
 
     def _open(self, chunk: _Buffer, last: bool) -> bytes:
         assert self._aead is not None
@@ -346,40 +362,131 @@ class AgeDecryptor:
             raise DecryptionError(
                 "age payload authentication failed: the backup is corrupted or truncated"
             ) from None
-        if last and not plain and self._counter > 0:
-            raise DecryptionError("age payload ends with an empty chunk: not a valid age file")
         self._counter += 1
         return plain
 
+    def _read_header(self) -> bool:
+        """Parse and check the header once it is complete; False while it is not."""
+        buf = self._header
+        if not buf.startswith(INTRO[: len(buf)]):
+            if buf.startswith(INTRO[:19]):  # "age-encryption.org/"
+                raise DecryptionError(
+                    "malformed age header: the version line is not age-encryption.org/v1"
+                )
+            raise DecryptionError("not an age-encrypted stream (no age header)")
+        end = buf.find(b"\n---", len(INTRO) - 1)
+        if end < 0:
+            if len(buf) > _MAX_HEADER:
+                raise DecryptionError("not an age file: header too large")
+            return False
+        eol = buf.find(b"\n", end + 1)
+        if eol < 0 or len(buf) < eol + 1 + 16:
+            if len(buf) > _MAX_HEADER:
+                raise DecryptionError("not an age file: header too large")
+            return False
+        header = bytes(buf[: end + 4])  # what the MAC covers: up to and including "---"
+        footer = bytes(buf[end + 1 : eol]).split(b" ")
+        if len(footer) != 2 or footer[0] != b"---":
+            raise DecryptionError("malformed age header: bad MAC line")
+        mac = _unb64_or_fail(footer[1], "header MAC")
+        if len(mac) != 32:
+            raise DecryptionError("malformed age header: the MAC is not 32 bytes")
+        file_key = self._unwrap(_stanzas(header[len(INTRO) : end + 1]))
+        expected = hmac.new(_hkdf(file_key, b"", b"header"), header, hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, expected):
+            raise DecryptionError("age header MAC mismatch: the file is corrupted")
+        nonce = bytes(buf[eol + 1 : eol + 17])
+        self._aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
+        del buf[: eol + 17]
+        return True
 
-def _stanzas(text: bytes) -> list[tuple[list[bytes], bytes]]:
-    """The recipient stanzas of a header: (arguments, body) each, per the age spec.
+    def _unwrap(self, stanzas: list[_Stanza]) -> bytes:
+        if any(args[0] == b"scrypt" for args, _ in stanzas) and len(stanzas) != 1:
+            raise DecryptionError("malformed age header: an scrypt stanza must be the only one")
+        x25519 = [_x25519_stanza(args, body) for args, body in stanzas if args[0] == b"X25519"]
+        if not x25519:
+            kinds = sorted({a[0].decode() for a, _ in stanzas})
+            raise DecryptionError(
+                "no identity matches any recipient of this backup: it has no X25519 "
+                f"recipient (only: {', '.join(kinds) or 'none'}); backupd decrypts "
+                "with X25519 keys only"
+            )
+        for share, body in x25519:
+            peer = X25519PublicKey.from_public_bytes(share)
+            for identity in self._identities:
+                try:
+                    shared = identity.exchange(peer)
+                except ValueError:  # a low-order point: all-zero shared secret
+                    raise DecryptionError(
+                        "malformed age header: an X25519 share is a low-order point"
+                    ) from None
+                pub = identity.public_key().public_bytes_raw()
+                wrap = _hkdf(shared, share + pub, _X25519_INFO)
+                try:
+                    return ChaCha20Poly1305(wrap).decrypt(_ZERO_NONCE, body, None)
+                except InvalidTag:
+                    continue
+        raise DecryptionError(
+            "no identity matches any recipient of this backup (wrong --identity file?)"
+        )
 
-    A body is base64 in lines of 64 columns, ended by the first shorter line.
+
+_Stanza = tuple[list[bytes], bytes]  # (type and arguments, body)
+_ARGUMENT = re.compile(rb"[\x21-\x7e]+")  # visible ASCII, at least one character
+_BODY_LINE = 48  # bytes in a full body line (64 base64 columns)
+
+
+def _trailing_data() -> DecryptionError:
+    return DecryptionError("age payload has data after its final chunk: not a valid age file")
+
+
+def _stanzas(text: bytes) -> list[_Stanza]:
+    """The recipient stanzas of a header (the lines between intro and MAC), per the age spec.
+
+    `-> type [args...]`, each argument visible ASCII and not empty, then a
+    body in canonical base64 lines of exactly 64 columns, ended by the first
+    shorter line (possibly empty).
     """
     lines = text.split(b"\n")[:-1]
-    stanzas: list[tuple[list[bytes], bytes]] = []
+    stanzas: list[_Stanza] = []
     i = 0
     while i < len(lines):
-        if not lines[i].startswith(b"-> "):
-            raise DecryptionError("malformed age header: expected a recipient stanza")
-        args = lines[i][3:].split(b" ")
-        body = b""
+        words = lines[i].split(b" ")
         i += 1
+        if words[0] != b"->":
+            raise DecryptionError("malformed age header: expected a recipient stanza")
+        args = words[1:]
+        if not args or not all(_ARGUMENT.fullmatch(a) for a in args):
+            raise DecryptionError("malformed age header: bad recipient stanza arguments")
+        body = bytearray()
         while True:
             if i >= len(lines):
                 raise DecryptionError("malformed age header: stanza body not terminated")
-            line = lines[i]
+            part = _unb64_or_fail(lines[i], "a stanza body line")
             i += 1
-            body += line
-            if len(line) < 64:
+            if len(part) > _BODY_LINE:
+                raise DecryptionError("malformed age header: stanza body line too long")
+            body += part
+            if len(part) < _BODY_LINE:
                 break
-        stanzas.append((args, _unb64_or_fail(body, "stanza body")))
+        stanzas.append((args, bytes(body)))
     return stanzas
+
+
+def _x25519_stanza(args: list[bytes], body: bytes) -> tuple[bytes, bytes]:
+    """(ephemeral share, wrapped file key) of an X25519 stanza, checked for shape."""
+    if len(args) != 2:
+        raise DecryptionError("malformed age header: an X25519 stanza needs one argument")
+    share = _unb64_or_fail(args[1], "an X25519 share")
+    if len(share) != 32:
+        raise DecryptionError("malformed age header: an X25519 share is not 32 bytes")
+    if len(body) != 16 + TAG:
+        raise DecryptionError("malformed age header: an X25519 wrapped file key is not 16 bytes")
+    return share, body
 
 
 def _unb64_or_fail(data: bytes, what: str) -> bytes:
     try:
         return _unb64(data)
     except ValueError:
-        raise DecryptionError(f"malformed age header: {what} is not base64") from None
+        raise DecryptionError(f"malformed age header: {what} is not canonical base64") from None
