@@ -1,0 +1,193 @@
+"""Issue 12 finding 3: a secret notifier URL appears in no log line, at any level.
+
+Each case sends to a real loopback endpoint that misbehaves (redirects, a
+redirect loop, a closed port, a connect that never completes, an answer that
+never comes, a dropped connection, 500, a URL aiohttp refuses) with the URL
+given as a secret holding a path token and a query token. Every log line of
+the process is captured: backupd's structlog output set up by `logs.setup` at
+debug (the stamina retry warnings included) and stdlib logging of every
+library at DEBUG. None may hold the URL, its path or its tokens, while the
+failure is still named (notifier, status or what went wrong).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import pytest
+import stamina
+import structlog
+
+from backupd import config, logs
+from backupd.metrics import Metrics
+from backupd.notify import Notifications, RunEvent
+from tests.pgcluster import free_port
+from tests.test_metrics import value
+from tests.webhook_server import WebhookServer, unanswered_connects, webhook_server
+
+TOKEN = "T0K3N" + uuid.uuid4().hex[:12]
+QUERY_TOKEN = "QT0K3N" + uuid.uuid4().hex[:12]
+TIMEOUT = 0.3
+
+FAILURE = RunEvent(
+    event="failure", job="app", run_id="r-1", result="failure", error="boom", attempt=2
+)
+
+
+@pytest.fixture(autouse=True)
+def no_backoff() -> Iterator[None]:
+    with stamina.set_testing(True, attempts=3):
+        yield
+
+
+@pytest.fixture
+def server() -> Iterator[WebhookServer]:
+    with webhook_server() as s:
+        yield s
+
+
+@pytest.fixture
+async def made() -> AsyncIterator[list[Notifications]]:
+    out: list[Notifications] = []
+    yield out
+    for n in out:
+        await n.aclose()
+
+
+@contextmanager
+def every_log_line() -> Iterator[io.StringIO]:
+    """backupd's log set-up at debug, then every stdlib logger opened to DEBUG as well."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_root = list(root.handlers), root.level
+    saved = {
+        name: lg.level
+        for name, lg in logging.Logger.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger)
+    }
+    logs.setup("debug", "json", out)
+    root.setLevel(logging.DEBUG)
+    for lg in logging.Logger.manager.loggerDict.values():
+        if isinstance(lg, logging.Logger):
+            lg.setLevel(logging.NOTSET)  # held-back libraries too: stricter than production
+    try:
+        yield out
+    finally:
+        structlog.reset_defaults()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_root)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def secret_notifier(monkeypatch: pytest.MonkeyPatch, url: str, kind: str) -> config.Notifier:
+    monkeypatch.setenv("BACKUPD_TEST_SECRET_HOOK", url)
+    return config.Notifier(
+        "ops",
+        kind,  # type: ignore[arg-type]
+        config.Secret(env="BACKUPD_TEST_SECRET_HOOK"),
+        on=("failure",),
+        timeout=TIMEOUT,
+    )
+
+
+def events(output: str) -> list[dict[str, object]]:
+    """The structlog (JSON) lines; stdlib logging lines are plain text."""
+    out = []
+    for line in output.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def assert_no_trace_of(output: str, url: str) -> None:
+    path = url.split("://", 1)[1].partition("/")[2]
+    for needle in (url, path, TOKEN, QUERY_TOKEN):
+        assert needle not in output, f"{needle!r} is in the logs:\n{output}"
+
+
+CASES = {
+    # mode -> (what the failure must say, attempts the endpoint sees)
+    "r301": ("HTTP 301", 1),
+    "r302": ("HTTP 302", 1),
+    "r307": ("HTTP 307", 1),
+    "loop": ("HTTP 302", 1),
+    "500": ("HTTP 500", 3),
+    "hang": (f"no answer within {TIMEOUT:g}s", 3),
+    "drop": ("closed the connection", 3),
+}
+
+
+@pytest.mark.parametrize("kind", ["webhook", "slack", "healthchecks"])
+@pytest.mark.parametrize("mode", list(CASES))
+async def test_a_misbehaving_endpoint_never_puts_the_secret_url_in_a_log_line(
+    server: WebhookServer,
+    made: list[Notifications],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    kind: str,
+) -> None:
+    url = f"{server.url}/{mode}/{TOKEN}/?token={QUERY_TOKEN}"
+    metrics = Metrics()
+    n = Notifications({"ops": secret_notifier(monkeypatch, url, kind)}, metrics=metrics)
+    made.append(n)
+    with every_log_line() as out:
+        n.notify("failure", ("ops",), FAILURE)
+        assert await n.drain(10)
+    output = out.getvalue()
+
+    assert_no_trace_of(output, url)
+    said, attempts = CASES[mode]
+    assert server.modes() == [mode] * attempts  # a redirect is never followed
+    assert value(metrics, "backupd_notify_failures_total", notifier="ops") == 1
+    [failed] = [e for e in events(output) if e["event"] == "notify_failed"]
+    assert failed["notifier"] == "ops"
+    assert failed["level"] == "warning"
+    assert said in failed["error"]
+    if attempts > 1:  # the retry library's own warnings name the notifier, not the URL
+        retries = [e for e in events(output) if "retry" in str(e["event"])]
+        assert len(retries) == attempts - 1
+        assert {r["notifier"] for r in retries} == {"ops"}
+        assert all(said in r["caused_by"] for r in retries)
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    yield free_port()
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        ("closed port", "cannot connect: Connection refused"),
+        ("connect never completes", f"no answer within {TIMEOUT:g}s"),
+        ("not http", "unsupported or invalid URL"),
+    ],
+)
+async def test_an_unreachable_or_invalid_secret_url_is_named_but_never_logged(
+    made: list[Notifications], monkeypatch: pytest.MonkeyPatch, where: str, said: str
+) -> None:
+    opener = unanswered_connects if where == "connect never completes" else closed_port
+    with opener() as port:
+        scheme = "ftp" if where == "not http" else "http"
+        url = f"{scheme}://127.0.0.1:{port}/hooks/{TOKEN}?token={QUERY_TOKEN}"
+        n = Notifications({"ops": secret_notifier(monkeypatch, url, "webhook")})
+        made.append(n)
+        with every_log_line() as out:
+            n.notify("failure", ("ops",), FAILURE)
+            assert await n.drain(10)
+    output = out.getvalue()
+    assert_no_trace_of(output, url)
+    [failed] = [e for e in events(output) if e["event"] == "notify_failed"]
+    assert (failed["notifier"], failed["target"]) == ("ops", "secret url")
+    assert said in failed["error"]
