@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import stamina
@@ -26,7 +27,9 @@ import structlog
 from backupd import config, logs
 from backupd.metrics import Metrics
 from backupd.notify import Notifications, RunEvent
-from tests.pgcluster import free_port
+from tests.daemon_proc import DaemonProcess
+from tests.helpers import write_config
+from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.test_metrics import value
 from tests.webhook_server import WebhookServer, unanswered_connects, webhook_server
 
@@ -191,3 +194,68 @@ async def test_an_unreachable_or_invalid_secret_url_is_named_but_never_logged(
     [failed] = [e for e in events(output) if e["event"] == "notify_failed"]
     assert (failed["notifier"], failed["target"]) == ("ops", "secret url")
     assert said in failed["error"]
+
+
+def test_a_daemon_at_debug_level_never_logs_its_secret_notifier_urls(
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, server: WebhookServer
+) -> None:
+    """End to end: a real `backupd run` at debug level, four secret notifiers that fail
+    four ways and one that works, a triggered backup; its whole output holds no URL,
+    path or token."""
+    dead = free_port()
+    urls = {
+        "loop": f"{server.url}/loop/{TOKEN}?token={QUERY_TOKEN}",
+        "refused": f"http://127.0.0.1:{dead}/hooks/{TOKEN}?token={QUERY_TOKEN}",
+        "error": f"{server.url}/500/{TOKEN}?token={QUERY_TOKEN}",
+        "hang": f"{server.url}/hang/{TOKEN}?token={QUERY_TOKEN}",
+        "fine": f"{server.url}/landing/{TOKEN}?token={QUERY_TOKEN}",
+    }
+    kinds = {
+        "loop": "webhook",
+        "refused": "slack",
+        "error": "healthchecks",
+        "hang": "webhook",
+        "fine": "slack",
+    }
+    notifiers = "".join(
+        f'[notify.{name}]\ntype = "{kinds[name]}"\nurl = {{ env = "HOOK_{name.upper()}" }}\n'
+        f'on = ["start", "success", "failure"]\ntimeout = "1s"\n\n'
+        for name in urls
+    )
+    cfg = write_config(
+        tmp_path / "backupd.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=tmp_path / "store",
+        extra_daemon='log_level = "debug"',
+        extra_job=f"notify = {json.dumps(list(urls))}\n",
+        extra=notifiers,
+    )
+    env = {f"HOOK_{name.upper()}": url for name, url in urls.items()}
+    d = DaemonProcess(cfg, tmp_path / "daemon.log", env=env).start()
+    try:
+        triggered = d.cli("trigger", "app", "--wait")
+        assert triggered.returncode == 0, triggered.stdout + triggered.stderr + d.logs()
+
+        def failed_sends() -> dict[str, str]:
+            return {
+                str(e["notifier"]): str(e["error"])
+                for e in d.events()
+                if e.get("event") == "notify_failed" and e.get("run_event") == "success"
+            }
+
+        wait_for(lambda: len(failed_sends()) == 4, 30, what="every notifier to give up")
+    finally:
+        d.stop()
+    output = d.logs() + triggered.stdout + triggered.stderr
+    sent = [e for e in d.events() if e.get("event") == "notify_sent"]
+    assert {(e["notifier"], e["level"]) for e in sent} == {("fine", "debug")}  # debug is on
+    for url in urls.values():
+        assert_no_trace_of(output, url)
+    errors = failed_sends()
+    assert errors["loop"].startswith("HTTP 302")
+    assert errors["refused"] == "cannot connect: Connection refused"
+    assert errors["error"] == "HTTP 500"
+    assert errors["hang"] == "no answer within 1s"
+    assert "stamina.retry_scheduled" in output  # retries happened and were logged, redacted
