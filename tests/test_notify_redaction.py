@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from tests.webhook_server import WebhookServer, unanswered_connects, webhook_ser
 TOKEN = "T0K3N" + uuid.uuid4().hex[:12]
 QUERY_TOKEN = "QT0K3N" + uuid.uuid4().hex[:12]
 TIMEOUT = 0.3
+PROBE = "capture probe"
 
 FAILURE = RunEvent(
     event="failure", job="app", run_id="r-1", result="failure", error="boom", attempt=2
@@ -79,6 +80,7 @@ def every_log_line() -> Iterator[io.StringIO]:
         if isinstance(lg, logging.Logger):
             lg.setLevel(logging.NOTSET)  # held-back libraries too: stricter than production
     try:
+        logging.getLogger("aiohttp.client").debug(PROBE)  # shows library debug lines arrive
         yield out
     finally:
         structlog.reset_defaults()
@@ -139,6 +141,7 @@ async def test_a_misbehaving_endpoint_never_puts_the_secret_url_in_a_log_line(
     monkeypatch: pytest.MonkeyPatch,
     mode: str,
     kind: str,
+    record_property: Callable[[str, object], None],
 ) -> None:
     url = f"{server.url}/{mode}/{TOKEN}/?token={QUERY_TOKEN}"
     metrics = Metrics()
@@ -148,6 +151,8 @@ async def test_a_misbehaving_endpoint_never_puts_the_secret_url_in_a_log_line(
         n.notify("failure", ("ops",), FAILURE)
         assert await n.drain(10)
     output = out.getvalue()
+    record_property("log_lines", len(output.splitlines()))
+    assert f"DEBUG aiohttp.client: {PROBE}" in output
 
     assert_no_trace_of(output, url)
     said, attempts = CASES[mode]
@@ -190,6 +195,7 @@ async def test_an_unreachable_or_invalid_secret_url_is_named_but_never_logged(
             n.notify("failure", ("ops",), FAILURE)
             assert await n.drain(10)
     output = out.getvalue()
+    assert f"DEBUG aiohttp.client: {PROBE}" in output
     assert_no_trace_of(output, url)
     [failed] = [e for e in events(output) if e["event"] == "notify_failed"]
     assert (failed["notifier"], failed["target"]) == ("ops", "secret url")
@@ -197,7 +203,12 @@ async def test_an_unreachable_or_invalid_secret_url_is_named_but_never_logged(
 
 
 def test_a_daemon_at_debug_level_never_logs_its_secret_notifier_urls(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, server: WebhookServer
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    server: WebhookServer,
+    record_property: Callable[[str, object], None],
 ) -> None:
     """End to end: a real `backupd run` at debug level, four secret notifiers that fail
     four ways and one that works, a triggered backup; its whole output holds no URL,
@@ -249,6 +260,9 @@ def test_a_daemon_at_debug_level_never_logs_its_secret_notifier_urls(
     finally:
         d.stop()
     output = d.logs() + triggered.stdout + triggered.stderr
+    record_property("log_lines", len(output.splitlines()))
+    record_property("retry_lines", output.count("stamina.retry_scheduled"))
+    record_property("failed_sends", sum(e.get("event") == "notify_failed" for e in d.events()))
     sent = [e for e in d.events() if e.get("event") == "notify_sent"]
     assert {(e["notifier"], e["level"]) for e in sent} == {("fine", "debug")}  # debug is on
     for url in urls.values():
