@@ -186,6 +186,14 @@ def _redact(exc: Exception, timeout: float) -> BackupdError:
     """
     if isinstance(exc, BackupdError):
         return exc
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert = exc.certificate_error
+        reason = getattr(cert, "verify_message", None) or type(cert).__name__
+        return BackupdError(f"TLS certificate not accepted: {reason}")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        ssl_error = exc.os_error
+        reason = getattr(ssl_error, "reason", None) or type(ssl_error).__name__
+        return TransientError(f"TLS handshake failed: {reason}")
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return TransientError(f"cannot connect within {timeout:g}s")
     if isinstance(exc, TimeoutError):

@@ -31,7 +31,13 @@ from tests.daemon_proc import DaemonProcess
 from tests.helpers import write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.test_metrics import value
-from tests.webhook_server import WebhookServer, unanswered_connects, webhook_server
+from tests.webhook_server import (
+    WebhookServer,
+    self_signed_tls,
+    speaks_first_in_plain_http,
+    unanswered_connects,
+    webhook_server,
+)
 
 TOKEN = "T0K3N" + uuid.uuid4().hex[:12]
 QUERY_TOKEN = "QT0K3N" + uuid.uuid4().hex[:12]
@@ -174,20 +180,37 @@ def closed_port() -> Iterator[int]:
     yield free_port()
 
 
+@contextmanager
+def tls_port(tmp_path: Path) -> Iterator[int]:
+    with webhook_server(self_signed_tls(tmp_path)) as tls_server:
+        yield int(tls_server.server_address[1])
+
+
 @pytest.mark.parametrize(
     ("where", "said"),
     [
         ("closed port", "cannot connect: Connection refused"),
         ("connect never completes", f"no answer within {TIMEOUT:g}s"),
         ("not http", "unsupported or invalid URL"),
+        ("self-signed certificate", "TLS certificate not accepted: self"),
+        ("https to plain http", "TLS handshake failed"),
     ],
 )
 async def test_an_unreachable_or_invalid_secret_url_is_named_but_never_logged(
-    made: list[Notifications], monkeypatch: pytest.MonkeyPatch, where: str, said: str
+    made: list[Notifications],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    where: str,
+    said: str,
 ) -> None:
-    opener = unanswered_connects if where == "connect never completes" else closed_port
-    with opener() as port:
-        scheme = "ftp" if where == "not http" else "http"
+    openers = {
+        "connect never completes": unanswered_connects,
+        "self-signed certificate": lambda: tls_port(tmp_path),
+        "https to plain http": speaks_first_in_plain_http,
+    }
+    with openers.get(where, closed_port)() as port:
+        scheme = {"not http": "ftp", "self-signed certificate": "https"}.get(where, "http")
+        scheme = "https" if where == "https to plain http" else scheme
         url = f"{scheme}://127.0.0.1:{port}/hooks/{TOKEN}?token={QUERY_TOKEN}"
         n = Notifications({"ops": secret_notifier(monkeypatch, url, "webhook")})
         made.append(n)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -59,19 +62,46 @@ class WebhookServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server_address[1]}"
         self.requests: list[str] = []
         self.release = threading.Event()
+        self._tls = tls
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, address = super().get_request()
+        if self._tls is None:
+            return sock, address
+        sock.settimeout(5)
+        return self._tls.wrap_socket(sock, server_side=True), address  # SSLError: dropped
 
     def modes(self) -> list[str]:
         return [target.lstrip("/").partition("/")[0] for target in self.requests]
 
 
+def self_signed_tls(directory: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate (no client trusts it)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+            *("-nodes", "-days", "1", "-subj", "/CN=backupd-test"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 @contextmanager
-def webhook_server() -> Iterator[WebhookServer]:
-    server = WebhookServer()
+def webhook_server(tls: ssl.SSLContext | None = None) -> Iterator[WebhookServer]:
+    server = WebhookServer(tls)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -101,4 +131,35 @@ def unanswered_connects() -> Iterator[int]:
     finally:
         for filler in fillers:
             filler.close()
+        listener.close()
+
+
+@contextmanager
+def speaks_first_in_plain_http() -> Iterator[int]:
+    """A port that answers every connection at once with a plain-HTTP 400 and closes it:
+    a TLS client reads that as its handshake's reply."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(5)
         listener.close()
