@@ -94,10 +94,11 @@ async def run(args: argparse.Namespace) -> int:
 def _check_secrets(config: Config) -> tuple[list[str], list[str]]:
     """Resolve every secret reference now (values discarded).
 
-    Returns (errors, unchecked): an unsafe, unreadable or empty secret is a
-    config error with its key path; one that is absent here (an unset
-    variable, a systemd credential outside the service) is only noted, since
-    `check` run by hand lacks the service's environment.
+    Returns (errors, unchecked): an unsafe, absent, unreadable or empty
+    secret file (or a directory) is a config error with its key path; one
+    that belongs to the service's environment (an unset variable, a systemd
+    credential outside its service) is only noted, since `check` run by hand
+    lacks that environment.
     """
     refs: list[tuple[str, Secret | str | None]] = []
     for name, source in config.sources.items():

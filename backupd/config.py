@@ -36,6 +36,7 @@ ADDRESSING_STYLES: tuple[AddressingStyle, ...] = ("auto", "path", "virtual")
 S3_CHECKSUMS: tuple[S3Checksum, ...] = ("crc32", "md5")
 NOTIFIER_TYPES: tuple[NotifierType, ...] = ("webhook", "slack", "healthchecks")
 NOTIFY_EVENTS = ("start", "success", "failure", "recovered", "retry")
+SYSTEMD_CREDENTIALS = "/run/credentials"  # systemd's per-unit $CREDENTIALS_DIRECTORY lives here
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +53,19 @@ class Secret:
         return f"Secret({self.reference()!r})"
 
     def resolve(self) -> str:
-        """Read the secret now. Files must not be group- or world-accessible.
+        """Read the secret now. Files must be private regular files.
 
         A relative `file` is looked up in `$CREDENTIALS_DIRECTORY` (systemd
-        `LoadCredential=`), never in the working directory: without that
-        variable it is an error. The mode is checked on the opened file, so a
-        file swapped after the check is not read. Messages name the file or
-        variable, never the value.
+        `LoadCredential=`), never in the working directory. The mode is checked
+        on the opened file, so a file swapped after the check is not read.
+        Messages name the file or variable, never the value.
+
+        `SecretMissing` (not readable *here*, which `check` run by hand only
+        notes) is kept for what belongs to the service's environment: an unset
+        variable, a relative credential name without `$CREDENTIALS_DIRECTORY`,
+        a path under another service's `/run/credentials/UNIT/`. Any other
+        file that cannot be read (absent, a directory, no permission) is a
+        `SecretError`: the path is wrong wherever it is read.
         """
         if self.env is not None:
             value = os.environ.get(self.env)
@@ -67,8 +74,8 @@ class Secret:
             return value
         assert self.file is not None
         path = Path(self.file)
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if not path.is_absolute():
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
             if not creds:
                 raise SecretMissing(
                     f"secret file {self.file} is a relative path and $CREDENTIALS_DIRECTORY is "
@@ -76,13 +83,21 @@ class Secret:
                 )
             path = Path(creds) / path
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise SecretMissing(f"secret file {path}: No such file or directory") from None
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: no hang
         except OSError as exc:
+            if _another_services_credential(path, creds):
+                raise SecretMissing(
+                    f"secret file {path}: {exc.strerror} (a systemd credential, readable only "
+                    "by its service)"
+                ) from None
             raise SecretError(f"secret file {path}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise SecretError(f"secret file {path} is {what}")
         with os.fdopen(fd, "rb") as f:
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            mode = stat.S_IMODE(st.st_mode)
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
                 raise SecretError(
                     f"secret file {path} is accessible by group or others (mode {mode:04o}); "
@@ -99,6 +114,14 @@ class Secret:
         if not value:
             raise SecretError(f"secret file {path} is empty")
         return value
+
+
+def _another_services_credential(path: Path, creds: str | None) -> bool:
+    """Whether `path` is a systemd credential that this process is not the service of."""
+    normal = Path(os.path.normpath(path))
+    if not normal.is_relative_to(SYSTEMD_CREDENTIALS):
+        return False
+    return not creds or not normal.is_relative_to(os.path.normpath(creds))
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,10 +55,13 @@ class SecretError(BackupdError):
 
 
 class SecretMissing(SecretError):
-    """The secret is not there in this environment (unset variable, absent file).
+    """The secret belongs to the service's environment, which this process lacks.
 
-    `backupd check` run by hand lacks the service's environment and systemd
-    credentials, so it reports these as unchecked rather than as errors.
+    An unset variable, a relative credential name without
+    `$CREDENTIALS_DIRECTORY`, a path under another unit's `/run/credentials/`:
+    `backupd check` run by hand reports these as unchecked rather than as
+    errors. An absolute path that is wrong (absent, a directory) is a plain
+    `SecretError`.
     """
 
 

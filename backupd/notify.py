@@ -8,7 +8,10 @@ with a short jittered backoff by stamina), so a send ends within about
 `attempts * timeout + 10 s`. A send given up on is logged (with the URL's
 origin only when the URL is a plain string, nothing of it when it is a
 secret: webhook paths are often tokens) and counted in
-`backupd_notify_failures_total{notifier}`.
+`backupd_notify_failures_total{notifier}`. Redirects are not followed: a 3xx
+answer is a failure naming its status. aiohttp's errors carry the URL, so each
+attempt converts them into backupd errors that name only what went wrong
+before the retry library (which logs what it retries) sees them.
 
 Events: `start`, `success`, `failure`, `recovered`, `retry`. Deciding that a
 success is a recovery (the previous run failed) is the runner's job; it then
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -72,7 +76,7 @@ class Request:
     """One HTTP request a notifier wants sent."""
 
     method: str
-    url: str
+    url: str = dataclasses.field(repr=False)  # may be a secret
     body: bytes
     content_type: str
 
@@ -172,23 +176,39 @@ def _size(n: int | None) -> str:
     return f"{value:.1f} TiB"
 
 
-def _is_transient(exc: Exception) -> bool:
-    if isinstance(exc, aiohttp.InvalidURL):
-        return False
-    if isinstance(exc, aiohttp.ClientError | TimeoutError):
-        return True
-    return isinstance(exc, BackupdError) and exc.transient
+def _redact(exc: Exception, timeout: float) -> BackupdError:
+    """`exc` as a backupd error whose message holds nothing of the URL.
 
-
-def _describe(exc: Exception, timeout: float) -> str:
-    """The failure in words that never include the URL (aiohttp's messages may)."""
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g}s"
+    aiohttp's exceptions carry the URL (`request_info`, `history`, their str
+    and repr, a redirect's Location), and the retry library logs the repr of
+    what it retries: nothing of them may leave `_post`. Only the kind of
+    failure is kept; the caller's log line adds the notifier's name.
+    """
     if isinstance(exc, BackupdError):
-        return str(exc)
+        return exc
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert = exc.certificate_error
+        reason = getattr(cert, "verify_message", None) or type(cert).__name__
+        return BackupdError(f"TLS certificate not accepted: {reason}")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        ssl_error = exc.os_error
+        reason = getattr(ssl_error, "reason", None) or type(ssl_error).__name__
+        return TransientError(f"TLS handshake failed: {reason}")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return TransientError(f"cannot connect within {timeout:g}s")
+    if isinstance(exc, TimeoutError):
+        return TransientError(f"no answer within {timeout:g}s")
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError | ValueError):
+        return BackupdError("unsupported or invalid URL (http or https with a host is needed)")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
-    return type(exc).__name__
+        os_error = exc.os_error
+        reason = os.strerror(os_error.errno) if os_error.errno else type(os_error).__name__
+        return TransientError(f"cannot connect: {reason}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return TransientError("the server closed the connection without answering")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return TransientError(f"request failed: {type(exc).__name__}")
+    return BackupdError(f"request failed: {type(exc).__name__}")
 
 
 class Notifications:
@@ -263,8 +283,11 @@ class Notifications:
             request = notifier.request(event)
             if request is None:
                 return
+            # The retry library logs each retry with the error's repr: `_post`
+            # raises only redacted errors, and the context names the notifier.
+            structlog.contextvars.bind_contextvars(notifier=notifier.name)
             async for attempt in stamina.retry_context(
-                on=_is_transient,
+                on=lambda exc: isinstance(exc, BackupdError) and exc.transient,
                 attempts=self._attempts,
                 timeout=None,
                 wait_initial=self.WAIT_INITIAL,
@@ -279,7 +302,7 @@ class Notifications:
                 target=notifier.target,
                 run_event=event.event,
                 job=event.job,
-                error=_describe(exc, notifier.timeout),
+                error=str(exc) if isinstance(exc, BackupdError) else type(exc).__name__,
             )
             if self._metrics is not None:
                 self._metrics.notify_failed(notifier.name)
@@ -287,19 +310,38 @@ class Notifications:
             log.debug("notify_sent", notifier=notifier.name, run_event=event.event)
 
     async def _post(self, notifier: Notifier, request: Request) -> None:
+        """One attempt; raises only `BackupdError`s that carry nothing of the URL.
+
+        Redirects are not followed: a 3xx is a failure naming its status (see
+        README, Notifications). The aiohttp exception is converted outside its
+        `except` block, so it is not even kept as the new error's context.
+        """
         if self._session is None:
             # trust_env: honour HTTPS_PROXY/NO_PROXY from the service's environment.
             self._session = aiohttp.ClientSession(
                 headers={"User-Agent": f"backupd/{__version__}"}, trust_env=True
             )
-        async with self._session.request(
-            request.method,
-            request.url,
-            data=request.body,
-            headers={"Content-Type": request.content_type},
-            timeout=aiohttp.ClientTimeout(total=notifier.timeout),
-        ) as response:
-            if response.status == 429 or response.status >= 500:
-                raise TransientError(f"HTTP {response.status}")
-            if response.status >= 300:
-                raise BackupdError(f"HTTP {response.status}")
+        status = 0
+        failure: Exception | None = None
+        try:
+            async with self._session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers={"Content-Type": request.content_type},
+                timeout=aiohttp.ClientTimeout(total=notifier.timeout),
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+        except Exception as exc:  # converted below, outside this block
+            failure = exc
+        if failure is not None:
+            error = _redact(failure, notifier.timeout)
+            del failure  # the original holds the URL; only the redacted error goes on
+            raise error
+        if status == 429 or status >= 500:
+            raise TransientError(f"HTTP {status}")
+        if 300 <= status < 400:
+            raise BackupdError(f"HTTP {status}: redirects are not followed, set the final URL")
+        if status >= 400:
+            raise BackupdError(f"HTTP {status}")

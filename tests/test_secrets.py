@@ -139,6 +139,89 @@ def test_check_refuses_a_group_readable_password_file(
     assert pg.password not in out.stdout + out.stderr
 
 
+def _check_password(
+    tmp_path: Path,
+    pg: PgCluster,
+    database: str,
+    ref: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """`backupd check` of a config whose source password is `ref` (a TOML inline table)."""
+    cfg = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=Path("placeholder"),
+        database=database,
+        fs_path=tmp_path / "store",
+    )
+    cfg.write_text(
+        cfg.read_text().replace('password = { file = "placeholder" }', f"password = {ref}")
+    )
+    return run_cli("check", "-c", str(cfg), env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "case", ["absent", "directory", "fifo", "through a file", "credential absent in the service"]
+)
+def test_check_fails_on_a_secret_file_that_cannot_be_read_here(
+    tmp_path: Path, pg: PgCluster, case: str
+) -> None:
+    """Issue 12 finding 8: `{ file = "/run/secrets/typo" }` is a mistake, not another
+    environment's secret: exit 2 with the key path and the reason."""
+    env = {}
+    if case == "absent":
+        path = str(tmp_path / "secrets" / "typo")
+        reason = "No such file or directory"
+    elif case == "directory":
+        path = str(tmp_path / "secrets")
+        Path(path).mkdir(mode=0o700)
+        reason = "is a directory"
+    elif case == "fifo":
+        path = str(tmp_path / "pipe")
+        os.mkfifo(path, 0o600)  # opening it for reading would wait for a writer
+        reason = "is not a regular file"
+    elif case == "through a file":
+        inner = _private_file(tmp_path / "pg-main", "hunter2-value")
+        path = f"{inner}/typo"
+        reason = "Not a directory"
+    else:
+        creds = tmp_path / "credentials"  # systemd made it, without this credential
+        creds.mkdir(mode=0o700)
+        env["CREDENTIALS_DIRECTORY"] = str(creds)
+        path = "pg-main"
+        reason = f"{creds}/pg-main: No such file or directory"
+    out = _check_password(tmp_path, pg, "postgres", f'{{ file = "{path}" }}', env, timeout=20)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "source.main.password: secret file " in out.stderr
+    assert reason in out.stderr
+    assert "ok" not in out.stdout
+    assert "not checked here" not in out.stderr
+    assert "hunter2-value" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    ("ref", "noted"),
+    [
+        ('{ env = "BACKUPD_TEST_UNSET_SECRET" }', "secret environment variable"),
+        ('{ file = "pg-main" }', "CREDENTIALS_DIRECTORY is not set"),
+        (
+            f'{{ file = "/run/credentials/backupd-test-{uuid.uuid4().hex[:8]}.service/pg-main" }}',
+            "a systemd credential, readable only by its service",
+        ),
+    ],
+)
+def test_check_leaves_secrets_of_the_service_environment_unchecked(
+    tmp_path: Path, pg: PgCluster, ref: str, noted: str
+) -> None:
+    assert "CREDENTIALS_DIRECTORY" not in os.environ  # check runs by hand, outside the service
+    out = _check_password(tmp_path, pg, "postgres", ref)
+    assert out.returncode == 0, out.stderr
+    assert "ok (1 jobs" in out.stdout
+    assert "not checked here: source.main.password: " in out.stderr
+    assert noted in out.stderr
+
+
 # --- no secret anywhere ------------------------------------------------------------------
 
 
