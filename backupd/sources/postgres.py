@@ -254,7 +254,23 @@ async def _count_rows(conn: asyncpg.Connection, where: str) -> dict[str, int]:
         raise SourceError(f"cannot count rows on {where}: {exc}") from None
 
 
+_versions: dict[tuple[Path, int, int, int], tuple[str, int] | None] = {}
+
+
 def _tool_version(path: Path) -> tuple[str, int] | None:
+    """`path --version`, parsed; remembered per binary until the file changes (an upgrade
+    replaces it), so a run does not start a subprocess per tool on every attempt."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _versions:
+        _versions[key] = _run_version(path)
+    return _versions[key]
+
+
+def _run_version(path: Path) -> tuple[str, int] | None:
     import subprocess
 
     try:
