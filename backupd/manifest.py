@@ -223,7 +223,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
     if not _depth_within(data, MAX_DEPTH):
         raise InvalidManifest(f"JSON nested deeper than {MAX_DEPTH} levels")
     if not isinstance(data, dict):
-        raise InvalidManifest(f"not a JSON object (a {_kind(data)})")
+        raise InvalidManifest(f"not a JSON object ({_kind(data)})")
     return data
 
 
@@ -255,25 +255,25 @@ def _kind(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "boolean"
+        return "a boolean"
     if isinstance(value, int | float):
-        return "number"
+        return "a number"
     if isinstance(value, str):
-        return "string"
-    return "list" if isinstance(value, list) else "object"
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
 
 
-def _field(data: dict[str, Any], name: str, default: Any = ...) -> Any:
+def _field(data: dict[str, Any], name: str, default: Any = ..., where: str = "") -> Any:
     if name not in data:
         if default is ...:
-            raise InvalidManifest(f"{name} is missing")
+            raise InvalidManifest(f"{where}{name} is missing")
         return default
     return data[name]
 
 
 def _text(value: Any, what: str, limit: int = _MAX_TEXT) -> str:
     if not isinstance(value, str):
-        raise InvalidManifest(f"{what} is a {_kind(value)}, expected a string")
+        raise InvalidManifest(f"{what} is {_kind(value)}, expected a string")
     if len(value) > limit:
         raise InvalidManifest(f"{what} is longer than {limit} characters")
     if "\0" in value:
@@ -290,7 +290,7 @@ def _name(value: Any, what: str) -> str:
 
 def _integer(value: Any, what: str, minimum: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidManifest(f"{what} is a {_kind(value)}, expected an integer")
+        raise InvalidManifest(f"{what} is {_kind(value)}, expected an integer")
     if not minimum <= value <= _MAX_INT:
         raise InvalidManifest(f"{what} is out of range")
     return value
@@ -298,7 +298,7 @@ def _integer(value: Any, what: str, minimum: int = 0) -> int:
 
 def _number(value: Any, what: str) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise InvalidManifest(f"{what} is a {_kind(value)}, expected a number")
+        raise InvalidManifest(f"{what} is {_kind(value)}, expected a number")
     if not math.isfinite(value) or value < 0:
         raise InvalidManifest(f"{what} is out of range")
     return value
@@ -309,13 +309,13 @@ def _object(value: Any, what: str, optional: bool = False) -> dict[str, Any] | N
         return None
     if not isinstance(value, dict):
         expected = "an object or null" if optional else "an object"
-        raise InvalidManifest(f"{what} is a {_kind(value)}, expected {expected}")
+        raise InvalidManifest(f"{what} is {_kind(value)}, expected {expected}")
     return value
 
 
 def _list(value: Any, what: str) -> list[Any]:
     if not isinstance(value, list):
-        raise InvalidManifest(f"{what} is a {_kind(value)}, expected a list")
+        raise InvalidManifest(f"{what} is {_kind(value)}, expected a list")
     return value
 
 
@@ -376,7 +376,7 @@ def _objects(items: list[Any], stem: str) -> tuple[ObjectEntry, ...]:
     for n, item in enumerate(items):
         what = f"objects[{n}]"
         entry = _object(item, what) or {}
-        key = _text(_field(entry, "key"), f"{what}.key", 1024)
+        key = _text(_field(entry, "key", where=f"{what}."), f"{what}.key", 1024)
         name = key.removeprefix(f"{stem}/")
         if name == key or "/" in name or name in ("", ".", ".."):
             raise InvalidManifest(f"{what}.key is not a file in the backup's own folder")
@@ -384,18 +384,22 @@ def _objects(items: list[Any], stem: str) -> tuple[ObjectEntry, ...]:
             check_key(key)
         except StorageError:
             raise InvalidManifest(f"{what}.key is not a valid storage key") from None
-        sha256 = _text(_field(entry, "sha256"), f"{what}.sha256", 64)
+        sha256 = _text(_field(entry, "sha256", where=f"{what}."), f"{what}.sha256", 64)
         if not _SHA256.fullmatch(sha256):
             raise InvalidManifest(f"{what}.sha256 is not 64 lowercase hex digits")
-        fmt = _text(_field(entry, "format", "custom"), f"{what}.format", 16)
+        fmt = _text(_field(entry, "format", "custom", f"{what}."), f"{what}.format", 16)
         if fmt not in _FORMATS:
             raise InvalidManifest(f"{what}.format is not one of {', '.join(_FORMATS)}")
         entries.append(
             ObjectEntry(
-                database=_name(_field(entry, "database"), f"{what}.database"),
+                database=_name(_field(entry, "database", where=f"{what}."), f"{what}.database"),
                 key=key,
-                size_bytes=_integer(_field(entry, "size_bytes"), f"{what}.size_bytes"),
-                raw_bytes=_integer(_field(entry, "raw_bytes"), f"{what}.raw_bytes"),
+                size_bytes=_integer(
+                    _field(entry, "size_bytes", where=f"{what}."), f"{what}.size_bytes"
+                ),
+                raw_bytes=_integer(
+                    _field(entry, "raw_bytes", where=f"{what}."), f"{what}.raw_bytes"
+                ),
                 sha256=sha256,
                 format=fmt,
             )
@@ -423,8 +427,10 @@ def _failed(items: list[Any]) -> tuple[FailedDatabase, ...]:
         entry = _object(item, f"failed[{n}]") or {}
         failed.append(
             FailedDatabase(
-                database=_name(_field(entry, "database"), f"failed[{n}].database"),
-                error=_text(_field(entry, "error"), f"failed[{n}].error"),
+                database=_name(
+                    _field(entry, "database", where=f"failed[{n}]."), f"failed[{n}].database"
+                ),
+                error=_text(_field(entry, "error", where=f"failed[{n}]."), f"failed[{n}].error"),
             )
         )
     return tuple(failed)
