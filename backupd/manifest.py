@@ -201,7 +201,8 @@ _MAX_TEXT = 4096
 _MAX_NAME = 255
 _MAX_INT = (1 << 63) - 1
 _YEARS = (1970, 9000)  # far enough from datetime's limits for any time zone arithmetic
-_FORMATS = ("custom", "plain")
+_FORMAT = re.compile(r"[a-z][a-z0-9-]{0,15}")  # custom, plain; later kinds of object may add more
+_COMPRESSION = re.compile(r"(none|gzip|zstd|lz4)(:[0-9]{1,2})?")  # as the config spells it
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
@@ -352,7 +353,7 @@ def _validate(data: dict[str, Any]) -> Manifest:
         job=job,
         kind=_text(_field(data, "kind"), "kind", 64),
         format=_text(_field(data, "format"), "format", 64),
-        compression=_text(_field(data, "compression"), "compression", 64),
+        compression=_compression(_field(data, "compression")),
         encryption=encryption,
         source=_object(_field(data, "source"), "source") or {},
         tool=_object(_field(data, "tool"), "tool") or {},
@@ -367,6 +368,13 @@ def _validate(data: dict[str, Any]) -> Manifest:
         tables=_tables(_object(_field(data, "tables", {}), "tables") or {}),
         failed=_failed(_list(_field(data, "failed", []), "failed")),
     )
+
+
+def _compression(value: Any) -> str:
+    spec = _text(value, "compression", 16)
+    if not _COMPRESSION.fullmatch(spec):
+        raise InvalidManifest("compression is not one backupd knows (none, gzip, zstd, lz4)")
+    return spec
 
 
 def _objects(items: list[Any], stem: str) -> tuple[ObjectEntry, ...]:
@@ -388,8 +396,8 @@ def _objects(items: list[Any], stem: str) -> tuple[ObjectEntry, ...]:
         if not _SHA256.fullmatch(sha256):
             raise InvalidManifest(f"{what}.sha256 is not 64 lowercase hex digits")
         fmt = _text(_field(entry, "format", "custom", f"{what}."), f"{what}.format", 16)
-        if fmt not in _FORMATS:
-            raise InvalidManifest(f"{what}.format is not one of {', '.join(_FORMATS)}")
+        if not _FORMAT.fullmatch(fmt):
+            raise InvalidManifest(f"{what}.format is not a format name")
         entries.append(
             ObjectEntry(
                 database=_name(_field(entry, "database", where=f"{what}."), f"{what}.database"),
