@@ -26,7 +26,7 @@ from backupd.errors import (
     SecretMissing,
     UsageError,
 )
-from backupd.manifest import Manifest, find_backup, list_backups
+from backupd.manifest import Manifest, find_backup, list_backups, now_utc, scan_backups
 from backupd.runner import Runner, StorePool
 from backupd.storage.base import Store
 
@@ -68,6 +68,11 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters shown as `?`: names from storage reach a terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _human_size(n: int) -> str:
@@ -234,30 +239,49 @@ async def _missing_database(store: Store, job: Job, manifest: Manifest, database
 
 
 async def list_(args: argparse.Namespace) -> int:
+    """Valid backups, newest first; skipped manifests are reported on stderr.
+
+    Backups dated ahead of the clock are marked (`"future": true` in JSON,
+    `future` in the NOTE column), as are partial ones (the databases they lack).
+    """
     config = _load(args)
     jobs = [_job(config, args.job)] if args.job else list(config.jobs.values())
     found: list[tuple[str, Manifest]] = []
+    skipped: list[tuple[str, str, str]] = []  # (storage, key, reason)
+    now = now_utc()
     async with _pool() as pool:
         for job in jobs:
             store = await _store_for(pool, config, job, args.storage)
-            found += [(store.name, m) for m in await list_backups(store, job.name)]
+            listing = await scan_backups(store, job.name, now)
+            found += [(store.name, m) for m in listing.backups]
+            skipped += [(store.name, s.key, s.reason) for s in listing.invalid]
     found.sort(key=lambda item: (item[1].started_at, item[1].id), reverse=True)
+    for storage, key, reason in skipped:
+        print(
+            f"backupd: storage {storage}: skipped invalid manifest {key}: {reason}", file=sys.stderr
+        )
     if args.json:
-        _print_json([m.to_dict() | {"storage": storage} for storage, m in found])
+        _print_json(
+            [m.to_dict() | {"storage": storage, "future": m.in_future(now)} for storage, m in found]
+        )
         return EXIT_OK
     if not found:
         print("no backups")
         return EXIT_OK
-    rows = [("JOB", "BACKUP", "STARTED (UTC)", "SIZE", "DATABASES", "STORAGE")]
+    rows = [("JOB", "BACKUP", "STARTED (UTC)", "SIZE", "DATABASES", "STORAGE", "NOTE")]
     for storage, m in found:
+        notes = ["future"] if m.in_future(now) else []
+        if m.failed:
+            notes.append("partial, failed: " + _printable(",".join(f.database for f in m.failed)))
         rows.append(
             (
                 m.job,
                 m.id,
                 m.started_at[:19].replace("T", " "),
                 _human_size(m.size_bytes),
-                ",".join(o.database for o in m.objects),
+                _printable(",".join(o.database for o in m.objects)),
                 storage,
+                "; ".join(notes),
             )
         )
     _print_table(rows)

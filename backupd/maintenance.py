@@ -3,7 +3,9 @@ and scheduled verification.
 
 Storage is the source of truth: the last success and size a restarted daemon
 reports, and whether a missed schedule needs a catch-up run, come from the
-manifests, never from local state.
+manifests, never from local state. Only valid manifests dated up to now count:
+a backup stamped in the future by a wrong clock is never the newest, so it can
+neither hide a missed run from catch-up nor hold the last-success gauge ahead.
 
 The sweeper runs at start and then every SWEEP_INTERVAL seconds over every
 storage. Scheduled verification (`verify.schedule`) checks the newest backup
@@ -27,7 +29,7 @@ import structlog
 from backupd.backup import Trigger
 from backupd.config import Config, Job
 from backupd.errors import BackupdError
-from backupd.manifest import Manifest, find_backup, list_backups, now_utc
+from backupd.manifest import Manifest, find_backup, now_utc, scan_backups
 from backupd.retention_apply import (
     DATA_KEY,
     MANIFEST_KEY,
@@ -125,13 +127,14 @@ class Maintenance:
             for name in job.storage:
                 try:
                     store = await self.pool.get(config.storages[name])
-                    backups = await list_backups(store, job.name)
+                    listing = await scan_backups(store, job.name, now)
                 except BackupdError as exc:
                     log.warning("startup_scan_failed", job=job.name, storage=name, error=str(exc))
                     continue
-                report_listing(self.metrics, job.name, name, backups)
-                if backups and (newest is None or backups[0].started_at > newest.started_at):
-                    newest = backups[0]
+                report_listing(self.metrics, job.name, name, listing)
+                found = listing.newest
+                if found is not None and (newest is None or found.started > newest.started):
+                    newest = found
             if job.catch_up and job.schedule:
                 self._catch_up(job, newest, now)
 

@@ -16,6 +16,13 @@ Metrics beyond the SPEC:
   wanted to delete but could not; old backups pile up and cost money.
 - `backupd_notify_failures_total{notifier}`: notifications given up on after
   their retries; a silent notifier hides failed backups.
+- `backupd_manifests_invalid{job,storage}`: manifests the last listing of that
+  storage skipped as invalid (unparseable, wrong types, too large, stored
+  under a key that is not theirs). A gauge, not a counter: each listing sees
+  the same bad objects again. They are not backups and nothing deletes them.
+- `backupd_backups_future{job,storage}`: backups in the last listing dated
+  more than 5 minutes ahead of the clock (a host with a wrong clock). They are
+  kept, count toward no retention rule, and never set the last success.
 - `backupd_config_last_reload_successful`: 1 if the last reload applied (or no
   reload happened yet), 0 if the daemon is running an older config than the
   file on disk.
@@ -130,6 +137,18 @@ class Metrics:
             ["job", "storage"],
             registry=r,
         )
+        self._manifests_invalid = Gauge(
+            "backupd_manifests_invalid",
+            "Manifests the last listing skipped as invalid (not backups; never deleted).",
+            ["job", "storage"],
+            registry=r,
+        )
+        self._backups_future = Gauge(
+            "backupd_backups_future",
+            "Backups in the last listing dated more than 5 minutes ahead of the clock.",
+            ["job", "storage"],
+            registry=r,
+        )
         self._retention_deleted = Counter(
             "backupd_retention_deleted_total",
             "Backups deleted by retention.",
@@ -184,6 +203,8 @@ class Metrics:
             self._skipped,
             self._bytes_written,
             self._backups,
+            self._manifests_invalid,
+            self._backups_future,
             self._retention_deleted,
             self._retention_errors,
             self._last_verify,
@@ -286,14 +307,20 @@ class Metrics:
         count: int,
         last_success_ts: float | None,
         last_size: int | None,
+        invalid: int = 0,
+        future: int = 0,
     ) -> None:
         """What a listing of one storage found for one job.
 
         Called at start-up so a restarted daemon reports its real last
         success instead of "never", and after each listing. The newest
         success across storages wins; a listing never moves it back.
+        `invalid` manifests were skipped; `future` backups (counted in
+        `count`) are dated ahead of the clock.
         """
         self._backups.labels(job, storage).set(count)
+        self._manifests_invalid.labels(job, storage).set(invalid)
+        self._backups_future.labels(job, storage).set(future)
         self._bytes_written.labels(job, storage)
         self._retention_deleted.labels(job, storage)
         self._retention_errors.labels(job, storage)

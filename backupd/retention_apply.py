@@ -7,6 +7,12 @@ a manifest that could not be deleted is still a backup and is planned again
 by the next prune; data objects left behind after their manifest went are
 removed by the next prune of the job (and by the sweeper) once they are older
 than the storage's `abandoned_upload_grace`. Both kinds are counted.
+
+Only valid manifests take part (`manifest.scan_backups`): an invalid one is
+reported, counted in `backupd_manifests_invalid`, and neither it nor the data
+folder next to it is ever deleted here. Backups dated in the future are kept
+and counted in `backupd_backups_future`; the backup a run has just published
+is never deleted by the prune that follows it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ import structlog
 
 from backupd import retention
 from backupd.config import Config, Job
-from backupd.manifest import MANIFEST_SUFFIX, Manifest, list_backups, now_utc, parse_rfc3339
+from backupd.manifest import (
+    MANIFEST_SUFFIX,
+    Listing,
+    Manifest,
+    SkippedManifest,
+    now_utc,
+    scan_backups,
+)
 from backupd.storage.base import ObjectInfo, Store
 
 log = structlog.get_logger("backupd.retention")
@@ -42,6 +55,8 @@ class PruneMetrics(Protocol):
         count: int,
         last_success_ts: float | None,
         last_size: int | None,
+        invalid: int = 0,
+        future: int = 0,
     ) -> None: ...
 
 
@@ -56,6 +71,8 @@ class PruneOutcome:
     left: dict[str, list[str]] = field(default_factory=dict)  # deleted stem -> data keys left
     swept: int = 0  # data objects of earlier prunes' deleted backups removed now
     remaining: list[Manifest] = field(default_factory=list)
+    invalid: list[SkippedManifest] = field(default_factory=list)  # skipped, never deleted
+    future: list[str] = field(default_factory=list)  # stems dated ahead of the clock (kept)
 
     @property
     def errors(self) -> int:
@@ -82,6 +99,10 @@ class PruneOutcome:
                 f"  LEFT          {key}  (data of deleted {stem}; retried at the next prune)"
                 for key in keys
             ]
+        lines += [
+            f"  INVALID       {skipped.key}  ({skipped.reason}; not a backup, not deleted)"
+            for skipped in self.invalid
+        ]
         if self.swept:
             lines.append(f"  swept {self.swept} data object(s) left by an earlier prune")
         return lines
@@ -95,19 +116,37 @@ async def prune_job(
     metrics: PruneMetrics | None = None,
     now: datetime | None = None,
     grace: float | None = None,
+    published: str | None = None,
 ) -> PruneOutcome:
     """Apply `job`'s retention to `store` (or only plan it, with `dry_run`).
+
+    `published` is the stem of the backup the calling run has just written:
+    it is kept whatever its date says.
 
     With `grace` (the storage's `abandoned_upload_grace`), data objects of this
     job that have no manifest and were last written more than `grace` seconds
     before `now` are deleted too: what earlier prunes failed to remove.
     """
     now = now or now_utc()
-    backups = await list_backups(store, job.name)
+    listing = await scan_backups(store, job.name, now)
+    backups = listing.backups
     by_stem = {m.stem: m for m in backups}
-    refs = [retention.BackupRef(id=m.stem, started_at=m.started) for m in backups]
-    plan = retention.plan(refs, job.retention, job.timezone, now)
-    outcome = PruneOutcome(job.name, store.name, dry_run, kept=dict(plan.keep))
+    refs = [
+        retention.BackupRef(
+            id=m.stem, started_at=m.started, databases=m.databases, finished_at=m.finished
+        )
+        for m in backups
+    ]
+    protect = (published,) if published else ()
+    plan = retention.plan(refs, job.retention, job.timezone, now, protect)
+    outcome = PruneOutcome(
+        job.name,
+        store.name,
+        dry_run,
+        kept=dict(plan.keep),
+        invalid=list(listing.invalid),
+        future=[m.stem for m in listing.future],
+    )
     if dry_run:
         outcome.deleted = list(plan.delete)
         outcome.remaining = backups
@@ -147,7 +186,12 @@ async def prune_job(
             metrics.retention_deleted(job.name, store.name, len(outcome.deleted))
         if outcome.errors:
             metrics.retention_delete_failed(job.name, store.name, outcome.errors)
-        report_listing(metrics, job.name, store.name, outcome.remaining)
+        report_listing(
+            metrics,
+            job.name,
+            store.name,
+            Listing(outcome.remaining, listing.invalid, listing.now),
+        )
     return outcome
 
 
@@ -188,14 +232,21 @@ async def delete_orphans(
     return len(orphans) - len(failed), failed
 
 
-def report_listing(metrics: PruneMetrics, job: str, storage: str, backups: list[Manifest]) -> None:
-    newest = max(backups, key=lambda m: m.started_at, default=None)
+def report_listing(metrics: PruneMetrics, job: str, storage: str, listing: Listing) -> None:
+    """Report a listing: counts, and the newest backup not dated in the future as the
+    last success (a backup stamped ahead by a wrong clock would hold that gauge in the
+    future, and the "no recent success" alert could never fire). A partial backup is
+    not a success: its run failed."""
+    newest = listing.newest_complete
+    finished = newest.finished if newest is not None else None
     metrics.backups_in_storage(
         job,
         storage,
-        len(backups),
-        parse_rfc3339(newest.finished_at).timestamp() if newest and newest.finished_at else None,
-        newest.size_bytes if newest else None,
+        len(listing.backups),
+        finished.timestamp() if finished is not None else None,
+        newest.size_bytes if newest is not None else None,
+        invalid=len(listing.invalid),
+        future=len(listing.future),
     )
 
 
@@ -215,6 +266,7 @@ async def prune_after_success(
                 store,
                 metrics=metrics,
                 grace=cfg.abandoned_upload_grace if cfg is not None else None,
+                published=manifest.stem,
             )
         except Exception as exc:  # a prune failure never turns a good backup into a failure
             log.warning("retention_failed", job=job.name, storage=store.name, error=str(exc))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from backupd.manifest import FailedDatabase, Manifest, new_backup_id, rfc3339, stem_for
 from tests.pgcluster import PG_BIN, PgCluster
 
 BACKUPD = [sys.executable, "-m", "backupd"]
@@ -138,3 +142,37 @@ INSERT INTO blobs (a, b, c)
   SELECT md5(random()::text), md5(random()::text), md5(random()::text)
   FROM generate_series(1, 120000);
 """
+
+
+def restamp(
+    root: Path,
+    manifest: Manifest,
+    started: datetime,
+    *,
+    databases: set[str] | None = None,
+    failed: tuple[FailedDatabase, ...] = (),
+) -> Manifest:
+    """A copy of `manifest` (and of its data) in a filesystem store, as if a run had
+    started at `started`; only `databases` of it, and `failed` recorded, if given."""
+    backup_id = new_backup_id()
+    stem = stem_for(manifest.job, started, backup_id)
+    pairs = [
+        (o, replace(o, key=f"{stem}/{o.key.rsplit('/', 1)[-1]}"))
+        for o in manifest.objects
+        if databases is None or o.database in databases
+    ]
+    copy = replace(
+        manifest,
+        id=backup_id,
+        started_at=rfc3339(started),
+        finished_at=rfc3339(started + timedelta(seconds=manifest.duration_seconds)),
+        objects=tuple(new for _, new in pairs),
+        failed=failed,
+    )
+    for old, new in pairs:
+        target = root / copy.object_key(new)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / manifest.object_key(old), target)
+    (root / copy.manifest_key).parent.mkdir(parents=True, exist_ok=True)
+    (root / copy.manifest_key).write_bytes(copy.to_json())
+    return copy

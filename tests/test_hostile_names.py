@@ -266,7 +266,9 @@ def accept_database(pg: PgCluster, database: str) -> None:
 def test_one_failing_database_does_not_stop_the_others(own_pg: PgCluster, tmp_path: Path) -> None:
     make_database(own_pg, "fine_db")
     make_database(own_pg, "refused_db")
-    cfg = config(tmp_path, own_pg, 'databases = ["*"]\nformat = "plain"\n')
+    cfg = config(
+        tmp_path, own_pg, 'databases = ["*"]\nformat = "plain"\nretention = { keep_last = 1 }\n'
+    )
     try:
         first = run_cli("backup", "app", "-c", str(cfg))
         assert first.returncode == 0, first.stderr
@@ -294,6 +296,11 @@ def test_one_failing_database_does_not_stop_the_others(own_pg: PgCluster, tmp_pa
         assert missing.returncode == 1
         assert "failed in this run" in missing.stderr
         assert f"newest backup holding it is {complete['stem']}" in missing.stderr
+
+        # keep_last = 1 never deletes the only backup that has refused_db.
+        pruned = run_cli("prune", "app", "-c", str(cfg))
+        assert pruned.returncode == 0, pruned.stderr
+        assert {b["id"] for b in backups(cfg)} == {complete["id"], partial["id"]}
     finally:
         accept_database(own_pg, "refused_db")
         psql(own_pg, "DROP DATABASE fine_db")

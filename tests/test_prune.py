@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -18,14 +20,14 @@ from backupd.backup import Trigger, run_backup
 from backupd.config import Config, FilesystemStorage, Job
 from backupd.configfile import load_config
 from backupd.maintenance import sweep
-from backupd.manifest import MANIFEST_SUFFIX, Manifest, list_backups, now_utc
+from backupd.manifest import MANIFEST_SUFFIX, FailedDatabase, Manifest, list_backups, now_utc
 from backupd.metrics import Metrics
 from backupd.retention_apply import prune_after_success, prune_job
 from backupd.runner import Runner, StorePool
 from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
-from tests.helpers import run_cli, write_config
-from tests.pgcluster import PgCluster
+from tests.helpers import restamp, run_cli, write_config
+from tests.pgcluster import SAMPLE_SQL, PgCluster
 
 
 def _fs_keys(root: Path) -> set[str]:
@@ -259,3 +261,60 @@ async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without
     late = await sweep(store, 3600, now=now_utc() + timedelta(hours=2))
     assert late.deleted_orphans == 1
     assert _fs_keys(store.root) == _keys_of(remaining)
+
+
+async def test_partial_backups_never_let_retention_delete_a_database_s_newest_copy(
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+) -> None:
+    """Issue 12, finding 7: two partial backups lacking `billing` follow two complete
+    ones; keep_last = 1 keeps the newest partial and the newest complete (the newest
+    backup of billing), and deletes the rest."""
+    billing = "billing_" + uuid.uuid4().hex[:8]
+    pg.createdb(billing)
+    try:
+        pg.psql(SAMPLE_SQL, billing)
+        fs = tmp_path / "store"
+        cfg = write_config(
+            tmp_path / "backupd.toml",
+            pg,
+            password_file=pg_password_file,
+            database=sample_db,
+            fs_path=fs,
+            extra_job=f'databases = ["{sample_db}", "{billing}"]\n'
+            "retention = { keep_last = 10 }\n",
+        )
+        for _ in range(2):
+            out = run_cli("backup", "app", "-c", str(cfg))
+            assert out.returncode == 0, out.stderr
+    finally:
+        pg.dropdb(billing)
+    config = load_config(cfg)
+    complete_new, complete_old = await _listing(config, "local")
+    failed = (FailedDatabase(billing, "pg_dump exited 1: connection refused"),)
+    partials = [
+        restamp(
+            fs,
+            complete_new,
+            complete_new.started + timedelta(seconds=n),
+            databases={sample_db},
+            failed=failed,
+        )
+        for n in (60, 120)
+    ]
+    out = run_cli("list", "app", "-c", str(cfg))
+    partial_rows = [line for line in out.stdout.splitlines() if "partial" in line]
+    assert len(partial_rows) == 2
+    assert all(line.endswith(f"partial, failed: {billing}") for line in partial_rows)
+    listed = json.loads(run_cli("list", "app", "-c", str(cfg), "--json").stdout)
+    assert listed[0]["failed"] == [{"database": billing, "error": failed[0].error}]
+
+    cfg.write_text(cfg.read_text().replace("keep_last = 10", "keep_last = 1"))
+    out = run_cli("prune", "app", "-c", str(cfg))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"keep          {partials[1].stem}  (newest, last 1)" in out.stdout
+    assert f"keep          {complete_new.stem}  (newest of database {billing})" in out.stdout
+    assert f"deleted       {complete_old.stem}" in out.stdout
+    assert f"deleted       {partials[0].stem}" in out.stdout
+    remaining = await _listing(config, "local")
+    assert [m.stem for m in remaining] == [partials[1].stem, complete_new.stem]
+    assert _fs_keys(fs) == _keys_of(remaining)

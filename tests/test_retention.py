@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from backupd.config import Retention
 from backupd.errors import ConfigError
-from backupd.retention import BackupRef, plan
+from backupd.retention import FUTURE_TOLERANCE, BackupRef, in_future, plan
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 DAY = 86400.0
@@ -237,12 +237,13 @@ backup_lists = st.lists(
             min_value=datetime(2024, 1, 1), max_value=datetime(2027, 12, 31), timezones=st.just(UTC)
         ),
         st.booleans(),
+        st.frozensets(st.sampled_from(["app", "billing", "globals"]), max_size=3),
     ),
     max_size=40,
 ).map(
     lambda rows: [
-        BackupRef(id=f"b{n}", started_at=started, complete=complete)
-        for n, (started, complete) in enumerate(rows)
+        BackupRef(id=f"b{n}", started_at=started, complete=complete, databases=databases)
+        for n, (started, complete, databases) in enumerate(rows)
     ]
 )
 policies = st.builds(
@@ -261,20 +262,115 @@ policies = st.builds(
     backups=backup_lists,
     policy=policies,
     tz=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe"]),
+    published=st.integers(0, 40),
 )
-def test_plan_properties(backups: list[BackupRef], policy: Retention, tz: str) -> None:
-    result = plan(backups, policy, tz, NOW)
+def test_plan_properties(
+    backups: list[BackupRef], policy: Retention, tz: str, published: int
+) -> None:
+    protect = {f"b{published}"}
+    result = plan(backups, policy, tz, NOW, protect)
     complete = [b for b in backups if b.complete]
     ids = {b.id for b in complete}
     assert set(result.keep) | set(result.delete) == ids
     assert not set(result.keep) & set(result.delete)
     assert len(result.delete) == len(set(result.delete))
     assert all(result.keep.values())
-    if complete:
-        newest = max(complete, key=lambda b: (b.started_at, b.id))
+    # The just-published backup and every backup dated in the future survive.
+    assert not protect & set(result.delete)
+    future = [b for b in complete if b.started_at > NOW + FUTURE_TOLERANCE]
+    for b in future:
+        assert "dated in the future" in result.keep[b.id]
+        assert "newest" not in result.keep[b.id]
+    current = [b for b in complete if b not in future]
+    if current:
+        newest = max(current, key=lambda b: (b.started_at, b.id))
         assert "newest" in result.keep[newest.id]
+    # For every database, the newest (not future) backup holding it survives.
+    for database in {d for b in current for d in b.databases}:
+        holder = max(
+            (b for b in current if database in b.databases), key=lambda b: (b.started_at, b.id)
+        )
+        assert holder.id in result.keep
     started = {b.id: b.started_at for b in complete}
     assert [started[i] for i in result.delete] == sorted(started[i] for i in result.delete)
-    assert len(result.keep) >= min(policy.keep_last, len(complete))
+    assert len(result.keep) >= min(policy.keep_last, len(current)) + len(future)
     if policy.is_empty:
         assert result.delete == []
+
+
+# -- issue 12: a wrong clock, a just-published backup, partial backups ------------------------
+
+
+def test_a_backup_dated_200_days_ahead_is_kept_and_pushes_no_real_backup_out() -> None:
+    backups = refs("2026-11-18 02:00", "2026-11-19 02:00", "2026-11-20 02:00", "2027-06-08 02:00")
+    result = plan(backups, Retention(keep_last=1, keep_daily=1), "UTC", NOW)
+    assert result.keep == {
+        "2027-06-08 02:00": ["dated in the future"],
+        "2026-11-20 02:00": ["newest", "last 1", "daily 2026-11-20"],
+    }
+    assert result.delete == ["2026-11-18 02:00", "2026-11-19 02:00"]
+
+
+def test_the_future_starts_after_the_tolerance() -> None:
+    near = BackupRef("near", NOW + FUTURE_TOLERANCE)
+    far = BackupRef("far", NOW + FUTURE_TOLERANCE + timedelta(seconds=1))
+    assert not in_future(near, NOW) and in_future(far, NOW)
+    result = plan(
+        [BackupRef("old", NOW - timedelta(days=1)), near], Retention(keep_last=1), "UTC", NOW
+    )
+    assert result.keep == {"near": ["newest", "last 1"]} and result.delete == ["old"]
+    # A finish time far ahead (a clock stepped mid-run) makes a backup future too.
+    stepped = BackupRef("stepped", NOW, finished_at=NOW + timedelta(days=200))
+    result = plan(
+        [BackupRef("old", NOW - timedelta(days=1)), stepped], Retention(keep_last=1), "UTC", NOW
+    )
+    assert result.keep == {"stepped": ["dated in the future"], "old": ["newest", "last 1"]}
+
+
+def test_every_run_under_a_future_backup_keeps_what_it_published() -> None:
+    """The issue's scenario, run by run: keep_last = 1 and one backup 200 days ahead."""
+    stored = [BackupRef("future", NOW + timedelta(days=200))]
+    for hour in range(5):
+        published = BackupRef(f"run{hour}", NOW + timedelta(hours=hour))
+        stored.append(published)
+        result = plan(
+            stored, Retention(keep_last=1), "UTC", NOW + timedelta(hours=hour), {published.id}
+        )
+        assert published.id in result.keep
+        assert "future" in result.keep
+        stored = [b for b in stored if b.id not in result.delete]
+    assert [b.id for b in stored] == ["future", "run4"]
+
+
+def test_the_published_backup_is_kept_even_when_older_than_the_newest() -> None:
+    # A run whose clock lagged publishes a backup older than one already there.
+    backups = [
+        BackupRef("other", at("2026-11-20 03:00")),
+        BackupRef("mine", at("2026-11-20 02:00")),
+    ]
+    result = plan(backups, Retention(keep_last=1), "UTC", NOW, {"mine"})
+    assert result.keep == {"other": ["newest", "last 1"], "mine": ["just published"]}
+    assert result.delete == []
+
+
+def test_the_newest_backup_of_each_database_survives_partial_backups() -> None:
+    both = frozenset({"app", "billing", "globals"})
+    backups = [
+        BackupRef("mon", at("2026-11-16 02:00"), databases=both),
+        BackupRef("tue", at("2026-11-17 02:00"), databases=both),
+        BackupRef("wed", at("2026-11-18 02:00"), databases=frozenset({"app", "globals"})),
+        BackupRef("thu", at("2026-11-19 02:00"), databases=frozenset({"app", "globals"})),
+        BackupRef("fri", at("2026-11-20 02:00"), databases=frozenset({"globals"})),
+    ]
+    result = plan(backups, Retention(keep_last=1), "UTC", NOW)
+    assert result.keep == {
+        "fri": ["newest", "last 1"],
+        "thu": ["newest of database app"],
+        "tue": ["newest of database billing"],
+    }
+    assert result.delete == ["mon", "wed"]
+    # A backup dated in the future never stands in for a database's newest copy.
+    ahead = BackupRef("ahead", NOW + timedelta(days=200), databases=both)
+    result = plan([*backups, ahead], Retention(keep_last=1), "UTC", NOW)
+    assert result.keep["tue"] == ["newest of database billing"]
+    assert result.keep["ahead"] == ["dated in the future"]
