@@ -29,6 +29,7 @@ from backupd.manifest import (
     ObjectEntry,
     data_name,
     folder_for,
+    globals_name,
     new_backup_id,
     now_utc,
     rfc3339,
@@ -88,7 +89,10 @@ async def run_backup(
         dumpall = postgres.find_tool("pg_dumpall", source.pg_bin_dir, server.major)
         dumps.append(
             _Dump(
-                "globals", postgres.dumpall_globals_argv(dumpall, source.dsn), "pg_dumpall", "plain"
+                globals_name(server.databases, job.format),
+                postgres.dumpall_globals_argv(dumpall, source.dsn),
+                "pg_dumpall",
+                "plain",
             )
         )
 
@@ -125,12 +129,13 @@ async def run_backup(
                     )
                 objects.append(
                     ObjectEntry(
-                        database=dump.name,
+                        database="" if dump.tool == "pg_dumpall" else dump.name,
                         key=key,
                         size_bytes=result.size_bytes,
                         raw_bytes=result.raw_bytes,
                         sha256=result.sha256,
                         format=dump.fmt,
+                        kind="globals" if dump.tool == "pg_dumpall" else "database",
                     )
                 )
                 _emit(

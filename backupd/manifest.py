@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,12 +54,17 @@ def data_name(database: str, fmt: str, compression_ext: str, encrypted: bool) ->
 
 @dataclass(frozen=True, slots=True)
 class ObjectEntry:
-    database: str  # "globals" for pg_dumpall --globals-only
+    database: str  # "" for the globals (pg_dumpall --globals-only)
     key: str  # relative to the manifest's folder
     size_bytes: int
     raw_bytes: int
     sha256: str
     format: str = "custom"  # the globals object is always plain SQL
+    kind: str = "database"  # database | globals (roles and tablespaces)
+
+    @property
+    def label(self) -> str:
+        return "(globals)" if self.kind == "globals" else self.database
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +113,30 @@ class Manifest:
 
     def object_for(self, database: str | None) -> ObjectEntry:
         """The data object of `database` (default: the only database dumped)."""
-        dbs = [o for o in self.objects if o.database != "globals"]
+        dbs = [o for o in self.objects if o.kind == "database"]
+        names = ", ".join(repr(o.database) for o in dbs) or "none"
         if database is None:
             if len(dbs) == 1:
                 return dbs[0]
-            names = ", ".join(o.database for o in self.objects)
             raise UsageError(
                 f"backup {self.stem} holds several databases ({names}): pass --database"
             )
-        for o in self.objects:
+        for o in dbs:
             if o.database == database:
                 return o
-        names = ", ".join(o.database for o in self.objects)
-        raise NotFound(f"backup {self.stem} has no database {database!r} (it has: {names})")
+        hint = (
+            " (the roles and tablespaces dump is --globals)"
+            if database == "globals" and any(o.kind == "globals" for o in self.objects)
+            else ""
+        )
+        raise NotFound(f"backup {self.stem} has no database {database!r} (it has: {names}){hint}")
+
+    def globals_object(self) -> ObjectEntry:
+        """The roles and tablespaces dump (`globals = true`)."""
+        for o in self.objects:
+            if o.kind == "globals":
+                return o
+        raise NotFound(f"backup {self.stem} has no globals (the job ran without globals = true)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -137,9 +154,32 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"unsupported manifest format_version {data.get('format_version')!r}")
         data.pop("stem", None)
-        objects = tuple(ObjectEntry(**o) for o in data.pop("objects"))
+        objects = _legacy_globals([ObjectEntry(**o) for o in data.pop("objects")])
         known = set(cls.__dataclass_fields__)
         return cls(objects=objects, **{k: v for k, v in data.items() if k in known})
+
+
+def _legacy_globals(objects: list[ObjectEntry]) -> tuple[ObjectEntry, ...]:
+    """Manifests before `kind` named the roles dump database "globals": it is the last
+    plain object of that name (backupd wrote it after every database)."""
+    if all(o.kind == "database" for o in objects):
+        for i in range(len(objects) - 1, -1, -1):
+            o = objects[i]
+            if o.database == "globals" and o.format == "plain":
+                objects[i] = replace(o, database="", kind="globals")
+                break
+    return tuple(objects)
+
+
+def globals_name(databases: Iterable[str], fmt: str) -> str:
+    """The globals object's name: `globals`, unless a database of this backup would
+    get the same data name (then `globals-2`, ...): the two can never collide."""
+    taken = {data_name(db, fmt, "", False) for db in databases}
+    name, n = "globals", 1
+    while data_name(name, "plain", "", False) in taken:
+        n += 1
+        name = f"globals-{n}"
+    return name
 
 
 async def write_manifest(store: Store, manifest: Manifest) -> None:

@@ -306,7 +306,10 @@ def test_password_never_in_argv_or_logs(
     passfile = next(line for line in calls.splitlines() if line.startswith("PGPASSFILE="))
     assert not Path(passfile.split("=", 1)[1]).exists()
     manifest = json.loads(run_cli("list", "-c", str(cfg), "--json").stdout)[0]
-    assert [o["database"] for o in manifest["objects"]] == [sample_db, "globals"]
+    assert [(o["database"], o["kind"]) for o in manifest["objects"]] == [
+        (sample_db, "database"),
+        ("", "globals"),
+    ]
     assert pg.password not in json.dumps(manifest)
 
 
