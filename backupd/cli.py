@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="output file, - for stdout"
     )
+    p.add_argument(
+        "--globals",
+        dest="globals_",
+        action="store_true",
+        help="the roles and tablespaces dump (globals = true) instead of a database",
+    )
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
 
     p = cmd(

@@ -282,7 +282,12 @@ async def download(args: argparse.Namespace) -> int:
     async with _pool() as pool:
         _, _, store, manifest = await _open_backup(args, pool)
         result = await restoring.download(
-            store, manifest, database=args.database, output=args.output, identity=args.identity
+            store,
+            manifest,
+            database=args.database,
+            output=args.output,
+            identity=args.identity,
+            globals_=args.globals_,
         )
     if args.output != "-":
         print(

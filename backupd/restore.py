@@ -346,6 +346,40 @@ class _Restore:
             chunks.append(data)
 
         read = await read_object(self.store, self.manifest, self.entry, self.identity, collect)
+        plan = plan_globals(b"".join(chunks), await self._cluster_globals())
+        if plan.tablespaces:
+            self.say(
+                "not one transaction: CREATE TABLESPACE cannot run inside one; each statement "
+                "is applied in turn and a failure stops there (what was applied is listed)"
+            )
+        else:
+            self.say("restoring the globals in one transaction: if it fails, nothing is applied")
+        args = () if plan.tablespaces else ("--single-transaction",)
+        try:
+            warnings = await _run(self.psql(self.target, *args), plan.sql, self.env)
+        except BackupdError as exc:
+            if not plan.tablespaces:
+                raise
+            now = await self._cluster_globals()
+            roles = [r for r in plan.created if ("r", r) in now]
+            spaces = [t for t in plan.tablespaces if ("t", t) in now]
+            raise BackupdError(
+                f"{exc}\napplied before the failure (not one transaction): created roles: "
+                f"{', '.join(roles) or 'none'}; created tablespaces: {', '.join(spaces) or 'none'}"
+            ) from None
+        lines = [
+            f"created roles: {', '.join(plan.created) or 'none'}",
+            f"existing roles, left as they are: {', '.join(plan.existing) or 'none'}",
+        ]
+        if plan.tablespaces or plan.existing_tablespaces:
+            lines.append(f"created tablespaces: {', '.join(plan.tablespaces) or 'none'}")
+            left = ", ".join(plan.existing_tablespaces) or "none"
+            lines.append(f"existing tablespaces, left as they are: {left}")
+        lines.append(f"skipped {plan.skipped} statement(s) about existing roles or tablespaces")
+        return RestoreOutcome(read, lines, warnings)
+
+    async def _cluster_globals(self) -> set[tuple[str, str]]:
+        """The target cluster's roles ("r", name) and tablespaces ("t", name)."""
         out = await _run_bytes(
             self.psql(
                 self.target,
@@ -359,30 +393,10 @@ class _Restore:
             self.env,
         )
         fields = out.split(b"\0")
-        existing = {
+        return {
             (fields[i].decode(), fields[i + 1].decode(errors="replace"))
             for i in range(0, len(fields) - 1, 2)
         }
-        plan = plan_globals(b"".join(chunks), existing)
-        if plan.tablespaces:
-            self.say(
-                "not one transaction: CREATE TABLESPACE cannot run inside one; each statement "
-                "is applied in turn and a failure stops there (what was applied is listed)"
-            )
-        else:
-            self.say("restoring the globals in one transaction: if it fails, nothing is applied")
-        args = () if plan.tablespaces else ("--single-transaction",)
-        warnings = await _run(self.psql(self.target, *args), plan.sql, self.env)
-        lines = [
-            f"created roles: {', '.join(plan.created) or 'none'}",
-            f"existing roles, left as they are: {', '.join(plan.existing) or 'none'}",
-        ]
-        if plan.tablespaces or plan.existing_tablespaces:
-            lines.append(f"created tablespaces: {', '.join(plan.tablespaces) or 'none'}")
-            left = ", ".join(plan.existing_tablespaces) or "none"
-            lines.append(f"existing tablespaces, left as they are: {left}")
-        lines.append(f"skipped {plan.skipped} statement(s) about existing roles or tablespaces")
-        return RestoreOutcome(read, lines, warnings)
 
 
 # -- the globals dump ---------------------------------------------------------------------
@@ -760,13 +774,19 @@ def _refuse_password_in(dsn: str) -> None:
 
 
 async def download(
-    store: Store, manifest: Manifest, *, database: str | None, output: str, identity: str | None
+    store: Store,
+    manifest: Manifest,
+    *,
+    database: str | None,
+    output: str,
+    identity: str | None,
+    globals_: bool = False,
 ) -> ReadResult:
     """Write one database's dump, decrypted and decompressed, to `output` (or "-" for stdout).
 
     A file appears under its name only once complete and checked.
     """
-    entry = manifest.object_for(database)
+    entry = manifest.globals_object() if globals_ else manifest.object_for(database)
     if output == "-":
         out = os.fdopen(os.dup(1), "wb")
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from backupd.restore import _summary, plan_globals
 from tests.helpers import run_cli, write_config
-from tests.pgcluster import SAMPLE_SQL, PgCluster
+from tests.pgcluster import PG_BIN, SAMPLE_SQL, PgCluster
 
 
 def _name(prefix: str) -> str:
@@ -216,6 +216,8 @@ def test_verify_restore_counts_rows_of_user_defined_types(
 
 
 def test_errors_show_the_first_ones_and_a_count() -> None:
+    from backupd.restore import _summary
+
     stderr = "\n".join(
         [f'psql:<stdin>:{i}: ERROR:  relation "t{i}" already exists' for i in range(191)]
         + ["x" * 5000]
@@ -227,6 +229,8 @@ def test_errors_show_the_first_ones_and_a_count() -> None:
 
 
 def test_globals_plan_skips_statements_about_existing_roles() -> None:
+    from backupd.restore import plan_globals
+
     dump = (
         b"CREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'x';\n"
         b'CREATE ROLE "New Role";\nALTER ROLE "New Role" WITH NOLOGIN;\n'
@@ -236,3 +240,43 @@ def test_globals_plan_skips_statements_about_existing_roles() -> None:
     assert plan.created == ["New Role"] and plan.existing == ["postgres"]
     assert plan.skipped == 3
     assert b"postgres WITH" not in plan.sql and b'GRANT "New Role" TO postgres;' in plan.sql
+
+
+def test_globals_with_a_tablespace_say_they_are_not_atomic_and_what_was_applied(
+    tmp_path: Path, pg: PgCluster, pg_password_file: Path, sample_db: str
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    role, space = f"regress_role_{tag}", f"regress_space_{tag}"
+    pg.psql(f"CREATE ROLE {role}")
+    subprocess.run(
+        [
+            str(PG_BIN / "psql"),
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            pg.dsn(),
+            "-c",
+            "SET allow_in_place_tablespaces = on",
+            "-c",
+            f"CREATE TABLESPACE {space} LOCATION ''",
+        ],
+        env=pg.env(),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        cfg = _backup(tmp_path, pg, pg_password_file, sample_db, "globals = true\n")
+        pg.psql(f"DROP ROLE {role}")
+        pg.psql(f"DROP TABLESPACE {space}")
+        # An in-place tablespace is dumped with a relative location, which CREATE
+        # TABLESPACE refuses: the restore fails after the roles were created.
+        out = _restore(cfg, pg, "--globals", "--to", pg.dsn("postgres"))
+        assert out.returncode == 1, out.stdout + out.stderr
+        before, _, after = out.stderr.partition("psql exited")
+        assert "not one transaction" in before  # said before it started
+        assert f"applied before the failure (not one transaction): created roles: {role}" in after
+        assert pg.psql(f"SELECT count(*) FROM pg_roles WHERE rolname = '{role}'") == "1"
+    finally:
+        pg.psql(f"DROP ROLE IF EXISTS {role}")
+        pg.psql(f"DROP TABLESPACE IF EXISTS {space}")
