@@ -84,12 +84,16 @@ def _baseline(pg: PgCluster, source: str) -> str:
         capture_output=True,
     ).stdout
     pg.createdb(name)
+    t0 = time.monotonic()
     subprocess.run(
         [str(PG_BIN / "pg_restore"), "--exit-on-error", "-d", pg.dsn(name)],
         input=dump,
         env=pg.env(),
         check=True,
         capture_output=True,
+    )
+    print(
+        f"baseline pg_dump -Fc | pg_restore of {source}: restored in {time.monotonic() - t0:.2f}s"
     )
     # pg_restore without -C: the database-level properties, as -C would set them
     comment = pg.psql(
@@ -187,7 +191,9 @@ def age_key(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("fmt", "where"), [("custom", "fs"), ("plain", "s3")])
+@pytest.mark.parametrize(
+    ("fmt", "where"), [("custom", "fs"), ("custom", "s3"), ("plain", "fs"), ("plain", "s3")]
+)
 @pytest.mark.timeout(600)
 def test_own_database_round_trips_like_pg_restore(
     tmp_path: Path,
