@@ -32,6 +32,7 @@ _DB_OBJECT_TYPES = {b"COMMENT", b"ACL", b"SECURITY LABEL"}
 # What may start a literal, a quoted identifier or a comment in SQL code.
 _SPECIAL = re.compile(rb"""[eE]'|'|"|\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$|--|/\*""")
 _DB_REF = re.compile(rb'DATABASE\s+("(?:[^"]|"")*"|[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)')
+_DATABASE_WORD = re.compile(rb"(?<![A-Za-z0-9_\x80-\xff])DATABASE(?![A-Za-z0-9_\x80-\xff])")
 _COPY = re.compile(rb"^COPY .* FROM stdin;\r?$")
 
 
@@ -92,8 +93,10 @@ def split_code(line: bytes, scan: _Scan) -> list[tuple[bool, bytes]]:
             literal_start = start
         else:
             literal_start = pos
+        quoted_ident = scan.quote == b'"'
         end = _literal_end(line, pos, scan)
-        out.append((False, line[literal_start:end]))
+        # A quoted identifier is code (a name), not a literal.
+        out.append((quoted_ident, line[literal_start:end]))
         pos = end
     return out
 
@@ -195,7 +198,10 @@ class PlainFilter:
             if self._region is None and _COPY.match(bare):
                 self._copy = True
                 return line
+        at_start = self._scan.quote is None
         segments = split_code(line, self._scan)
+        if b"\\" in line:
+            self._check_meta(line, segments, at_start)
         if self._region is None:
             return line
         if self.create_as is None:
@@ -205,6 +211,20 @@ class PlainFilter:
             self.create_statements.append(text)
             return b""
         return text
+
+    def _check_meta(self, line: bytes, segments: list[tuple[bool, bytes]], at_start: bool) -> None:
+        """psql runs a backslash outside literals as a meta-command (\\connect, \\!): only
+        pg_dump's own \\restrict and \\unrestrict lines may have one."""
+        if at_start and line.startswith((b"\\restrict ", b"\\unrestrict ")):
+            return
+        # a quoted identifier may hold a backslash: psql reads it as a name
+        if any(
+            is_code and not text.startswith(b'"') and b"\\" in text for is_code, text in segments
+        ):
+            raise UnsafeDump(
+                "the dump holds a psql meta-command outside pg_dump's own lines: "
+                f"{line[:80].decode(errors='replace').strip()!r}; refusing to run it"
+            )
 
     def _enter(self, name: bytes, kind: bytes) -> None:
         if kind in _DB_LEVEL_TYPES or (kind in _DB_OBJECT_TYPES and name.startswith(b"DATABASE ")):
@@ -221,11 +241,20 @@ class PlainFilter:
         self.head_done = True
 
     def _rewrite(self, segments: list[tuple[bool, bytes]]) -> bytes:
+        """The line with the database name mapped; every DATABASE reference in its code
+        must name the dumped database, or the dump is refused."""
         assert self.create_as is not None
         forms = _ident_forms(self.archive_db)
         new = quote_ident(self.create_as).encode()
         out = []
+        # merge runs of code (quoted identifiers included) so a name is seen whole
+        merged: list[tuple[bool, bytes]] = []
         for is_code, text in segments:
+            if merged and is_code and merged[-1][0]:
+                merged[-1] = (True, merged[-1][1] + text)
+            else:
+                merged.append((is_code, text))
+        for is_code, text in merged:
             if is_code:
 
                 def swap(m: re.Match[bytes]) -> bytes:
@@ -238,5 +267,10 @@ class PlainFilter:
                     return m.group(0)[: m.start(1) - m.start(0)] + new
 
                 text = _DB_REF.sub(swap, text)
+                if len(_DATABASE_WORD.findall(text)) != text.count(b"DATABASE " + new):
+                    raise UnsafeDump(
+                        "the dump's database-level entries hold a DATABASE reference backupd "
+                        f"cannot map: {text[:120].decode(errors='replace').strip()!r}"
+                    )
             out.append(text)
         return b"".join(out)

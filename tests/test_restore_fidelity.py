@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -219,7 +220,7 @@ def test_own_database_round_trips_like_pg_restore(
 
 
 @pytest.fixture(scope="session")
-def regression_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def regression_archive() -> Path:
     """The `regression` database of `make installcheck-parallel`, as a cached custom archive."""
     archive = CACHE / "regression-15.dump"
     if archive.exists():
@@ -229,7 +230,9 @@ def regression_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = CACHE / "pg-regress"
     subprocess.run([str(ROOT / "scripts" / "regression-build.sh"), str(build)], check=True)
     src = next(build.glob("postgresql-15-*/"))
-    cluster = make_cluster(tmp_path_factory.mktemp("regress") / "cluster")
+    base = Path(tempfile.mkdtemp(prefix="backupd-regress-"))
+    os.chmod(base, 0o755)  # the cluster belongs to the postgres user when run as root
+    cluster = make_cluster(base / "cluster")
     try:
         env = {
             **os.environ,
@@ -271,6 +274,7 @@ def regression_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp.rename(archive)
     finally:
         cluster.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
     return archive
 
 

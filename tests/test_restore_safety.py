@@ -47,11 +47,14 @@ def _restore(cfg: Path, pg: PgCluster, *args: str):  # type: ignore[no-untyped-d
     return run_cli("restore", "app", "-c", str(cfg), *args, env={"PGPASSWORD": pg.password})
 
 
-@pytest.mark.parametrize("fmt", ["custom", "plain"])
+@pytest.mark.parametrize(
+    ("fmt", "prefix"),
+    [("custom", "src"), ("plain", "src"), ("custom", "Src Ü"), ("plain", "Src Ü")],
+)
 def test_create_makes_the_typed_database_and_never_touches_the_source(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, dbs: list[str], fmt: str
+    tmp_path: Path, pg: PgCluster, pg_password_file: Path, dbs: list[str], fmt: str, prefix: str
 ) -> None:
-    src, new = _name("src"), _name("new")
+    src, new = _name(prefix), _name("new")
     dbs += [src, new]
     pg.createdb(src)
     pg.psql(SAMPLE_SQL, src)
