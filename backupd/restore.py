@@ -271,12 +271,19 @@ class _Restore:
             yield
             return
         name = self.create_as
-        maintenance = postgres.with_database(self.target, "postgres")
-        count = await _run_out(
-            self.psql(maintenance, "--tuples-only", "--no-align", "--set", f"name={name}"),
-            b"SELECT count(*) FROM pg_database WHERE datname = :'name';\n",
-            self.env,
-        )
+        query = b"SELECT count(*) FROM pg_database WHERE datname = :'name';\n"
+        for maintenance_db in ("postgres", "template1"):
+            maintenance = postgres.with_database(self.target, maintenance_db)
+            try:
+                count = await _run_out(
+                    self.psql(maintenance, "--tuples-only", "--no-align", "--set", f"name={name}"),
+                    query,
+                    self.env,
+                )
+                break
+            except BackupdError as exc:
+                if maintenance_db != "postgres" or "does not exist" not in str(exc):
+                    raise
         if count.strip() != "0":
             raise UsageError(
                 f"database {name!r} already exists on the target: --create restores only into "
