@@ -35,11 +35,28 @@ deps-system:
 	command -v systemd-analyze >/dev/null || missing+=(systemd)
 	[ -x /usr/bin/time ] || missing+=(time)
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
-	if [ $${#missing[@]} -eq 0 ]; then echo "deps-system: all present"; exit 0; fi
-	echo "deps-system: installing $${missing[*]}"
+	# The PostgreSQL regression database of the slow restore tests: its test suite is
+	# built from the Debian source package (scripts/regression-build.sh), so apt
+	# needs a deb-src line for the same mirror and the build tools.
+	for tool in gcc make bison flex dpkg-source; do
+	  command -v $$tool >/dev/null || missing+=($${tool/dpkg-source/dpkg-dev})
+	done
+	[ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+	srcs=/etc/apt/sources.list.d/backupd-deb-src.sources
+	need_src=0
+	grep -rqs '^deb-src\|^Types:.*deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/ || need_src=1
+	if [ $${#missing[@]} -eq 0 ] && [ $$need_src -eq 0 ]; then echo "deps-system: all present"; exit 0; fi
+	echo "deps-system: installing $${missing[*]:-nothing}$$( [ $$need_src -eq 1 ] && echo ', adding a deb-src line')"
 	if [ "$$(id -u)" -ne 0 ]; then
 	  echo "deps-system: run as root (or install them yourself): apt-get install $${missing[*]}" >&2
 	  exit 1
+	fi
+	if [ $$need_src -eq 1 ]; then
+	  if [ -e /etc/apt/sources.list.d/debian.sources ]; then
+	    sed 's/^Types: deb$$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources >"$$srcs"
+	  else
+	    sed -n 's/^deb /deb-src /p' /etc/apt/sources.list >"$${srcs%.sources}.list"
+	  fi
 	fi
 	policy=/usr/sbin/policy-rc.d
 	if [ ! -e "$$policy" ]; then
@@ -48,6 +65,7 @@ deps-system:
 	  chmod 0755 "$$policy"
 	fi
 	apt-get update
+	[ $${#missing[@]} -eq 0 ] && exit 0
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends --no-upgrade "$${missing[@]}"
 	if [[ " $${missing[*]} " == *" postgresql-15 "* ]]; then
 	  pg_ctlcluster 15 main stop 2>/dev/null || true

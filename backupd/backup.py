@@ -30,6 +30,7 @@ from backupd.manifest import (
     ObjectEntry,
     data_name,
     folder_for,
+    globals_name,
     new_backup_id,
     now_utc,
     rfc3339,
@@ -89,7 +90,10 @@ async def run_backup(
         dumpall = postgres.find_tool("pg_dumpall", source.pg_bin_dir, server.major)
         dumps.append(
             _Dump(
-                "globals", postgres.dumpall_globals_argv(dumpall, source.dsn), "pg_dumpall", "plain"
+                globals_name(server.databases, job.format),
+                postgres.dumpall_globals_argv(dumpall, source.dsn),
+                "pg_dumpall",
+                "plain",
             )
         )
 
@@ -238,12 +242,13 @@ async def _dump_database(
             f"min_size {floor}: refusing to call it a backup"
         )
     entry = ObjectEntry(
-        database=dump.name,
+        database="" if dump.tool == "pg_dumpall" else dump.name,
         key=key,
         size_bytes=result.size_bytes,
         raw_bytes=result.raw_bytes,
         sha256=result.sha256,
         format=dump.fmt,
+        kind="globals" if dump.tool == "pg_dumpall" else "database",
     )
     return entry, counts
 

@@ -142,13 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="T",
-        help="restore only this table (repeatable)",
+        help="restore only this table, SCHEMA.TABLE or TABLE (repeatable; "
+        "one that matches nothing is an error)",
+    )
+    p.add_argument(
+        "--schema",
+        action="append",
+        default=[],
+        metavar="S",
+        help="restore only the objects of this schema (repeatable)",
+    )
+    p.add_argument(
+        "--globals",
+        dest="globals_",
+        action="store_true",
+        help="restore the roles and tablespaces (globals = true): missing ones are "
+        "created, existing ones left as they are",
     )
     p.add_argument("--clean", action="store_true", help="drop objects before recreating them")
     p.add_argument(
         "--create",
         action="store_true",
-        help="create the database first (--to names the maintenance database)",
+        help="create the database named in --to (refused if it exists) and restore into it, "
+        "with its comment, settings and grants",
     )
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
 
@@ -158,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backup_choice(p)
     p.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="output file, - for stdout"
+    )
+    p.add_argument(
+        "--globals",
+        dest="globals_",
+        action="store_true",
+        help="the roles and tablespaces dump (globals = true) instead of a database",
     )
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
 

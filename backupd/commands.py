@@ -279,7 +279,7 @@ async def list_(args: argparse.Namespace) -> int:
                 m.id,
                 m.started_at[:19].replace("T", " "),
                 _human_size(m.size_bytes),
-                _printable(",".join(o.database for o in m.objects)),
+                _printable(",".join(o.label for o in m.objects)),
                 storage,
                 "; ".join(notes),
             )
@@ -291,20 +291,33 @@ async def list_(args: argparse.Namespace) -> int:
 async def restore(args: argparse.Namespace) -> int:
     from backupd import restore as restoring
 
+    def announce(line: str) -> None:
+        print(f"backupd: {line}", file=sys.stderr)
+
     async with _pool() as pool:
         config, job, store, manifest = await _open_backup(args, pool)
-        result = await restoring.restore(
+        outcome = await restoring.restore(
             store,
             manifest,
             database=args.database,
+            globals_=args.globals_,
             target_dsn=args.to,
             tables=tuple(args.table),
+            schemas=tuple(args.schema),
             clean=args.clean,
             create=args.create,
             identity=args.identity,
             pg_bin_dir=config.sources[job.source].pg_bin_dir,
+            announce=announce,
         )
-    print(f"restored {manifest.stem} ({_human_size(result.raw_bytes)} of dump, SHA-256 verified)")
+    for line in outcome.warnings:
+        print(f"backupd: {line}", file=sys.stderr)
+    for line in outcome.lines:
+        print(line)
+    print(
+        f"restored {manifest.stem} ({_human_size(outcome.read.raw_bytes)} of dump, "
+        "SHA-256 verified)"
+    )
     return EXIT_OK
 
 
@@ -314,7 +327,12 @@ async def download(args: argparse.Namespace) -> int:
     async with _pool() as pool:
         _, _, store, manifest = await _open_backup(args, pool)
         result = await restoring.download(
-            store, manifest, database=args.database, output=args.output, identity=args.identity
+            store,
+            manifest,
+            database=args.database,
+            output=args.output,
+            identity=args.identity,
+            globals_=args.globals_,
         )
     if args.output != "-":
         print(

@@ -21,8 +21,8 @@ import json
 import math
 import re
 import secrets
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -95,12 +95,17 @@ class FailedDatabase:
 
 @dataclass(frozen=True, slots=True)
 class ObjectEntry:
-    database: str  # "globals" for pg_dumpall --globals-only
+    database: str  # "" for the globals (pg_dumpall --globals-only)
     key: str  # relative to the manifest's folder
     size_bytes: int
     raw_bytes: int
     sha256: str
     format: str = "custom"  # the globals object is always plain SQL
+    kind: str = "database"  # database | globals (roles and tablespaces)
+
+    @property
+    def label(self) -> str:
+        return "(globals)" if self.kind == "globals" else self.database
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,25 +170,36 @@ class Manifest:
 
     def object_for(self, database: str | None) -> ObjectEntry:
         """The data object of `database` (default: the only database dumped)."""
-        dbs = [o for o in self.objects if o.database != "globals"]
+        dbs = [o for o in self.objects if o.kind == "database"]
+        names = ", ".join(repr(o.database) for o in dbs) or "none"
         if database is None:
             if len(dbs) == 1:
                 return dbs[0]
-            names = ", ".join(o.database for o in self.objects)
             raise UsageError(
                 f"backup {self.stem} holds several databases ({names}): pass --database"
             )
-        for o in self.objects:
+        for o in dbs:
             if o.database == database:
                 return o
-        names = ", ".join(o.database for o in self.objects)
         why = next((f.error for f in self.failed if f.database == database), None)
         if why is not None:
             raise NotFound(
                 f"backup {self.stem} has no database {database!r}: it failed in this run "
                 f"({why}); the backup has: {names}"
             )
-        raise NotFound(f"backup {self.stem} has no database {database!r} (it has: {names})")
+        hint = (
+            " (the roles and tablespaces dump is --globals)"
+            if database == "globals" and any(o.kind == "globals" for o in self.objects)
+            else ""
+        )
+        raise NotFound(f"backup {self.stem} has no database {database!r} (it has: {names}){hint}")
+
+    def globals_object(self) -> ObjectEntry:
+        """The roles and tablespaces dump (`globals = true`)."""
+        for o in self.objects:
+            if o.kind == "globals":
+                return o
+        raise NotFound(f"backup {self.stem} has no globals (the job ran without globals = true)")
 
     def holds(self, database: str) -> bool:
         return any(o.database == database for o in self.objects)
@@ -422,9 +438,19 @@ def _objects(items: list[Any], stem: str) -> tuple[ObjectEntry, ...]:
         fmt = _text(_field(entry, "format", "custom", f"{what}."), f"{what}.format", 16)
         if not _FORMAT.fullmatch(fmt):
             raise InvalidManifest(f"{what}.format is not a format name")
+        kind = _text(_field(entry, "kind", "database", f"{what}."), f"{what}.kind", 16)
+        if kind not in ("database", "globals"):
+            raise InvalidManifest(f"{what}.kind is neither database nor globals")
+        database = _field(entry, "database", where=f"{what}.")
+        if kind == "globals":
+            if database != "":
+                raise InvalidManifest(f'{what}.database of the globals object is not ""')
+        else:
+            database = _name(database, f"{what}.database")
         entries.append(
             ObjectEntry(
-                database=_name(_field(entry, "database", where=f"{what}."), f"{what}.database"),
+                database=database,
+                kind=kind,
                 key=key,
                 size_bytes=_integer(
                     _field(entry, "size_bytes", where=f"{what}."), f"{what}.size_bytes"
@@ -436,7 +462,12 @@ def _objects(items: list[Any], stem: str) -> tuple[ObjectEntry, ...]:
                 format=fmt,
             )
         )
-    if len({e.database for e in entries}) != len(entries):
+    if not any(isinstance(item, dict) and "kind" in item for item in items):
+        entries = list(_legacy_globals(entries))  # written before objects had a kind
+    if sum(e.kind == "globals" for e in entries) > 1:
+        raise InvalidManifest("objects hold two globals dumps")
+    databases = [e.database for e in entries if e.kind == "database"]
+    if len(set(databases)) != len(databases):
         raise InvalidManifest("objects name the same database twice")
     if len({e.key for e in entries}) != len(entries):
         raise InvalidManifest("objects name the same key twice")
@@ -511,6 +542,29 @@ class Listing:
         """The newest backup not dated in the future that lacks no database: the last
         success (a partial backup's run failed)."""
         return next((m for m in self.backups if not m.in_future(self.now) and not m.failed), None)
+
+
+def _legacy_globals(objects: list[ObjectEntry]) -> tuple[ObjectEntry, ...]:
+    """Manifests before `kind` named the roles dump database "globals": it is the last
+    plain object of that name (backupd wrote it after every database)."""
+    if all(o.kind == "database" for o in objects):
+        for i in range(len(objects) - 1, -1, -1):
+            o = objects[i]
+            if o.database == "globals" and o.format == "plain":
+                objects[i] = replace(o, database="", kind="globals")
+                break
+    return tuple(objects)
+
+
+def globals_name(databases: Iterable[str], fmt: str) -> str:
+    """The globals object's name: `globals`, unless a database of this backup would
+    get the same data name (then `globals-2`, ...): the two can never collide."""
+    taken = {data_name(db, fmt, "", False) for db in databases}
+    name, n = "globals", 1
+    while data_name(name, "plain", "", False) in taken:
+        n += 1
+        name = f"globals-{n}"
+    return name
 
 
 async def write_manifest(store: Store, manifest: Manifest) -> None:

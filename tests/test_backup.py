@@ -308,7 +308,10 @@ def test_password_never_in_argv_or_logs(
     # and it gives the password to the DSN's own host and port only
     assert (bindir / "passfile.copy").read_text().startswith(f"127.0.0.1:{pg.port}:*:*:")
     manifest = json.loads(run_cli("list", "-c", str(cfg), "--json").stdout)[0]
-    assert [o["database"] for o in manifest["objects"]] == [sample_db, "globals"]
+    assert [(o["database"], o["kind"]) for o in manifest["objects"]] == [
+        (sample_db, "database"),
+        ("", "globals"),
+    ]
     assert pg.password not in json.dumps(manifest)
 
 

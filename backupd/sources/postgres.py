@@ -365,6 +365,10 @@ def dump_argv(tool: DumpTool, job: Job, dsn: str, database: str) -> list[str]:
         argv += ["--format=custom", "--compress=0"]
     else:
         argv += ["--format=plain"]
+    if job.kind != "data-only":
+        # The database's own properties (comment, settings, grants, owner, encoding,
+        # locale) too; `restore --create` maps them to the typed name.
+        argv.append("--create")
     if job.kind == "schema-only":
         argv.append("--schema-only")
     elif job.kind == "data-only":
