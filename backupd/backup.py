@@ -86,6 +86,14 @@ async def run_backup(
         _Dump(db, postgres.dump_argv(pg_dump, job, source.dsn, db), "pg_dump", job.format)
         for db in server.databases
     ]
+    for db in server.databases:
+        if postgres.has_line_break(db) and job.kind != "data-only":
+            log.warning(
+                "database_properties_not_dumped",
+                database=db,
+                reason="pg_dump refuses --create for a database name with a line break; its "
+                "contents are dumped, its comment, settings and grants are not",
+            )
     if job.globals:
         dumpall = postgres.find_tool("pg_dumpall", source.pg_bin_dir, server.major)
         dumps.append(
