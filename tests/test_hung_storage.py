@@ -10,6 +10,9 @@ for its next run; what the abort could not remove is left to the sweeper.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -18,11 +21,14 @@ from typing import Any
 
 import pytest
 
+from backupd.errors import TransientStorageError
+from backupd.storage import RetrySettings, open_store
 from backupd.storage.base import CLEANUP_DEADLINE
 from tests.daemon_proc import DaemonProcess
 from tests.faultproxy import Delay, FaultProxy, Rule
 from tests.pgcluster import PgCluster, wait_for
 from tests.test_faults import BIG_SQL, listed, proxied_config, uploads
+from tests.test_storage_contract import s3_config
 
 MiB = 1024 * 1024
 # What a run may take beyond the cleanup deadline to be recorded (a loaded 2-core machine).
@@ -84,6 +90,20 @@ def hung_daemon(
     return d, cfg, stall
 
 
+def connections_to(url: str) -> list[str]:
+    """This process's TCP sockets to the proxy (from /proc/net/tcp: remote port, any state)."""
+    port = f"{int(url.rsplit(':', 1)[1]):04X}"
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [row[2] for row in rows if row[2].endswith(":" + port) and row[9] in inodes]
+
+
 def trigger(d: DaemonProcess) -> str:
     out = d.cli("trigger", "app")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -114,6 +134,53 @@ def last_run(d: DaemonProcess) -> dict[str, Any]:
 
 def abort_abandoned(d: DaemonProcess) -> list[dict[str, Any]]:
     return [e for e in d.events() if e.get("event") == "upload_abort_abandoned"]
+
+
+@pytest.mark.parametrize(
+    ("where", "rule"),
+    [
+        # 32 MiB: more than the loopback socket buffers hold, so the sender is stuck mid-body.
+        ("mid-body", Rule(Delay(3600, after_bytes=MiB), ops=("UploadPart", "PutObject"))),
+        ("no reply", Rule(Delay(3600), ops=("ListObjectsV2",))),
+    ],
+)
+async def test_a_store_that_stops_answering_fails_each_request_after_read_timeout(
+    proxy: FaultProxy,
+    s3_bucket: str,
+    where: str,
+    rule: Rule,
+    record_testsuite_property: Callable[[str, object], None],
+) -> None:
+    """aiohttp's read timeout only starts once the body is sent: a store that stops
+    reading mid-body must still fail the request after `read_timeout`."""
+    cfg = s3_config(
+        proxy.url, s3_bucket, addressing_style="path", part_size=32 * MiB, read_timeout=1.0
+    )
+    store = await open_store(
+        cfg, s3_retry=RetrySettings(attempts=2, wait_initial=0, wait_max=0, wait_jitter=0)
+    )
+    proxy.add(rule)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TransientStorageError) as failed:
+            if where == "mid-body":
+                await store.put_bytes("big", bytes(32 * MiB))
+            else:
+                await store.list()
+    finally:
+        await store.aclose()
+    took = time.monotonic() - t0
+    assert rule.injected == 2  # both attempts held, each given up after ~1 s
+    assert took < 10
+    if where == "mid-body":
+        assert "no progress for 1s sending" in str(failed.value)
+    # A connection stuck with an unsent body cannot close cleanly; the kernel drops
+    # it (TCP_USER_TIMEOUT = read_timeout), so a hung store leaks no sockets.
+    deadline = time.monotonic() + 10
+    while connections_to(proxy.url) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert connections_to(proxy.url) == []
+    record_testsuite_property(f"read_timeout_1s_{where.replace(' ', '_')}_seconds", round(took, 1))
 
 
 def test_job_timeout_on_a_hung_store_fails_the_run_in_bounded_time(

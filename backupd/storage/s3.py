@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import hashlib
 import io
 import secrets
+import socket
 import zlib
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC
 from typing import Any, Literal
@@ -663,6 +665,29 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def _socket_factory(read_timeout: float) -> Callable[[Any], socket.socket]:
+    """Sockets that the kernel drops once what they sent stays unacknowledged (or the
+    peer's window stays shut) for `read_timeout` (TCP_USER_TIMEOUT, Linux).
+
+    A request given up on a store that stopped reading cannot close its
+    connection cleanly (asyncio waits to flush the unsent body first): without
+    this, every such request would keep a socket and its buffers for as long as
+    the store stays hung.
+    """
+
+    def make(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(read_timeout * 1000))
+                )
+        return sock
+
+    return make
+
+
 def _credentials(cfg: S3Storage) -> dict[str, str]:
     """Static credentials from the config's secrets; empty: botocore's default chain."""
     if cfg.access_key_id is None and cfg.secret_access_key is None:
@@ -700,6 +725,7 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
         read_timeout=cfg.read_timeout,
         # One store serves concurrent runs: room for four full-speed uploads and some reads.
         max_pool_connections=4 * cfg.upload_concurrency + 4,
+        connector_args={"socket_factory": _socket_factory(cfg.read_timeout)},
         # S3-compatible stores often lack the newer default CRC checksums.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
