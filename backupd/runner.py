@@ -326,7 +326,7 @@ class Runner:
     ) -> Manifest:
         """The attempts, in their own task, within the job's timeout.
 
-        Raises TimeoutError when the timeout fires, CancelledError when the run is
+        Raises _JobTimeout when the timeout fires, CancelledError when the run is
         cancelled; either way only after the attempts have ended or `STOP_DEADLINE`
         has passed, so a cleanup stuck on a hung store cannot hold the run.
         """
