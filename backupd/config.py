@@ -228,6 +228,10 @@ class S3Storage:
     # crc32: S3 flexible checksums, as AWS SDKs send them; md5: Content-MD5 only.
     checksum: S3Checksum = "crc32"
     abandoned_upload_grace: float = 86400.0
+    # Each request: seconds to connect, and seconds without progress (sending the
+    # body, then waiting for and reading the reply) before the attempt is abandoned.
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
     type: Literal["s3"] = "s3"
 
 

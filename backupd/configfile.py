@@ -904,6 +904,8 @@ _S3_SCHEMA: dict[str, _Parser[Any]] = {
     "addressing_style": _choice(ADDRESSING_STYLES),
     "checksum": _choice(S3_CHECKSUMS),
     "abandoned_upload_grace": _positive_duration,
+    "connect_timeout": _positive_duration,
+    "read_timeout": _positive_duration,
 }
 
 _FILESYSTEM_SCHEMA: dict[str, _Parser[Any]] = {
@@ -1139,6 +1141,8 @@ def _storage_doc(s: Storage) -> dict[str, Any]:
         "addressing_style": s.addressing_style,
         "checksum": s.checksum,
         "abandoned_upload_grace": format_duration(s.abandoned_upload_grace),
+        "connect_timeout": format_duration(s.connect_timeout),
+        "read_timeout": format_duration(s.read_timeout),
     }
     return _without_none(doc)
 

@@ -7,9 +7,10 @@ and only then tell systemd READY=1. Storage is scanned in the background
 never delays readiness.
 
 Signals enter in one place: SIGTERM/SIGINT set the stop event (a second one
-cancels running jobs at once), SIGHUP reloads. Shutdown stops scheduling, lets
-running jobs finish within `shutdown_grace`, cancels what is left (pg_dump
-killed, uploads aborted, runs recorded as cancelled), removes the socket.
+stops running jobs at once), SIGHUP reloads. Shutdown stops scheduling, lets
+running jobs finish within `shutdown_grace`, stops what is left (pg_dump
+killed, uploads aborted within `CLEANUP_DEADLINE`, runs recorded as failed:
+"interrupted by daemon shutdown"), removes the socket.
 """
 
 from __future__ import annotations
@@ -185,10 +186,8 @@ class Daemon:
         self._signals += 1
         log.info("signal_received", signal=name, count=self._signals)
         if self._signals > 1:
-            self._grace_override = 0.0  # a second signal: cancel running jobs now
-            for run in self.runner.active():
-                if run.task is not None:
-                    run.task.cancel()
+            self._grace_override = 0.0  # a second signal: stop running jobs now
+            self.runner.interrupt(f"interrupted by daemon shutdown (second {name})")
         self.stop.set()
 
     def _on_reload_signal(self) -> None:

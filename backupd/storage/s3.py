@@ -5,7 +5,11 @@ up in background tasks, at most `upload_concurrency` at a time, so memory
 stays near `(upload_concurrency + 1) * part_size` however large the object.
 botocore's own retries are off: every request, and every part on its own, is
 retried here on transient errors (stamina), so one bad part never restarts
-the upload. S3 errors become backupd's: `TransientStorageError` for what is
+the upload. Every request has a connect timeout and a read timeout (no
+progress sending its body, or no reply, for `read_timeout`): a store that
+accepts connections and then stops answering fails the request, never holds
+it. An upload's abort takes at most `CLEANUP_DEADLINE`; past it, the upload
+is left to the sweeper. S3 errors become backupd's: `TransientStorageError` for what is
 worth retrying, `NotFound`, or `StorageError` with a message naming the
 bucket and never a secret.
 """
@@ -15,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import hashlib
 import io
 import secrets
+import socket
 import zlib
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC
 from typing import Any, Literal
@@ -33,6 +39,7 @@ from aiobotocore.session import get_session
 from backupd.config import S3Checksum, S3Storage
 from backupd.errors import NotFound, StorageError, TransientStorageError
 from backupd.storage.base import (
+    CLEANUP_DEADLINE,
     BaseStore,
     IncompleteUpload,
     MiB,
@@ -44,8 +51,6 @@ from backupd.storage.retry import RetrySettings
 
 log = structlog.get_logger(__name__)
 
-CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 120.0
 
 # What the request says about whether trying again can help.
 _TRANSIENT_CODES = frozenset(
@@ -160,7 +165,7 @@ class S3Upload:
         self._state = "aborted"
         self._part, self._spare = None, []
         if self._cleanup is None:
-            self._cleanup = asyncio.ensure_future(self._discard())
+            self._cleanup = asyncio.ensure_future(self._discard_within_deadline())
         await asyncio.shield(self._cleanup)
 
     def _check_open(self) -> None:
@@ -269,6 +274,22 @@ class S3Upload:
             self._maybe_published = exc.transient
             raise
 
+    async def _discard_within_deadline(self) -> None:
+        """`_discard()`, given up after `CLEANUP_DEADLINE` (a hung store): the sweeper
+        aborts the upload once it is older than `abandoned_upload_grace`."""
+        try:
+            async with asyncio.timeout(CLEANUP_DEADLINE):
+                await self._discard()
+        except TimeoutError:
+            log.warning(
+                "upload_abort_abandoned",
+                storage=self._store.name,
+                key=self._object_key,
+                deadline_seconds=CLEANUP_DEADLINE,
+                note="the store did not answer in time; the sweeper aborts the upload "
+                "after abandoned_upload_grace",
+            )
+
     async def _discard(self) -> None:
         for task in self._parts:
             task.cancel()
@@ -317,6 +338,7 @@ class S3Store(BaseStore):
         self._client = client
         self._exit_stack = exit_stack
         self._retry = retry
+        self.read_timeout = cfg.read_timeout
         # Over plain HTTP botocore signs every body's SHA-256 (SigV4) and the store
         # checks it: a Content-MD5 as well would hash each part twice for nothing.
         self._md5_needed = cfg.checksum == "md5" and not cfg.endpoint_url.startswith("http://")
@@ -382,7 +404,7 @@ class S3Store(BaseStore):
                 if isinstance(body, io.IOBase):
                     body.seek(0)  # every attempt sends the whole body
                 try:
-                    response = await method(Bucket=self.bucket, **params)
+                    response = await self._send(method, body, Bucket=self.bucket, **params)
                 except botocore_errors.ClientError as exc:
                     if _error_code(exc) in ignore:
                         return {}
@@ -390,6 +412,41 @@ class S3Store(BaseStore):
                 except _REQUEST_ERRORS_AND_OS as exc:
                     raise self._error(exc, action) from exc
         return response
+
+    async def _send(self, method: Any, body: object, **params: Any) -> dict[str, Any]:
+        """One request; abandoned (TimeoutError) once its body stops going out.
+
+        aiohttp's read timeout starts only when the whole body is sent: a store
+        that stops reading mid-body would hold the request for ever. So the
+        body's position is watched: no progress for `read_timeout` ends the
+        request; a body handed over entirely gets `2 * read_timeout` (the rest
+        to drain, then the reply, which the read timeout also bounds).
+        """
+        if not isinstance(body, io.BytesIO):
+            return await method(**params)  # type: ignore[no-any-return]
+        loop = asyncio.get_running_loop()
+        start = body.tell()
+        size = body.seek(0, io.SEEK_END)  # (getbuffer() would copy a body shared with bytes)
+        body.seek(start)
+        request = asyncio.ensure_future(method(**params))
+        request.add_done_callback(_retrieved)
+        sent, since = body.tell(), loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait([request], timeout=min(1.0, self.read_timeout / 4))
+                if done:
+                    return request.result()  # type: ignore[no-any-return]
+                now = loop.time()
+                if body.tell() != sent:
+                    sent, since = body.tell(), now
+                    continue
+                idle = self.read_timeout * (2 if sent >= size else 1)
+                if now - since >= idle:
+                    raise TimeoutError(
+                        f"no progress for {idle:g}s sending {sent} of {size} bytes (read_timeout)"
+                    )
+        finally:
+            request.cancel()
 
     async def _paginate(
         self, action: str, operation: str, result_key: str, **params: Any
@@ -503,7 +560,7 @@ class S3Store(BaseStore):
             f"write {object_key}",
             "put_object",
             Key=object_key,
-            Body=body,
+            Body=io.BytesIO(body),  # shares the bytes; its position shows the upload's progress
             **await self._checksum(body),
             **self._storage_class(),
         )
@@ -602,6 +659,35 @@ class S3Store(BaseStore):
         await self._exit_stack.aclose()
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Done callback of a request whose caller may have stopped waiting: its error is seen."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _socket_factory(read_timeout: float) -> Callable[[Any], socket.socket]:
+    """Sockets that the kernel drops once what they sent stays unacknowledged (or the
+    peer's window stays shut) for `read_timeout` (TCP_USER_TIMEOUT, Linux).
+
+    A request given up on a store that stopped reading cannot close its
+    connection cleanly (asyncio waits to flush the unsent body first): without
+    this, every such request would keep a socket and its buffers for as long as
+    the store stays hung.
+    """
+
+    def make(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(read_timeout * 1000))
+                )
+        return sock
+
+    return make
+
+
 def _credentials(cfg: S3Storage) -> dict[str, str]:
     """Static credentials from the config's secrets; empty: botocore's default chain."""
     if cfg.access_key_id is None and cfg.secret_access_key is None:
@@ -635,10 +721,11 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
         signature_version="s3v4",
         s3=s3_options,
         retries={"total_max_attempts": 1, "mode": "standard"},  # parts are retried here
-        connect_timeout=CONNECT_TIMEOUT,
-        read_timeout=READ_TIMEOUT,
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
         # One store serves concurrent runs: room for four full-speed uploads and some reads.
         max_pool_connections=4 * cfg.upload_concurrency + 4,
+        connector_args={"socket_factory": _socket_factory(cfg.read_timeout)},
         # S3-compatible stores often lack the newer default CRC checksums.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
