@@ -18,6 +18,7 @@ import builtins
 import hashlib
 import io
 import secrets
+import ssl
 import zlib
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import AsyncExitStack
@@ -84,6 +85,45 @@ _REQUEST_ERRORS_AND_OS = (*_REQUEST_ERRORS, OSError)
 
 def _error_code(exc: botocore_errors.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _certificate_error(exc: BaseException) -> BaseException | None:
+    """The certificate verification failure behind a request error, if that is what it is.
+
+    An untrusted or mismatched certificate does not fix itself: retrying it for
+    minutes only hides the cause. Other TLS errors (a reset handshake) stay transient.
+    """
+    seen: builtins.list[BaseException] = []
+    todo: builtins.list[BaseException | None] = [exc]
+    while todo and len(seen) < 16:
+        current = todo.pop()
+        if current is None or any(current is done for done in seen):
+            continue
+        seen.append(current)
+        if isinstance(
+            current, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError
+        ):
+            return current
+        kwargs = getattr(current, "kwargs", None)  # botocore keeps the cause as kwargs["error"]
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("error"), BaseException):
+            todo.append(kwargs["error"])
+        todo.extend((current.__cause__, current.__context__))
+    return None
+
+
+def _check_ca_bundle(cfg: S3Storage) -> None:
+    """`ca_bundle` must be a readable PEM file of CA certificates (checked before use)."""
+    where = f"s3 storage {cfg.name}: ca_bundle {cfg.ca_bundle}"
+    try:
+        with open(cfg.ca_bundle, "rb") as f:
+            text = f.read(16 * MiB)
+        ssl.create_default_context(cafile=cfg.ca_bundle)
+    except OSError as exc:
+        raise StorageError(f"{where}: cannot read it: {exc.strerror or exc}") from exc
+    except ssl.SSLError as exc:
+        raise StorageError(f"{where}: not a PEM file of CA certificates ({exc})") from exc
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise StorageError(f"{where}: holds no PEM certificate")
 
 
 def _digest_base64(data: bytes | io.BytesIO, algorithm: S3Checksum) -> str:
@@ -346,6 +386,11 @@ class S3Store(BaseStore):
             if code in _TRANSIENT_CODES or status >= 500 or status == 429:
                 return TransientStorageError(f"{where}: {detail}")
             return StorageError(f"{where}: {detail}")
+        if (cert_error := _certificate_error(exc)) is not None:
+            return StorageError(
+                f"{where}: the endpoint's TLS certificate is not trusted ({cert_error}); "
+                "set ca_bundle to the CA that signed it"
+            )
         if isinstance(
             exc, botocore_errors.NoCredentialsError | botocore_errors.PartialCredentialsError
         ):
@@ -625,6 +670,8 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
     if cfg.upload_concurrency < 1:
         raise StorageError(f"s3 storage {cfg.name}: upload_concurrency must be at least 1")
     credentials = await asyncio.to_thread(_credentials, cfg)
+    if cfg.ca_bundle:
+        await asyncio.to_thread(_check_ca_bundle, cfg)
     s3_options: dict[str, Any] = {"addressing_style": cfg.addressing_style}
     if cfg.checksum == "crc32" and not cfg.endpoint_url.startswith("http://"):
         # Over TLS the CRC32 header protects each body: no SHA-256 of every part on
@@ -651,6 +698,8 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
                 region_name=cfg.region or None,
                 endpoint_url=cfg.endpoint_url or None,
                 config=config,
+                # None: botocore's default, AWS_CA_BUNDLE or the system's CAs.
+                verify=cfg.ca_bundle or None,
                 **credentials,
             )
         )
