@@ -395,3 +395,34 @@ def test_ca_bundle_in_the_config(tmp_path: Path) -> None:
     out = run_cli("check", "-c", str(cfg))
     assert out.returncode == 2
     assert "storage.s3.ca_bundle: only used with an https endpoint_url" in out.stderr
+
+
+# -- part size grows with the stream ---------------------------------------------------------
+
+
+async def test_parts_double_in_size_so_any_object_fits_in_ten_thousand_parts(
+    moto_bucket: S3Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backupd.storage.s3 import S3Store
+
+    assert (
+        sum(min((16 << 20) << (n // 1000), S3Store.MAX_PART_SIZE) for n in range(10_000))
+        > 5 * 1024**4
+    )  # the default schedule covers S3's largest object, 5 TiB
+    monkeypatch.setattr(S3Store, "PART_GROWTH_EVERY", 2)
+    store = await open_store(target_config(moto_bucket), s3_retry=ONE_TRY)
+    mib = 1024 * 1024
+    try:
+        data = os.urandom(33 * mib)
+        assert await write_object(store, "grown.dump", data, chunk_size=3 * mib) == len(data)
+        assert await read_object(store, "grown.dump") == data
+    finally:
+        await store.aclose()
+    client: Any = moto_bucket.client()
+    sizes = [
+        client.head_object(Bucket=moto_bucket.bucket, Key="prod/grown.dump", PartNumber=n)[
+            "ContentLength"
+        ]
+        for n in range(1, 6)
+    ]
+    assert sizes == [5 * mib, 5 * mib, 10 * mib, 10 * mib, 3 * mib]

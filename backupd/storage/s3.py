@@ -2,7 +2,9 @@
 
 Small objects are one PutObject; larger ones a multipart upload whose parts go
 up in background tasks, at most `upload_concurrency` at a time, so memory
-stays near `(upload_concurrency + 1) * part_size` however large the object.
+stays near `(upload_concurrency + 1) * part_size` however large the object
+(parts double in size every 1,000 parts, so any object S3 allows fits in its
+10,000 parts; memory grows only for objects over 16 GB at the default 16 MiB).
 botocore's own retries are off: every request, and every part on its own, is
 retried here on transient errors (stamina), so one bad part never restarts
 the upload. S3 errors become backupd's: `TransientStorageError` for what is
@@ -242,8 +244,8 @@ class S3Upload:
     async def _write(self, data: bytes) -> None:
         view = memoryview(data)
         self._size += len(view)
-        part_size = self._store.part_size
         while view:
+            part_size = self._store.part_size_for(self._next_part)
             if self._part is None:
                 self._part = self._spare.pop() if self._spare else io.BytesIO()
                 self._part.seek(0)
@@ -271,8 +273,8 @@ class S3Upload:
         if self._next_part > self._store.MAX_PARTS:
             raise StorageError(
                 f"s3 storage {self._store.name}: {self._object_key} needs more than "
-                f"{self._store.MAX_PARTS} parts of {self._store.part_size} bytes; "
-                "raise part_size"
+                f"{self._store.MAX_PARTS} parts ({self._store.part_size} bytes, doubled "
+                f"every {self._store.PART_GROWTH_EVERY} parts); raise part_size"
             )
         await self._slots.acquire()
         try:
@@ -364,7 +366,11 @@ class S3Store(BaseStore):
     """One bucket (and prefix) reached through one aiobotocore client."""
 
     MIN_PART_SIZE = 5 * MiB
+    MAX_PART_SIZE = 5 * 1024 * MiB
     MAX_PARTS = 10_000
+    # Parts double in size every this many parts, so an object of any size S3 allows
+    # (5 TiB) fits in MAX_PARTS without configuration, and memory grows only with it.
+    PART_GROWTH_EVERY = 1000
     DELETE_BATCH = 1000
 
     def __init__(
@@ -388,6 +394,11 @@ class S3Store(BaseStore):
         # Compatibility found at run time (see complete_multipart), and what it changed.
         self._complete_part_checksums = True
         self.compat_notes: builtins.list[str] = []
+
+    def part_size_for(self, number: int) -> int:
+        """The size of part `number` (from 1): `part_size`, doubled every PART_GROWTH_EVERY."""
+        doublings = min((number - 1) // self.PART_GROWTH_EVERY, 20)
+        return min(self.part_size << doublings, self.MAX_PART_SIZE)
 
     # -- errors and requests -------------------------------------------------
 
