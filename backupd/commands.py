@@ -335,7 +335,8 @@ async def sweep(args: argparse.Namespace) -> int:
                 print(f"storage {name}: FAILED: {exc}")
                 continue
             for kind, key in result.removed:
-                print(f"storage {name}: {'would ' if args.dry_run else ''}{verb[kind]} {key}")
+                shown = key if key.isprintable() else repr(key)  # keys come from the store
+                print(f"storage {name}: {'would ' if args.dry_run else ''}{verb[kind]} {shown}")
             print(
                 f"storage {name}: {result.aborted_uploads} incomplete upload(s), "
                 f"{result.deleted_orphans} orphaned object(s) "

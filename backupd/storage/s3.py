@@ -388,8 +388,8 @@ class S3Store(BaseStore):
         self._client = client
         self._exit_stack = exit_stack
         self._retry = retry
-        # Over plain HTTP botocore signs every body's SHA-256 (SigV4) and the store
-        # checks it: a Content-MD5 as well would hash each part twice for nothing.
+        # Over plain HTTP botocore signs every body's SHA-256 (SigV4), which AWS and
+        # Ceph RGW check (Swift's s3api 2.30 does not): no Content-MD5 on top of it.
         self._md5_needed = cfg.checksum == "md5" and not cfg.endpoint_url.startswith("http://")
         # Compatibility found at run time (see complete_multipart), and what it changed.
         self._complete_part_checksums = True
