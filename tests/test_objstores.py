@@ -354,7 +354,8 @@ def test_untrusted_certificate_fails_at_once(
     assert out.returncode == 1
     assert "TLS certificate is not trusted" in out.stdout and "set ca_bundle" in out.stdout
     assert "CERTIFICATE_VERIFY_FAILED" in out.stdout
-    assert elapsed < 8, elapsed
+    assert "retry_scheduled" not in out.stderr, out.stderr  # no request was retried
+    assert elapsed < 15, elapsed  # process start-up on a loaded machine; before: ~18 s
     print(f"untrusted certificate: check --connect failed in {elapsed:.2f}s")
 
 
