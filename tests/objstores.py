@@ -142,12 +142,14 @@ class Processes:
         return True
 
     def stop(self) -> None:
+        """TERM, then KILL after 3 s in all (Swift's servers linger; the state is thrown away)."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
         for proc in reversed(self.procs):
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
