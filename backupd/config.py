@@ -227,6 +227,8 @@ class S3Storage:
     addressing_style: AddressingStyle = "auto"
     # crc32: S3 flexible checksums, as AWS SDKs send them; md5: Content-MD5 only.
     checksum: S3Checksum = "crc32"
+    # PEM file of the CAs to trust for an https endpoint; empty: AWS_CA_BUNDLE or the system's.
+    ca_bundle: str = ""
     abandoned_upload_grace: float = 86400.0
     # Each request: seconds to connect, and seconds without progress (sending the
     # body, then waiting for and reading the reply) before the attempt is abandoned.

@@ -903,6 +903,7 @@ _S3_SCHEMA: dict[str, _Parser[Any]] = {
     "storage_class": _string,
     "addressing_style": _choice(ADDRESSING_STYLES),
     "checksum": _choice(S3_CHECKSUMS),
+    "ca_bundle": _optional_absolute_path,
     "abandoned_upload_grace": _positive_duration,
     "connect_timeout": _positive_duration,
     "read_timeout": _positive_duration,
@@ -1038,6 +1039,8 @@ def _storage(name: str, t: _Table) -> Storage | None:
     for key, other in (pair, pair[::-1]):
         if key in t and other not in t:
             t.ctx.child(other).error(f"required when {key} is set (give both, or neither)")
+    if values.get("ca_bundle") and values.get("endpoint_url", "").lower().startswith("http://"):
+        t.ctx.child("ca_bundle").error("only used with an https endpoint_url")
     t.close()
     return S3Storage(name=name, **values) if "bucket" in values else None
 
@@ -1140,6 +1143,7 @@ def _storage_doc(s: Storage) -> dict[str, Any]:
         "storage_class": s.storage_class,
         "addressing_style": s.addressing_style,
         "checksum": s.checksum,
+        "ca_bundle": s.ca_bundle,
         "abandoned_upload_grace": format_duration(s.abandoned_upload_grace),
         "connect_timeout": format_duration(s.connect_timeout),
         "read_timeout": format_duration(s.read_timeout),
