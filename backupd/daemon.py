@@ -38,6 +38,7 @@ from backupd.notify import Notifications, RunEvent
 from backupd.retention_apply import prune_after_success
 from backupd.runner import JobBusy, Run, Runner, StorePool
 from backupd.scheduler import Schedule, ScheduleLoop, SystemClock
+from backupd.supervise import Supervisor
 from backupd.systemd import Notifier as SystemdNotifier
 from backupd.systemd import watchdog_interval
 
@@ -96,6 +97,7 @@ class Daemon:
         self.metrics = Metrics()
         self.systemd = SystemdNotifier()
         self.stop = asyncio.Event()
+        self.tasks = Supervisor()
         self._started = time.monotonic()
         self._scheduler_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
@@ -150,14 +152,12 @@ class Daemon:
             stack.push_async_callback(self._drain_runs)
             self._install_signals()
             stack.callback(self._remove_signals)
-            background = [
-                asyncio.create_task(self.maintenance.startup(self.config), name="startup-scan"),
-                asyncio.create_task(
-                    self.maintenance.sweep_forever(lambda: self.config), name="sweeper"
-                ),
-                asyncio.create_task(self._watchdog(), name="watchdog"),
-            ]
-            stack.push_async_callback(_cancel_all, background)
+            self.tasks.spawn(self.maintenance.startup(self.config), "startup-scan")
+            self.tasks.spawn(
+                self.maintenance.sweep_forever(lambda: self.config), "sweeper", long_lived=True
+            )
+            self.tasks.spawn(self._watchdog(), "watchdog", long_lived=True)
+            stack.push_async_callback(self.tasks.cancel_all)
             self.systemd.ready(self._status_line())
             log.info(
                 "daemon_ready",
@@ -192,8 +192,7 @@ class Daemon:
 
     def _on_reload_signal(self) -> None:
         log.info("signal_received", signal="SIGHUP")
-        task = asyncio.create_task(self.reload())
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        self.tasks.spawn(self.reload(), "reload")
 
     async def _stop_scheduler(self) -> None:
         if self._scheduler_task is not None:
@@ -282,7 +281,7 @@ class Daemon:
                 previous = self.notifications
                 self.notifications = Notifications(new.notifiers, metrics=self.metrics)
                 self._notify.notifications = self.notifications
-                asyncio.create_task(_retire(previous))  # noqa: RUF006
+                self.tasks.spawn(_retire(previous), "retire-notifiers")
             self.metrics.config_reloaded("success")
             log.info("config_reloaded", jobs=len(new.jobs))
             self.systemd.ready(self._status_line())
@@ -292,7 +291,9 @@ class Daemon:
 
     def live(self) -> bool:
         task = self._scheduler_task
-        return task is not None and not task.done() and self.scheduler.alive()
+        return (
+            task is not None and not task.done() and self.scheduler.alive() and self.tasks.healthy()
+        )
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         ok = self.live() and not self.stop.is_set()
@@ -410,11 +411,3 @@ def _user(uid: int) -> str | None:
 async def _retire(notifications: Notifications) -> None:
     await notifications.drain(10.0)
     await notifications.aclose()
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task

@@ -186,9 +186,6 @@ class Runner:
     def active(self) -> list[Run]:
         return list(self._active.values())
 
-    def get(self, run_id: str) -> Run | None:
-        return self._runs.get(run_id)
-
     def history(self, job: str | None = None, limit: int = 20) -> list[Run]:
         runs = [r for r in reversed(self._history) if job is None or r.job == job]
         return runs[:limit]
