@@ -1,12 +1,13 @@
 """`backupd verify`: prove a backup is intact, and optionally that it restores.
 
-Without `--restore`, each data object is read back once: its size and SHA-256
-are checked against the manifest and, unless it is encrypted and no identity
-is given, it is decrypted, decompressed and, for custom-format dumps, read
-whole by `pg_restore` (its SQL output discarded). `pg_restore --list` alone
-stops after the table of contents and so passes a truncated archive. The
-first problem found is reported, the most basic first: missing, size,
-SHA-256, decoding, archive.
+Without `--restore`, each data object is read back once (`readback.py`, the
+path restore and download take too): its size and SHA-256 are checked
+against the manifest and, unless it is encrypted and no identity is given,
+it is decrypted, decompressed and, for custom-format dumps, read whole by
+`pg_restore` (its SQL output discarded). `pg_restore --list` alone stops
+after the table of contents and so passes a truncated archive. The first
+problem found is reported, the most basic first: missing, size, SHA-256,
+decoding, archive.
 
 With `--restore` (a restore drill), each database is restored into a scratch
 database on `verify.target`, created and dropped by backupd (also when the
