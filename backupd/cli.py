@@ -17,7 +17,17 @@ from typing import Any
 import structlog
 
 from backupd import __version__, logs
-from backupd.errors import BackupdError, ConfigError
+from backupd.errors import (
+    AmbiguousDatabase,
+    BackupdError,
+    ConfigError,
+    DatabaseExists,
+    IdentityRequired,
+    NoSuchDatabase,
+    NothingMatches,
+    PasswordInTarget,
+    PlainDumpSelection,
+)
 
 log = structlog.get_logger("backupd.cli")
 
@@ -217,6 +227,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def worded(exc: BackupdError) -> str:
+    """An error as the command line says it: the core names no flags, this names them."""
+    if isinstance(exc, IdentityRequired):
+        return (
+            f"backup {exc.stem} is encrypted with age: pass --identity FILE "
+            "(the secret key of one of its recipients)"
+        )
+    if isinstance(exc, AmbiguousDatabase):
+        return f"backup {exc.stem} holds several databases ({exc.names}): pass --database"
+    if isinstance(exc, NoSuchDatabase) and exc.globals_kept:
+        return f"{exc} (the roles and tablespaces dump is --globals)"
+    if isinstance(exc, PlainDumpSelection):
+        return "--table, --schema and --clean need a custom-format dump; this one is plain SQL"
+    if isinstance(exc, DatabaseExists):
+        return (
+            f"database {exc.name!r} already exists on the target: --create restores only into "
+            "a new database (drop it first, or restore into it without --create)"
+        )
+    if isinstance(exc, PasswordInTarget):
+        return str(exc).replace("the target DSN", "the --to DSN", 1)
+    if isinstance(exc, NothingMatches):
+        hints = [
+            f"--{kind} {pattern}" + (f" (close: {', '.join(close)})" if close else "")
+            for kind, pattern, close in exc.misses
+        ]
+        return (
+            "nothing in the backup matches " + "; ".join(hints) + " — a pattern that matches "
+            "nothing would restore nothing"
+        )
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     parser = build_parser()
@@ -233,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return exc.exit_code
     except BackupdError as exc:
-        print(f"backupd: {exc}", file=sys.stderr)
+        print(f"backupd: {worded(exc)}", file=sys.stderr)
         log.debug("error", exc_info=True)
         return exc.exit_code
     except KeyboardInterrupt:

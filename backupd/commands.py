@@ -21,7 +21,7 @@ from backupd.errors import (
     EXIT_OK,
     BackupdError,
     ConfigError,
-    NotFound,
+    NoSuchDatabase,
     SecretError,
     SecretMissing,
     UsageError,
@@ -226,18 +226,18 @@ async def _open_backup(
 
 
 async def _missing_database(store: Store, job: Job, manifest: Manifest, database: str) -> None:
-    """Raise NotFound for `database` missing from `manifest`, naming a backup that has it
+    """Raise NoSuchDatabase for `database` missing from `manifest`, naming a backup that has it
     (a partial backup lacks the databases that failed in its run)."""
     try:
         manifest.object_for(database)
-    except NotFound as exc:
+    except NoSuchDatabase as exc:
         holder = next((m for m in await list_backups(store, job.name) if m.holds(database)), None)
         hint = (
             f"; the newest backup holding it is {holder.stem} (--backup {holder.id})"
             if holder is not None
             else f"; no backup of job {job.name!r} in storage {store.name!r} holds it"
         )
-        raise NotFound(f"{exc}{hint}") from None
+        raise NoSuchDatabase(f"{exc}{hint}", exc.globals_kept) from None
 
 
 async def list_(args: argparse.Namespace) -> int:
@@ -324,11 +324,11 @@ async def restore(args: argparse.Namespace) -> int:
 
 
 async def download(args: argparse.Namespace) -> int:
-    from backupd import restore as restoring
+    from backupd import download as downloading
 
     async with _pool() as pool:
         _, _, store, manifest = await _open_backup(args, pool)
-        result = await restoring.download(
+        result = await downloading.download(
             store,
             manifest,
             database=args.database,

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from backupd.errors import BackupdError
+from backupd.errors import DecryptionError as DecryptionError  # where it was
 
 INTRO = b"age-encryption.org/v1\n"
 CHUNK = 64 * 1024
@@ -32,10 +33,6 @@ _MAX_HEADER = 1 << 20
 _ZERO_NONCE = b"\x00" * 12
 _X25519_INFO = b"age-encryption.org/v1/X25519"
 _BECH32 = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
-
-
-class DecryptionError(BackupdError):
-    """The data cannot be decrypted: wrong identity, not age, or corrupted."""
 
 
 # --- bech32 (BIP 173), as age encodes its keys ---------------------------------------

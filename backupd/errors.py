@@ -94,4 +94,87 @@ class NotFound(StorageError):
 
 
 class IntegrityError(BackupdError):
-    """Stored bytes do not match their manifest (size, SHA-256, archive listing)."""
+    """Stored bytes do not match their manifest (missing, size, SHA-256, decoding)."""
+
+
+class DecryptionError(BackupdError):
+    """The data cannot be decrypted: wrong identity, not age, or corrupted."""
+
+
+class IdentityRequired(DecryptionError):
+    """An encrypted backup is read back without an identity to decrypt it."""
+
+    def __init__(self, stem: str) -> None:
+        self.stem = stem
+        super().__init__(
+            f"backup {stem} is encrypted with age: reading it needs an identity "
+            "(the secret key of one of its recipients)"
+        )
+
+
+class ToolFailed(BackupdError):
+    """A PostgreSQL client tool (pg_restore, psql) could not start or exited non-zero;
+    the message holds its first errors."""
+
+
+class UnsafeDump(BackupdError):
+    """The dump holds a database reference that cannot be mapped to the typed name."""
+
+
+class AmbiguousDatabase(UsageError):
+    """A backup of several databases was asked for without naming one."""
+
+    def __init__(self, stem: str, names: str) -> None:
+        self.stem = stem
+        self.names = names
+        super().__init__(f"backup {stem} holds several databases ({names}): name one")
+
+
+class NoSuchDatabase(NotFound):
+    """A backup lacks the database asked for; `globals_kept` when the name asked for
+    is "globals" and the backup has a roles and tablespaces dump."""
+
+    def __init__(self, message: str, globals_kept: bool = False) -> None:
+        self.globals_kept = globals_kept
+        super().__init__(message)
+
+
+class PlainDumpSelection(UsageError):
+    """Tables, schemas or a clean restore asked of a plain SQL dump (pg_restore's only)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "selecting tables or schemas and cleaning need a custom-format dump; "
+            "this one is plain SQL"
+        )
+
+
+class DatabaseExists(UsageError):
+    """A restore that creates its database found the database already there."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"database {name!r} already exists on the target: a restore that creates its "
+            "database restores only into a new one"
+        )
+
+
+class PasswordInTarget(UsageError):
+    """The target DSN holds a password, which would be visible in the tools' argv."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the target DSN contains a password, which would be visible in the process list: "
+            "remove it and set PGPASSWORD or use a ~/.pgpass file (PGPASSFILE)"
+        )
+
+
+class NothingMatches(UsageError):
+    """Table or schema patterns that match nothing in the archive; each miss is
+    (kind, pattern, close names)."""
+
+    def __init__(self, misses: Sequence[tuple[str, str, Sequence[str]]]) -> None:
+        self.misses = [(kind, pattern, list(close)) for kind, pattern, close in misses]
+        what = "; ".join(f"{kind} {pattern}" for kind, pattern, _ in self.misses)
+        super().__init__(f"nothing in the backup matches {what}: it would restore nothing")

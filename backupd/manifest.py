@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 import structlog
 
-from backupd.errors import NotFound, StorageError, UsageError
+from backupd.errors import AmbiguousDatabase, NoSuchDatabase, NotFound, StorageError
 from backupd.retention import FUTURE_TOLERANCE
 from backupd.storage.base import Store, check_key
 
@@ -175,24 +175,20 @@ class Manifest:
         if database is None:
             if len(dbs) == 1:
                 return dbs[0]
-            raise UsageError(
-                f"backup {self.stem} holds several databases ({names}): pass --database"
-            )
+            raise AmbiguousDatabase(self.stem, names)
         for o in dbs:
             if o.database == database:
                 return o
         why = next((f.error for f in self.failed if f.database == database), None)
         if why is not None:
-            raise NotFound(
+            raise NoSuchDatabase(
                 f"backup {self.stem} has no database {database!r}: it failed in this run "
                 f"({why}); the backup has: {names}"
             )
-        hint = (
-            " (the roles and tablespaces dump is --globals)"
-            if database == "globals" and any(o.kind == "globals" for o in self.objects)
-            else ""
+        raise NoSuchDatabase(
+            f"backup {self.stem} has no database {database!r} (it has: {names})",
+            globals_kept=database == "globals" and any(o.kind == "globals" for o in self.objects),
         )
-        raise NotFound(f"backup {self.stem} has no database {database!r} (it has: {names}){hint}")
 
     def globals_object(self) -> ObjectEntry:
         """The roles and tablespaces dump (`globals = true`)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from backupd.errors import BackupdError
+from backupd.errors import UnsafeDump
 
 _HEADER = re.compile(rb"^-- (?:Data for )?Name: (.*); Type: (.*); Schema: (.*); Owner: (.*)$")
 _DB_LEVEL_TYPES = {b"DATABASE", b"DATABASE PROPERTIES"}
@@ -34,10 +34,6 @@ _SPECIAL = re.compile(rb"""[eE]'|'|"|\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff
 _DB_REF = re.compile(rb'DATABASE\s+("(?:[^"]|"")*"|[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)')
 _DATABASE_WORD = re.compile(rb"(?<![A-Za-z0-9_\x80-\xff])DATABASE(?![A-Za-z0-9_\x80-\xff])")
 _COPY = re.compile(rb"^COPY .* FROM stdin;\r?$")
-
-
-class UnsafeDump(BackupdError):
-    """The dump holds a database reference that cannot be mapped to the typed name."""
 
 
 def quote_ident(name: str) -> str:

@@ -1,12 +1,13 @@
 """`backupd verify`: prove a backup is intact, and optionally that it restores.
 
-Without `--restore`, each data object is read back once: its size and SHA-256
-are checked against the manifest and, unless it is encrypted and no identity
-is given, it is decrypted, decompressed and, for custom-format dumps, read
-whole by `pg_restore` (its SQL output discarded). `pg_restore --list` alone
-stops after the table of contents and so passes a truncated archive. The
-first problem found is reported, the most basic first: missing, size,
-SHA-256, decoding, archive.
+Without `--restore`, each data object is read back once (`readback.py`, the
+path restore and download take too): its size and SHA-256 are checked
+against the manifest and, unless it is encrypted and no identity is given,
+it is decrypted, decompressed and, for custom-format dumps, read whole by
+`pg_restore` (its SQL output discarded). `pg_restore --list` alone stops
+after the table of contents and so passes a truncated archive. The first
+problem found is reported, the most basic first: missing, size, SHA-256,
+decoding, archive.
 
 With `--restore` (a restore drill), each database is restored into a scratch
 database on `verify.target`, created and dropped by backupd (also when the
@@ -16,9 +17,7 @@ counts recorded at backup time, and every table answers a smoke query.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
 import os
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -27,19 +26,17 @@ from dataclasses import dataclass, field
 import asyncpg
 import structlog
 
-from backupd.codecs import Encoder, algorithm_of, decompressor
 from backupd.config import Config, Job
-from backupd.crypto import AgeDecryptor, load_identities
 from backupd.dsn import dsn_params, redact_dsn
-from backupd.errors import BackupdError, IntegrityError, NotFound, SourceError, UsageError
+from backupd.errors import BackupdError, SourceError, UsageError
 from backupd.manifest import Manifest, ObjectEntry
+from backupd.pgclient import Feeder, psql_argv, tool_path
 from backupd.plainsql import PlainFilter
+from backupd.readback import read_back
 from backupd.sources import postgres
 from backupd.storage.base import Store
 
 log = structlog.get_logger("backupd.verify")
-
-STDERR_LIMIT = 4000  # characters of a tool's error output kept in a report line
 
 
 @dataclass
@@ -101,154 +98,8 @@ async def verify_backup(
 # -- reading an object back --------------------------------------------------------------
 
 
-@dataclass
-class _Read:
-    size: int = 0
-    raw: int = 0
-    sha256: str = ""
-    decode_error: str | None = None
-    tool_error: str | None = None
-
-
-def _decoders(manifest: Manifest, identity: str | None) -> list[Encoder]:
-    decoders: list[Encoder] = []
-    if manifest.encryption:
-        assert identity is not None
-        decoders.append(AgeDecryptor(load_identities(identity)))
-    decoders.append(decompressor(algorithm_of(manifest.compression)))
-    return decoders
-
-
-async def _stream(
-    store: Store,
-    manifest: Manifest,
-    entry: ObjectEntry,
-    decoders: list[Encoder] | None,
-    argv: list[str] | None = None,
-    env: dict[str, str] | None = None,
-    transform: PlainFilter | None = None,
-) -> _Read:
-    """Read one data object once: hash every stored byte, decode them with `decoders`,
-    and feed the decoded bytes to the process `argv` on its stdin.
-
-    Never stops early on bad data: a decoding error or a tool that exits
-    early stops the decoding or the feeding, while the hash still covers the
-    whole object, so the report can say which check failed first.
-    """
-    key = manifest.object_key(entry)
-    read = _Read()
-    digest = hashlib.sha256()
-
-    def step(chunk: bytes, final: bool) -> bytes:
-        digest.update(chunk)
-        if decoders is None or read.decode_error is not None:
-            return b""
-        try:
-            for decoder in decoders:
-                chunk = decoder.update(chunk) + (decoder.finish() if final else b"")
-        # Codecs raise their own types (zstandard.ZstdError, zlib.error, lz4's RuntimeError).
-        except Exception as exc:
-            read.decode_error = str(exc) or type(exc).__name__
-            return b""
-        read.raw += len(chunk)
-        return chunk
-
-    proc = None
-    if argv is not None:
-        proc = await _spawn(argv, env)
-    feeding = proc is not None
-    try:
-        try:
-            async for chunk in store.open_read(key):
-                read.size += len(chunk)
-                plain = await asyncio.to_thread(step, chunk, False)
-                if plain and transform is not None:
-                    plain = transform.feed(plain)
-                if plain and feeding:
-                    feeding = await _feed(proc, plain)
-            tail = await asyncio.to_thread(step, b"", True)
-        except NotFound:
-            raise IntegrityError(
-                f"data object {key} is missing from storage {store.name}"
-            ) from None
-        if transform is not None:
-            tail = transform.feed(tail) + transform.finish()
-        if tail and feeding:
-            await _feed(proc, tail)
-        if proc is not None:
-            read.tool_error = await _finish(proc, argv)
-    except BaseException:
-        if proc is not None:
-            await _kill(proc)
-        raise
-    read.sha256 = digest.hexdigest()
-    return read
-
-
-async def _spawn(argv: list[str], env: dict[str, str] | None) -> asyncio.subprocess.Process:
-    try:
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            env=env,
-            pass_fds=postgres.inherited_fds(env),
-        )
-    except OSError as exc:
-        raise SourceError(f"cannot start {argv[0]}: {exc.strerror}") from None
-
-
-async def _feed(proc: asyncio.subprocess.Process | None, data: bytes) -> bool:
-    """Write to the tool's stdin; False once it stopped reading (its exit status says why)."""
-    assert proc is not None and proc.stdin is not None
-    try:
-        proc.stdin.write(data)
-        await proc.stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        return False
-    return True
-
-
-async def _finish(proc: asyncio.subprocess.Process, argv: list[str] | None) -> str | None:
-    """Close the tool's stdin and wait; its failure as text, or None."""
-    assert proc.stdin is not None and proc.stderr is not None and argv is not None
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        proc.stdin.close()
-        await proc.stdin.wait_closed()
-    stderr, rc = await asyncio.gather(proc.stderr.read(), proc.wait())
-    if rc == 0:
-        return None
-    text = stderr.decode(errors="replace").strip()[-STDERR_LIMIT:] or "no error output"
-    return f"{os.path.basename(argv[0])} exited with status {rc}: {text}"
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, 9)
-    await asyncio.shield(proc.wait())
-
-
-def _check(read: _Read, entry: ObjectEntry, decoded: bool) -> None:
-    """Raise on the first problem: size, SHA-256, decoding, decoded size, then the tool."""
-    if read.size != entry.size_bytes:
-        how = "truncated" if read.size < entry.size_bytes else "longer than recorded"
-        raise IntegrityError(
-            f"size mismatch ({how}): the stored object is {read.size} bytes, "
-            f"the manifest says {entry.size_bytes}"
-        )
-    if read.sha256 != entry.sha256:
-        raise IntegrityError(
-            f"SHA-256 mismatch: the stored bytes hash to {read.sha256}, "
-            f"the manifest says {entry.sha256}"
-        )
-    if read.decode_error is not None:
-        raise IntegrityError(f"cannot decrypt or decompress: {read.decode_error}")
-    if decoded and read.raw != entry.raw_bytes:
-        raise IntegrityError(f"decoded to {read.raw} bytes, the manifest says {entry.raw_bytes}")
-    if read.tool_error is not None:
-        raise BackupdError(read.tool_error)
+async def _discard(data: bytes) -> None:
+    pass
 
 
 async def _check_object(
@@ -256,24 +107,21 @@ async def _check_object(
 ) -> str:
     """Read one object back and check it; returns what was proven."""
     if manifest.encryption and identity is None:
-        _check(await _stream(store, manifest, entry, None), entry, decoded=False)
+        await read_back(store, manifest, entry, None, None)
         return (
             f"{entry.size_bytes} bytes, SHA-256 matches; encrypted: not decrypted "
             "(pass --identity FILE to decrypt and read the archive)"
         )
-    argv = None
-    if entry.format == "custom":
-        argv = [str(_tool("pg_restore", pg_bin_dir, manifest).path), f"--file={os.devnull}"]
-    read = await _stream(store, manifest, entry, _decoders(manifest, identity), argv)
-    _check(read, entry, decoded=True)
-    what = "archive read whole by pg_restore" if argv else "plain SQL"
-    return f"{entry.size_bytes} bytes, SHA-256 matches; decoded to {read.raw} bytes; {what}"
-
-
-def _tool(name: str, pg_bin_dir: str, manifest: Manifest) -> postgres.DumpTool:
-    """A client tool at least as new as the pg_dump that wrote the backup."""
-    match = re.match(r"\d+", str(manifest.tool.get("version", "")))
-    return postgres.find_tool(name, pg_bin_dir, int(match.group(0)) if match else 0)
+    if entry.format != "custom":
+        read = await read_back(store, manifest, entry, identity, _discard)
+        what = "plain SQL"
+    else:
+        argv = [tool_path("pg_restore", pg_bin_dir, manifest), f"--file={os.devnull}"]
+        async with Feeder.start(argv, None) as feeder:
+            read = await read_back(store, manifest, entry, identity, feeder.write)
+            await feeder.finish()
+        what = "archive read whole by pg_restore"
+    return f"{entry.size_bytes} bytes, SHA-256 matches; decoded to {read.raw_bytes} bytes; {what}"
 
 
 # -- the restore drill -------------------------------------------------------------------
@@ -384,20 +232,23 @@ async def _restore(
     # A plain dump made with --create connects to its own database name: the
     # filter drops that (and the database-level entries) so all of it goes into
     # the scratch database.
-    transform = None
+    filt = None
     if entry.format == "custom":
-        tool = _tool("pg_restore", pg_bin_dir, manifest)
-        argv = [str(tool.path), "--no-password", "--exit-on-error", "--no-owner"]
-        argv += ["--no-privileges", f"--dbname={dsn}"]
+        argv = [tool_path("pg_restore", pg_bin_dir, manifest), "--no-password", "--exit-on-error"]
+        argv += ["--no-owner", "--no-privileges", f"--dbname={dsn}"]
     else:
-        tool = _tool("psql", pg_bin_dir, manifest)
-        argv = [str(tool.path), "--no-psqlrc", "--quiet", "--set", "ON_ERROR_STOP=1"]
-        argv += ["--no-password", f"--dbname={dsn}"]
-        transform = PlainFilter(entry.database)
+        argv = psql_argv(tool_path("psql", pg_bin_dir, manifest), dsn)
+        filt = PlainFilter(entry.database)
     with _auth_env(password, target) as env:
-        decoders = _decoders(manifest, identity)
-        read = await _stream(store, manifest, entry, decoders, argv, env, transform)
-    _check(read, entry, decoded=True)
+        async with Feeder.start(argv, env) as feeder:
+
+            async def sink(data: bytes) -> None:
+                await feeder.write(filt.feed(data) if filt is not None else data)
+
+            await read_back(store, manifest, entry, identity, sink)
+            if filt is not None:
+                await feeder.write(filt.finish())
+            await feeder.finish()
 
 
 @contextlib.contextmanager

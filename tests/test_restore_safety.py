@@ -219,7 +219,7 @@ def test_verify_restore_counts_rows_of_user_defined_types(
 
 
 def test_errors_show_the_first_ones_and_a_count() -> None:
-    from backupd.restore import _summary
+    from backupd.pgclient import error_summary as _summary
 
     stderr = "\n".join(
         [f'psql:<stdin>:{i}: ERROR:  relation "t{i}" already exists' for i in range(191)]
@@ -232,7 +232,7 @@ def test_errors_show_the_first_ones_and_a_count() -> None:
 
 
 def test_globals_plan_skips_statements_about_existing_roles() -> None:
-    from backupd.restore import plan_globals
+    from backupd.globals_restore import plan_globals
 
     dump = (
         b"CREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'x';\n"

@@ -291,3 +291,43 @@ def test_scheduled_verification_sets_the_metric_and_notifies_failures(
         assert "size mismatch (truncated)" in body["error"]
     finally:
         daemon.stop()
+
+
+def test_restore_download_and_verify_give_the_same_reason_for_damage(
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+) -> None:
+    """One read-back path: a damaged object fails all three with one wording, and
+    restore creates nothing, download writes nothing."""
+    cfg = _config(tmp_path, pg, sample_db, pg_password_file)
+    manifest = _backup(cfg)
+    (obj,) = manifest["objects"]
+    data_file = next((tmp_path / "store").rglob(obj["key"]))
+    good = data_file.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0x01
+    new_db = f"s15_{manifest['id']}"
+    damages = [
+        (bytes(flipped), "SHA-256 mismatch: the stored bytes hash to "),
+        (
+            good[:-100],
+            f"size mismatch (truncated): the stored object is {obj['size_bytes'] - 100} bytes, "
+            f"the manifest says {obj['size_bytes']}",
+        ),
+    ]
+    for damaged, reason in damages:
+        data_file.write_bytes(damaged)
+        verify = _verify(cfg)
+        restore = run_cli(
+            "restore", "app", "-c", str(cfg), "--to", pg.dsn(new_db), "--create",
+            env={"PGPASSWORD": pg.password},
+        )  # fmt: skip
+        out = tmp_path / "out.dump"
+        download = run_cli("download", "app", "-c", str(cfg), "-o", str(out))
+        assert reason in verify.stdout, verify.stdout
+        for cli in (restore, download):
+            assert cli.returncode == 1, cli.stdout + cli.stderr
+            assert reason in cli.stderr, cli.stderr
+            assert "Traceback" not in cli.stderr
+        assert not list(tmp_path.glob("*out.dump*"))
+        assert new_db not in pg.psql("SELECT datname FROM pg_database").split()
+    data_file.write_bytes(good)
