@@ -1,7 +1,8 @@
 # backupd developer tasks. GNU make; every target is phony except the venv stamp.
 #
 #   make test        system packages, venv, lint, type check, the test suite (not slow)
-#   make test-slow   the slow fault/load scenarios (pytest -m slow)
+#   make test-slow   the slow scenarios (pytest -m slow): fault/load, and the S3 tests on
+#                    real Ceph RGW and Swift stores, which the suite starts on loopback
 #   make demo        a throwaway PostgreSQL, a daemon, a backup and a verified restore
 #
 # Works on a fresh Debian bookworm as root: `deps-system` installs what is missing
@@ -22,8 +23,9 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 
 # Debian packages, installed only when their command is missing (never upgraded). apt must not
 # start services: a policy-rc.d that answers 101 is put in place for the install
-# (unless one is there already), so the postgresql package's default cluster and
-# the prometheus server stay down.
+# (unless one is there already), so the postgresql package's default cluster,
+# the prometheus server, memcached and the Ceph and Swift daemons stay down (the
+# tests start their own on loopback).
 deps-system:
 	@missing=()
 	[ -x "$(PG_BIN)/initdb" ] && [ -x "$(PG_BIN)/pg_ctl" ] || missing+=(postgresql-15)
@@ -34,6 +36,18 @@ deps-system:
 	command -v setpriv >/dev/null && command -v runuser >/dev/null || missing+=(util-linux)
 	command -v systemd-analyze >/dev/null || missing+=(systemd)
 	[ -x /usr/bin/time ] || missing+=(time)
+	# Real object stores for the S3 tests (tests/objstores.py): Ceph RGW and Swift with s3api.
+	command -v ceph-mon >/dev/null && command -v monmaptool >/dev/null || missing+=(ceph-mon)
+	command -v ceph-osd >/dev/null || missing+=(ceph-osd)
+	command -v radosgw >/dev/null && command -v radosgw-admin >/dev/null || missing+=(radosgw)
+	command -v uuidgen >/dev/null || missing+=(uuid-runtime)
+	command -v swift-proxy-server >/dev/null || missing+=(swift-proxy)
+	command -v swift-ring-builder >/dev/null || missing+=(swift)
+	command -v swift-account-server >/dev/null || missing+=(swift-account)
+	command -v swift-container-server >/dev/null || missing+=(swift-container)
+	command -v swift-object-server >/dev/null || missing+=(swift-object)
+	command -v memcached >/dev/null || missing+=(memcached)
+	command -v openssl >/dev/null || missing+=(openssl)
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 	# The PostgreSQL regression database of the slow restore tests: its test suite is
 	# built from the Debian source package (scripts/regression-build.sh), so apt

@@ -4,7 +4,9 @@ Publishing is the manifest, written to each target only after every data
 object of the run is complete on every target and every dump tool exited 0.
 Any failure (cancellation included) aborts open uploads and deletes the data
 objects this attempt already completed, so nothing is half-published and
-nothing is left for the sweeper in the common case.
+nothing is left for the sweeper in the common case. That cleanup takes at most
+`CLEANUP_DEADLINE` in all (a hung store cannot hold a cancelled run): what it
+could not remove by then is logged and left to the sweeper.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,7 +41,7 @@ from backupd.manifest import (
 )
 from backupd.pipeline import StreamResult, abort_all, make_pipe, stream_fd
 from backupd.sources import postgres
-from backupd.storage.base import Store, Upload
+from backupd.storage.base import CLEANUP_DEADLINE, Store, Upload
 
 log = structlog.get_logger("backupd.backup")
 
@@ -56,6 +58,42 @@ class Trigger:
         if self.uid is None and self.user is None:
             return None
         return {"uid": self.uid, "user": self.user}
+
+
+class _Cleanup:
+    """The cleanup of one failed attempt: every step of it within one `CLEANUP_DEADLINE`,
+    counted from the first step.
+
+    Each step runs in its own task, so a caller cancelled once more (a second
+    `cancel`, a second SIGTERM) stops waiting at once, and the deadline cancels
+    the step whoever still waits for it. Failures are logged, never raised.
+    """
+
+    def __init__(self) -> None:
+        self._until: float | None = None
+
+    async def run(self, what: str, step: Awaitable[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._until is None:
+            self._until = loop.time() + CLEANUP_DEADLINE
+        task = asyncio.ensure_future(step)
+        timer = loop.call_at(self._until, task.cancel)
+
+        def done(task: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            if task.cancelled():
+                log.warning(
+                    "cleanup_abandoned",
+                    what=what,
+                    deadline_seconds=CLEANUP_DEADLINE,
+                    note="the store did not answer in time; the sweeper removes what is "
+                    "left after abandoned_upload_grace",
+                )
+            elif (exc := task.exception()) is not None:
+                log.warning("cleanup_failed", what=what, error=str(exc))
+
+        task.add_done_callback(done)
+        await asyncio.wait([task])
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +124,14 @@ async def run_backup(
         _Dump(db, postgres.dump_argv(pg_dump, job, source.dsn, db), "pg_dump", job.format)
         for db in server.databases
     ]
+    for db in server.databases:
+        if postgres.has_line_break(db) and job.kind != "data-only":
+            log.warning(
+                "database_properties_not_dumped",
+                database=db,
+                reason="pg_dump refuses --create for a database name with a line break; its "
+                "contents are dumped, its comment, settings and grants are not",
+            )
     if job.globals:
         dumpall = postgres.find_tool("pg_dumpall", source.pg_bin_dir, server.major)
         dumps.append(
@@ -106,6 +152,7 @@ async def run_backup(
     _emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
 
     completed: dict[str, list[str]] = {name: [] for name in stores}
+    cleanup = _Cleanup()
     objects: list[ObjectEntry] = []
     tables: dict[str, dict[str, int]] = {}
     failed: list[FailedDatabase] = [FailedDatabase(name, why) for name, why in server.unusable]
@@ -116,7 +163,17 @@ async def run_backup(
             for dump in dumps:
                 try:
                     entry, counts = await _dump_database(
-                        job, source, dump, env, stores, stem, folder, completed, on_bytes, password
+                        job,
+                        source,
+                        dump,
+                        env,
+                        stores,
+                        stem,
+                        folder,
+                        completed,
+                        cleanup,
+                        on_bytes,
+                        password,
                     )
                 except (DumpFailed, SourceError) as exc:
                     if exc.transient or dump.tool != "pg_dump":
@@ -125,6 +182,7 @@ async def run_backup(
                     log.error("database_failed", database=dump.name, error=str(exc))
                     failed.append(FailedDatabase(dump.name, str(exc)))
                     _emit(progress, {"event": "database_failed", "database": dump.name})
+                    cleanup = _Cleanup()  # its aborts are done: a later failure gets a whole budget
                     continue
                 objects.append(entry)
                 if counts is not None:
@@ -175,9 +233,9 @@ async def run_backup(
             tables=tables,
             failed=tuple(failed),
         )
-        await _publish(stores, manifest)
+        await _publish(stores, manifest, cleanup)
     except BaseException:
-        await _discard(stores, completed)
+        await cleanup.run("delete the objects of the failed attempt", _discard(stores, completed))
         raise
     if failed:
         log.error(
@@ -218,6 +276,7 @@ async def _dump_database(
     stem: str,
     folder: str,
     completed: dict[str, list[str]],
+    cleanup: _Cleanup,
     on_bytes: Callable[[str, int], None] | None,
     password: str | None,
 ) -> tuple[ObjectEntry, dict[str, int] | None]:
@@ -226,7 +285,7 @@ async def _dump_database(
     key = f"{stem}/{data_name(dump.name, dump.fmt, job.compression.extension, encrypted)}"
     counts: dict[str, int] | None = None
     async with _in_snapshot(job, dump, source.dsn, password) as (dump, snapshot):
-        dumping = _dump_one(job, dump, env, stores, folder + key, completed, on_bytes)
+        dumping = _dump_one(job, dump, env, stores, folder + key, completed, cleanup, on_bytes)
         if snapshot is None:
             result = await dumping
         else:
@@ -236,7 +295,11 @@ async def _dump_database(
     # The globals are small by nature.
     floor = job.min_size if dump.tool == "pg_dump" and job.databases != ("*",) else 1
     if result.raw_bytes < floor:
-        await _discard(stores, {name: [folder + key] for name in stores}, completed)
+        # The attempt goes on: this discard gets its own deadline, not the attempt's.
+        await _Cleanup().run(
+            f"delete {key} (below min_size)",
+            _discard(stores, {name: [folder + key] for name in stores}, completed),
+        )
         raise DumpFailed(
             f"{dump.tool} output for {dump.name} is {result.raw_bytes} bytes, below "
             f"min_size {floor}: refusing to call it a backup"
@@ -299,6 +362,7 @@ async def _dump_one(
     stores: Mapping[str, Store],
     key: str,
     completed: dict[str, list[str]],
+    cleanup: _Cleanup,
     on_bytes: Callable[[str, int], None] | None,
 ) -> StreamResult:
     """Dump one database into one new object on every store; completes them only on success."""
@@ -340,7 +404,7 @@ async def _dump_one(
         await asyncio.gather(*(complete(name, upload) for name, upload in uploads.items()))
         return result
     except BaseException:
-        await abort_all(uploads)
+        await cleanup.run(f"abort the uploads of {key}", abort_all(uploads))
         raise
 
 
@@ -351,7 +415,7 @@ def _encoders(job: Job, dump: _Dump) -> list[Encoder]:
     return encoders
 
 
-async def _publish(stores: Mapping[str, Store], manifest: Manifest) -> None:
+async def _publish(stores: Mapping[str, Store], manifest: Manifest, cleanup: _Cleanup) -> None:
     """Write the manifest to every store; if one fails, take back the others."""
     written: list[Store] = []
     try:
@@ -359,11 +423,13 @@ async def _publish(stores: Mapping[str, Store], manifest: Manifest) -> None:
             await write_manifest(store, manifest)
             written.append(store)
     except BaseException:
-        await asyncio.shield(
-            asyncio.gather(
-                *(s.delete([manifest.manifest_key]) for s in written), return_exceptions=True
+        if written:
+            await cleanup.run(
+                f"take back the manifest {manifest.manifest_key}",
+                asyncio.gather(
+                    *(s.delete([manifest.manifest_key]) for s in written), return_exceptions=True
+                ),
             )
-        )
         raise
 
 
@@ -390,7 +456,7 @@ async def _discard(
                 note="the sweeper removes them after abandoned_upload_grace",
             )
 
-    await asyncio.shield(asyncio.gather(*(one(name) for name in stores), return_exceptions=True))
+    await asyncio.gather(*(one(name) for name in stores), return_exceptions=True)
 
 
 def _emit(progress: Progress | None, event: dict[str, Any]) -> None:

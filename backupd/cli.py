@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--connect",
         action="store_true",
-        help="also reach every source and storage (read-only probes, one probe object)",
+        help="also reach every source and storage (source: read-only probes; storage: the "
+        "write path with probe objects under the prefix, deleted again)",
     )
     p.add_argument(
         "--show",
@@ -198,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also restore into a scratch database and compare row counts",
     )
+
+    p = cmd(
+        "sweep",
+        commands.sweep,
+        "abort incomplete uploads and delete orphaned data older than each storage's "
+        "abandoned_upload_grace, as the daemon's hourly sweeper does (for cron users)",
+    )
+    _add_config(p)
+    p.add_argument("--storage", metavar="NAME", help="only this storage (default: every one)")
+    p.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
 
     p = cmd("prune", commands.prune, "apply retention now")
     _add_config(p)

@@ -15,7 +15,7 @@ from typing import Any
 from backupd import control
 from backupd.backup import Trigger
 from backupd.config import Config, Job, secret_references
-from backupd.configfile import config_path, config_to_toml, load_config
+from backupd.configfile import config_path, config_to_toml, format_duration, load_config
 from backupd.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -156,6 +156,8 @@ async def check(args: argparse.Namespace) -> int:
                 store = await pool.get(cfg)
                 await store.check()
                 print(f"storage {name}: ok")
+                for note in getattr(store, "compat_notes", ()):
+                    print(f"storage {name}: note: {note}")
             except BackupdError as exc:
                 failures += 1
                 print(f"storage {name}: FAILED: {exc}")
@@ -362,6 +364,40 @@ async def prune(args: argparse.Namespace) -> int:
                 for line in outcome.describe():
                     print(line)
                 failed += outcome.errors
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def sweep(args: argparse.Namespace) -> int:
+    """The daemon's sweeper, once: for users who run `backupd backup` from cron."""
+    from backupd.maintenance import sweep as sweep_store
+
+    config = _load(args)
+    if args.storage is not None and args.storage not in config.storages:
+        raise UsageError(f"unknown storage {args.storage!r}")
+    names = [args.storage] if args.storage else list(config.storages)
+    verb = {"upload": "abort incomplete upload", "orphan": "delete orphaned object"}
+    failed = 0
+    async with _pool() as pool:
+        for name in names:
+            cfg = config.storages[name]
+            try:
+                store = await pool.get(cfg)
+                result = await sweep_store(store, cfg.abandoned_upload_grace, dry_run=args.dry_run)
+            except BackupdError as exc:
+                failed += 1
+                print(f"storage {name}: FAILED: {exc}")
+                continue
+            for kind, key in result.removed:
+                shown = key if key.isprintable() else repr(key)  # keys come from the store
+                print(f"storage {name}: {'would ' if args.dry_run else ''}{verb[kind]} {shown}")
+            print(
+                f"storage {name}: {result.aborted_uploads} incomplete upload(s), "
+                f"{result.deleted_orphans} orphaned object(s) "
+                + ("would be removed (dry run)" if args.dry_run else "removed")
+                + (f", {result.failed} failed" if result.failed else "")
+                + f"; older than {format_duration(cfg.abandoned_upload_grace)} only"
+            )
+            failed += result.failed
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -361,7 +361,13 @@ class S3Storage:
     addressing_style: AddressingStyle = key(v.choice(ADDRESSING_STYLES), default="auto")
     # crc32: S3 flexible checksums, as AWS SDKs send them; md5: Content-MD5 only.
     checksum: S3Checksum = key(v.choice(S3_CHECKSUMS), default="crc32")
+    # PEM file of the CAs to trust for an https endpoint; empty: AWS_CA_BUNDLE or the system's.
+    ca_bundle: str = key(v.optional_absolute_path, default="")
     abandoned_upload_grace: float = key(v.positive_duration, default=86400.0)
+    # Each request: seconds to connect, and seconds without progress (sending the
+    # body, then waiting for and reading the reply) before the attempt is abandoned.
+    connect_timeout: float = key(v.positive_duration, default=10.0)
+    read_timeout: float = key(v.positive_duration, default=60.0)
     type: Literal["s3"] = "s3"
 
     @staticmethod
@@ -370,6 +376,8 @@ class S3Storage:
         for name, other in (pair, pair[::-1]):
             if name in given and other not in given:
                 yield other, f"required when {name} is set (give both, or neither)"
+        if values["ca_bundle"] and values["endpoint_url"].lower().startswith("http://"):
+            yield "ca_bundle", "only used with an https endpoint_url"
 
 
 @model

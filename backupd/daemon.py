@@ -7,9 +7,10 @@ and only then tell systemd READY=1. Storage is scanned in the background
 never delays readiness.
 
 Signals enter in one place: SIGTERM/SIGINT set the stop event (a second one
-cancels running jobs at once), SIGHUP reloads. Shutdown stops scheduling, lets
-running jobs finish within `shutdown_grace`, cancels what is left (pg_dump
-killed, uploads aborted, runs recorded as cancelled), removes the socket.
+stops running jobs at once), SIGHUP reloads. Shutdown stops scheduling, lets
+running jobs finish within `shutdown_grace`, stops what is left (pg_dump
+killed, uploads aborted within `CLEANUP_DEADLINE`, runs recorded as failed:
+"interrupted by daemon shutdown"), removes the socket.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from backupd.notify import Notifications, RunEvent
 from backupd.retention_apply import prune_after_success
 from backupd.runner import JobBusy, Run, Runner, StorePool
 from backupd.scheduler import Schedule, ScheduleLoop, SystemClock
+from backupd.supervise import Supervisor
 from backupd.systemd import Notifier as SystemdNotifier
 from backupd.systemd import watchdog_interval
 
@@ -95,6 +97,7 @@ class Daemon:
         self.metrics = Metrics()
         self.systemd = SystemdNotifier()
         self.stop = asyncio.Event()
+        self.tasks = Supervisor()
         self._started = time.monotonic()
         self._scheduler_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
@@ -149,14 +152,12 @@ class Daemon:
             stack.push_async_callback(self._drain_runs)
             self._install_signals()
             stack.callback(self._remove_signals)
-            background = [
-                asyncio.create_task(self.maintenance.startup(self.config), name="startup-scan"),
-                asyncio.create_task(
-                    self.maintenance.sweep_forever(lambda: self.config), name="sweeper"
-                ),
-                asyncio.create_task(self._watchdog(), name="watchdog"),
-            ]
-            stack.push_async_callback(_cancel_all, background)
+            self.tasks.spawn(self.maintenance.startup(self.config), "startup-scan")
+            self.tasks.spawn(
+                self.maintenance.sweep_forever(lambda: self.config), "sweeper", long_lived=True
+            )
+            self.tasks.spawn(self._watchdog(), "watchdog", long_lived=True)
+            stack.push_async_callback(self.tasks.cancel_all)
             self.systemd.ready(self._status_line())
             log.info(
                 "daemon_ready",
@@ -185,16 +186,13 @@ class Daemon:
         self._signals += 1
         log.info("signal_received", signal=name, count=self._signals)
         if self._signals > 1:
-            self._grace_override = 0.0  # a second signal: cancel running jobs now
-            for run in self.runner.active():
-                if run.task is not None:
-                    run.task.cancel()
+            self._grace_override = 0.0  # a second signal: stop running jobs now
+            self.runner.interrupt(f"interrupted by daemon shutdown (second {name})")
         self.stop.set()
 
     def _on_reload_signal(self) -> None:
         log.info("signal_received", signal="SIGHUP")
-        task = asyncio.create_task(self.reload())
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        self.tasks.spawn(self.reload(), "reload")
 
     async def _stop_scheduler(self) -> None:
         if self._scheduler_task is not None:
@@ -283,7 +281,7 @@ class Daemon:
                 previous = self.notifications
                 self.notifications = Notifications(new.notifiers, metrics=self.metrics)
                 self._notify.notifications = self.notifications
-                asyncio.create_task(_retire(previous))  # noqa: RUF006
+                self.tasks.spawn(_retire(previous), "retire-notifiers")
             self.metrics.config_reloaded("success")
             log.info("config_reloaded", jobs=len(new.jobs))
             self.systemd.ready(self._status_line())
@@ -293,7 +291,9 @@ class Daemon:
 
     def live(self) -> bool:
         task = self._scheduler_task
-        return task is not None and not task.done() and self.scheduler.alive()
+        return (
+            task is not None and not task.done() and self.scheduler.alive() and self.tasks.healthy()
+        )
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         ok = self.live() and not self.stop.is_set()
@@ -411,11 +411,3 @@ def _user(uid: int) -> str | None:
 async def _retire(notifications: Notifications) -> None:
     await notifications.drain(10.0)
     await notifications.aclose()
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task

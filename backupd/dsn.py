@@ -33,11 +33,6 @@ def dsn_params(dsn: str) -> dict[str, str]:
     return {key: value for key, value, _, _ in _scan_keywords(dsn)}
 
 
-def dsn_database(dsn: str) -> str | None:
-    """The database a DSN names, or None (libpq then uses the user name)."""
-    return dsn_params(dsn).get("dbname") or None
-
-
 def conninfo(params: dict[str, str]) -> str:
     """libpq keyword=value form of `params`, every value single-quoted and escaped.
 

@@ -95,7 +95,3 @@ class NotFound(StorageError):
 
 class IntegrityError(BackupdError):
     """Stored bytes do not match their manifest (size, SHA-256, archive listing)."""
-
-
-class Cancelled(BackupdError):
-    """A run was cancelled by an operator or by shutdown."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -35,6 +35,7 @@ from backupd.retention_apply import (
     MANIFEST_KEY,
     PruneMetrics,
     delete_orphans,
+    orphaned_data,
     report_listing,
 )
 from backupd.runner import JobBusy, Runner, StorePool
@@ -60,6 +61,8 @@ class SweepResult:
     aborted_uploads: int = 0
     deleted_orphans: int = 0
     failed: int = 0
+    # What was removed (or, in a dry run, would be): ("upload" | "orphan", key).
+    removed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def is_backupd_key(key: str) -> bool:
@@ -68,13 +71,18 @@ def is_backupd_key(key: str) -> bool:
 
 
 async def sweep(
-    store: Store, grace: float, protect: Collection[str] = (), now: datetime | None = None
+    store: Store,
+    grace: float,
+    protect: Collection[str] = (),
+    now: datetime | None = None,
+    dry_run: bool = False,
 ) -> SweepResult:
     """Remove leftovers last written more than `grace` seconds before `now`: incomplete
     uploads, and data objects without a manifest (a crash mid-run or mid-prune).
 
     Only keys of backupd's layout are touched, and none under a `protect`
-    prefix (the folders of jobs with a run in progress).
+    prefix (the folders of jobs with a run in progress). `dry_run`: only list
+    what would be removed (`backupd sweep --dry-run`).
     """
     cutoff = (now or now_utc()) - timedelta(seconds=grace)
     result = SweepResult()
@@ -86,12 +94,19 @@ async def sweep(
         ):
             continue
         try:
-            await store.abort_incomplete(upload)
+            if not dry_run:
+                await store.abort_incomplete(upload)
             result.aborted_uploads += 1
+            result.removed.append(("upload", upload.key))
         except BackupdError as exc:
             result.failed += 1
             log.warning("sweep_abort_failed", storage=store.name, key=upload.key, error=str(exc))
-    deleted, failed = await delete_orphans(store, "", cutoff, protect)
+    if dry_run:
+        orphans = orphaned_data(await store.list(""), cutoff, protect)
+        result.deleted_orphans = len(orphans)
+        result.removed += [("orphan", key) for key in orphans]
+        return result
+    deleted, failed = await delete_orphans(store, "", cutoff, protect, removed=result.removed)
     result.deleted_orphans = deleted
     result.failed += len(failed)
     if result.aborted_uploads or result.deleted_orphans or result.failed:

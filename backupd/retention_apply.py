@@ -221,14 +221,20 @@ async def delete_orphans(
     cutoff: datetime,
     protect: Collection[str] = (),
     skip: Collection[str] = (),
+    removed: list[tuple[str, str]] | None = None,
 ) -> tuple[int, list[str]]:
-    """Delete `orphaned_data` under `prefix` (except `skip`); returns (deleted, failed keys)."""
+    """Delete `orphaned_data` under `prefix` (except `skip`); returns (deleted, failed keys).
+
+    `removed` gets ("orphan", key) for each key deleted.
+    """
     orphans = [
         key for key in orphaned_data(await store.list(prefix), cutoff, protect) if key not in skip
     ]
     if not orphans:
         return 0, []
     failed = await store.delete(orphans)
+    if removed is not None:
+        removed += [("orphan", key) for key in orphans if key not in failed]
     return len(orphans) - len(failed), failed
 
 

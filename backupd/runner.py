@@ -7,6 +7,12 @@ A run first takes a slot of its source (`max_concurrent`), then one of the
 daemon (`max_concurrent_jobs`), so a run waiting for a busy source never holds
 a global slot. A job never runs twice at once: a fire during a run is skipped
 and counted.
+
+A run that times out or is cancelled ends within `STOP_DEADLINE` of it, however
+stuck its storage is: its attempt is cancelled, gets `CLEANUP_DEADLINE` to
+abort its uploads, and the run is recorded (failure "timed out after ...",
+cancelled, or failure "interrupted by daemon shutdown") when the attempt has
+ended or the deadline has passed, whichever comes first.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import collections
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -29,11 +35,13 @@ from backupd.config import Config, Job, Storage
 from backupd.errors import BackupdError, UsageError
 from backupd.manifest import Manifest, now_utc, rfc3339
 from backupd.storage import RetrySettings, open_store
-from backupd.storage.base import Store
+from backupd.storage.base import CLEANUP_DEADLINE, Store
 
 log = structlog.get_logger("backupd.runner")
 
 HISTORY_SIZE = 200  # runs kept for `status` and `history`
+STOP_DEADLINE = CLEANUP_DEADLINE + 2.0
+"""Seconds from a timeout or cancel to the run being recorded and its job free again."""
 
 
 class RunMetrics(Protocol):
@@ -97,6 +105,7 @@ class Run:
     backup: str | None = None  # the published backup's stem
     size_bytes: int | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    interrupted: str | None = field(default=None, repr=False)  # why the daemon stopped it
     listeners: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list, repr=False)
 
     @property
@@ -125,6 +134,10 @@ class Run:
         payload = {"run_id": self.run_id, "job": self.job, **event}
         for queue in self.listeners:
             queue.put_nowait(payload)
+
+
+class _JobTimeout(Exception):
+    """The job's `timeout` fired (and the attempts were stopped)."""
 
 
 class JobBusy(BackupdError):
@@ -172,9 +185,6 @@ class Runner:
 
     def active(self) -> list[Run]:
         return list(self._active.values())
-
-    def get(self, run_id: str) -> Run | None:
-        return self._runs.get(run_id)
 
     def history(self, job: str | None = None, limit: int = 20) -> list[Run]:
         runs = [r for r in reversed(self._history) if job is None or r.job == job]
@@ -233,17 +243,28 @@ class Runner:
                 await asyncio.shield(run.task)
         return run
 
+    def interrupt(self, reason: str) -> None:
+        """Stop every queued or running run now; each is recorded as a failure: `reason`."""
+        for run in self._active.values():
+            if run.task is not None and not run.task.done():
+                run.interrupted = reason
+                run.task.cancel()
+
     async def shutdown(self, grace: float) -> None:
-        """Let running runs finish within `grace` seconds, then cancel the rest."""
+        """Let running runs finish within `grace` seconds, then stop the rest.
+
+        A run stopped by the shutdown did not make its backup: it is recorded as a
+        failure ("interrupted by daemon shutdown"), not as a cancel by an operator.
+        Each ends within `STOP_DEADLINE`, so this returns within `grace + STOP_DEADLINE`.
+        """
         tasks = [r.task for r in self._active.values() if r.task is not None]
         if not tasks:
             return
         log.info("shutdown_waiting", runs=len(tasks), grace_seconds=grace)
         _, pending = await asyncio.wait(tasks, timeout=grace)
-        for task in pending:
-            task.cancel()
         if pending:
             log.warning("shutdown_cancelling", runs=len(pending))
+            self.interrupt(f"interrupted by daemon shutdown (after shutdown_grace {grace:g}s)")
             await asyncio.wait(pending)
 
     # -- one run -------------------------------------------------------------------------
@@ -270,14 +291,16 @@ class Runner:
                 log.info("run_started", trigger=run.trigger.kind, triggered_by=run.trigger.who())
                 run.emit({"event": "running"})
                 self._notify("start", job, run)
-                async with asyncio.timeout(job.timeout):
-                    manifest = await self._attempts(config, job, run)
+                manifest = await self._within_timeout(job, run, self._attempts(config, job, run))
             run.backup, run.size_bytes = manifest.stem, manifest.size_bytes
             run.state = "success"
         except asyncio.CancelledError:
-            run.state, run.error = "cancelled", "cancelled"
+            if run.interrupted is not None:
+                run.state, run.error = "failure", run.interrupted
+            else:
+                run.state, run.error = "cancelled", "cancelled"
             raise
-        except TimeoutError:
+        except _JobTimeout:
             run.state = "failure"
             run.error = f"timed out after {job.timeout:g}s (job timeout)"
         except Exception as exc:
@@ -294,6 +317,37 @@ class Runner:
                 await self.after_success(config, job, manifest, stores)
             except Exception as exc:
                 log.warning("after_success_failed", job=job.name, error=str(exc))
+
+    async def _within_timeout(
+        self, job: Job, run: Run, attempts: Coroutine[Any, Any, Manifest]
+    ) -> Manifest:
+        """The attempts, in their own task, within the job's timeout.
+
+        Raises _JobTimeout when the timeout fires, CancelledError when the run is
+        cancelled; either way only after the attempts have ended or `STOP_DEADLINE`
+        has passed, so a cleanup stuck on a hung store cannot hold the run.
+        """
+        work = asyncio.create_task(attempts, name=f"attempts-{run.run_id}")
+        try:
+            done, _ = await asyncio.wait([work], timeout=job.timeout)
+        except asyncio.CancelledError:
+            await self._stop(work)
+            raise
+        if not done:
+            await self._stop(work)
+            raise _JobTimeout
+        return work.result()
+
+    async def _stop(self, work: asyncio.Task[Manifest]) -> None:
+        work.cancel()
+        work.add_done_callback(_retrieved)
+        done, _ = await asyncio.wait([work], timeout=STOP_DEADLINE)
+        if not done:
+            log.error(
+                "run_stop_overdue",
+                deadline_seconds=STOP_DEADLINE,
+                note="the attempt still runs its cleanup; the run is recorded now",
+            )
 
     async def _attempts(self, config: Config, job: Job, run: Run) -> Manifest:
         stores = await self.stores.for_job(config, job)
@@ -400,3 +454,9 @@ class Runner:
     def _notify(self, event: str, job: Job, run: Run) -> None:
         if self.notifier is not None:
             self.notifier.run_event(event, job, run)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """The stopped attempt's outcome, seen (the run already recorded its own)."""
+    if not task.cancelled():
+        task.exception()

@@ -14,6 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.objstores import (
+    ObjectStore,
+    S3Target,
+    StoreStartError,
+    new_bucket,
+    start_rgw,
+    start_swift,
+)
 from tests.pgcluster import SAMPLE_SQL, PgCluster, free_port, make_cluster
 
 # Never reach for instance metadata or real AWS from a test.
@@ -95,3 +103,50 @@ def pg_password_file(tmp_path: Path, pg: PgCluster) -> Path:
     path.write_text(pg.password + "\n")
     path.chmod(0o600)
     return path
+
+
+def _object_store(kind: str) -> Iterator[ObjectStore]:
+    """Start a real store for the session; failing to start is an error, never a skip."""
+    base = Path(tempfile.mkdtemp(prefix=f"backupd-{kind}-"))
+    try:
+        store = (start_rgw if kind == "rgw" else start_swift)(base)
+    except StoreStartError as exc:
+        pytest.fail(f"{kind} did not start (state kept in {base}): {exc}", pytrace=False)
+    print(f"\n{kind} started in {store.startup_seconds:.1f}s")  # shown with -s
+    try:
+        yield store
+    finally:
+        store.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rgw_server() -> Iterator[ObjectStore]:
+    """Ceph RGW 16.2 (one monitor, one OSD) on loopback, http and https with a private CA."""
+    yield from _object_store("rgw")
+
+
+@pytest.fixture(scope="session")
+def swift_server() -> Iterator[ObjectStore]:
+    """OpenStack Swift 2.30 with s3api and tempauth on loopback."""
+    yield from _object_store("swift")
+
+
+@pytest.fixture
+def rgw_bucket(rgw_server: ObjectStore) -> S3Target:
+    return new_bucket(rgw_server, "BACKUPD_TEST_RGW_KEY", "BACKUPD_TEST_RGW_SECRET")
+
+
+@pytest.fixture
+def rgw_https_bucket(rgw_server: ObjectStore) -> S3Target:
+    return new_bucket(rgw_server, "BACKUPD_TEST_RGW_KEY", "BACKUPD_TEST_RGW_SECRET", https=True)
+
+
+@pytest.fixture
+def swift_bucket(swift_server: ObjectStore) -> S3Target:
+    return new_bucket(swift_server, "BACKUPD_TEST_SWIFT_KEY", "BACKUPD_TEST_SWIFT_SECRET")
+
+
+@pytest.fixture
+def moto_bucket(s3_server: str, s3_bucket: str) -> S3Target:
+    return S3Target("moto", s3_server, s3_bucket, "BACKUPD_TEST_AWS_KEY", "BACKUPD_TEST_AWS_SECRET")

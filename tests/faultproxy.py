@@ -25,6 +25,7 @@ import asyncio
 import collections
 import io
 import random
+import ssl
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -267,8 +268,11 @@ class Seen:
 class FaultProxy:
     """The proxy; `start()` returns its URL, `stop()` ends it. Thread-safe API."""
 
-    def __init__(self, upstream: str, *, seed: int = 0) -> None:
+    def __init__(
+        self, upstream: str, *, seed: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.upstream = URL(upstream)
+        self._ssl_context = ssl_context  # given: the proxy serves https with it
         self.url = ""
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -327,10 +331,11 @@ class FaultProxy:
                 app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0
             )
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self._ssl_context)
             await site.start()
             host, port = runner.addresses[0][:2]
-            self.url = f"http://{host}:{port}"
+            scheme = "https" if self._ssl_context is not None else "http"
+            self.url = f"{scheme}://{host}:{port}"
             self._ready.set()
             try:
                 await self._stopping.wait()

@@ -26,6 +26,8 @@ def write_config(
     database: str,
     fs_path: Path | None = None,
     s3: tuple[str, str] | None = None,
+    s3_env: tuple[str, str] = ("BACKUPD_TEST_AWS_KEY", "BACKUPD_TEST_AWS_SECRET"),
+    s3_extra: str = "",
     job: str = "app",
     extra_job: str = "",
     extra_source: str = "",
@@ -51,10 +53,11 @@ def write_config(
             prefix = "prod/"
             endpoint_url = "{endpoint}"
             region = "us-east-1"
-            access_key_id = {{ env = "BACKUPD_TEST_AWS_KEY" }}
-            secret_access_key = {{ env = "BACKUPD_TEST_AWS_SECRET" }}
+            access_key_id = {{ env = "{s3_env[0]}" }}
+            secret_access_key = {{ env = "{s3_env[1]}" }}
             part_size = "5MiB"
             """)
+            + s3_extra
         )
     names = storage_names or stores
     sock = path.parent / "run" / "control.sock"

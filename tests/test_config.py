@@ -34,7 +34,7 @@ from backupd.configfile import (
     parse_size,
 )
 from backupd.crypto import generate_identity
-from backupd.dsn import dsn_database, dsn_host, redact_dsn
+from backupd.dsn import dsn_host, dsn_params, redact_dsn
 from backupd.errors import ConfigError, SecretError
 
 AGE_KEY = "age1a45crpvsw7yxsqzq09g9ljqrfp7splgka4822f57c8s5sjejfsnq34hsjm"
@@ -805,7 +805,7 @@ def test_redact_dsn(dsn: str, redacted: str) -> None:
     ],
 )
 def test_dsn_database_and_host(dsn: str, database: str | None, host: str) -> None:
-    assert dsn_database(dsn) == database
+    assert (dsn_params(dsn).get("dbname") or None) == database
     assert dsn_host(dsn) == host
 
 

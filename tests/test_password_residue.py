@@ -104,6 +104,15 @@ def files_holding(secret: bytes, roots: list[Path], since: float) -> list[Path]:
     return found
 
 
+@pytest.fixture
+def own_role(pg: PgCluster) -> Iterator[PgCluster]:
+    """A role of this test's own with a password no other file on this machine holds."""
+    role = replace(pg, user="bk_" + secrets.token_hex(4), password=secrets.token_urlsafe(24))
+    pg.psql(f"CREATE ROLE {role.user} LOGIN SUPERUSER PASSWORD '{role.password}'")
+    yield role
+    pg.psql(f"DROP ROLE {role.user}")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 @pytest.mark.parametrize("stage", ["backup_started", "dump_waiting_on_lock"])
 def test_killed_backup_leaves_no_password_on_disk(
@@ -111,15 +120,14 @@ def test_killed_backup_leaves_no_password_on_disk(
     sample_db: str,
     tmp_path: Path,
     locked_table: None,
+    own_role: PgCluster,
     stage: str,
     sig: int,
 ) -> None:
     since = time.time() - 1
     runtime = tmp_path / "runtime"
     runtime.mkdir()
-    # A role of this test's own with a password no other file on this machine holds.
-    role = replace(pg, user="bk_" + secrets.token_hex(4), password=secrets.token_urlsafe(24))
-    pg.psql(f"CREATE ROLE {role.user} LOGIN SUPERUSER PASSWORD '{role.password}'")
+    role = own_role
     password_file = tmp_path / "role-password"
     password_file.write_text(role.password + "\n")
     password_file.chmod(0o600)

@@ -288,21 +288,22 @@ def test_globals_with_a_tablespace_say_they_are_not_atomic_and_what_was_applied(
 def test_old_manifests_still_name_their_globals() -> None:
     from backupd.manifest import Manifest, globals_name
 
+    stem = "app-20260101T000000Z-1a2b3c4d"
     old = {
         "format_version": 1, "id": "1a2b3c4d", "job": "app", "kind": "full", "format": "custom",
         "compression": "zstd", "encryption": None, "source": {}, "tool": {},
         "started_at": "2026-01-01T00:00:00.000000Z", "finished_at": "2026-01-01T00:00:01.000000Z",
         "duration_seconds": 1.0, "trigger": "manual", "triggered_by": None, "attempts": 1,
         "backupd_version": "0", "objects": [
-            {"database": "globals", "key": "s/globals.dump", "size_bytes": 1, "raw_bytes": 1,
-             "sha256": "x", "format": "custom"},
-            {"database": "globals", "key": "s/globals.sql", "size_bytes": 1, "raw_bytes": 1,
-             "sha256": "y", "format": "plain"},
+            {"database": "globals", "key": f"{stem}/globals.dump", "size_bytes": 1,
+             "raw_bytes": 1, "sha256": "a" * 64, "format": "custom"},
+            {"database": "globals", "key": f"{stem}/globals.sql", "size_bytes": 1,
+             "raw_bytes": 1, "sha256": "b" * 64, "format": "plain"},
         ],
     }  # fmt: skip
     manifest = Manifest.from_json(json.dumps(old).encode())
-    assert manifest.object_for("globals").key == "s/globals.dump"
-    assert manifest.globals_object().key == "s/globals.sql"
+    assert manifest.object_for("globals").key == f"{stem}/globals.dump"
+    assert manifest.globals_object().key == f"{stem}/globals.sql"
     assert globals_name(["app"], "plain") == "globals"
     assert globals_name(["globals", "globals-2"], "plain") == "globals-3"
     assert globals_name(["globals"], "custom") == "globals"  # globals.dump vs globals.sql

@@ -1,4 +1,9 @@
-"""The storage contract, run unchanged against every backend: filesystem and S3 (moto).
+"""The storage contract, run unchanged against every backend: filesystem and S3.
+
+S3 runs on moto (fast, default suite) and on the real stores of
+tests/objstores.py, Ceph RGW (http, and https with a private CA) and Swift
+with s3api, each with both checksum settings (those are `slow`: Ceph takes
+20-90 s to start).
 
 What the backup pipeline relies on: bytes read back identical, an upload is
 invisible until completed, an aborted, failed or cancelled upload leaves
@@ -18,6 +23,7 @@ import pytest
 from backupd.config import FilesystemStorage, S3Storage, Secret
 from backupd.errors import NotFound, StorageError
 from backupd.storage import RetrySettings, Store, open_store
+from tests.objstores import S3Target
 
 MiB = 1024 * 1024
 PART_SIZE = 5 * MiB
@@ -25,15 +31,21 @@ MULTIPART_SIZE = 12 * MiB + 12345  # three parts of 5 MiB
 NO_WAIT_RETRY = RetrySettings(attempts=3, wait_initial=0.0, wait_max=0.0, wait_jitter=0.0)
 
 
-def s3_config(endpoint: str, bucket: str, **overrides: object) -> S3Storage:
-    """The S3 config the tests use: moto, a prefix, credentials from the environment."""
+def s3_config(
+    endpoint: str,
+    bucket: str,
+    key_env: str = "BACKUPD_TEST_AWS_KEY",
+    secret_env: str = "BACKUPD_TEST_AWS_SECRET",
+    **overrides: object,
+) -> S3Storage:
+    """The S3 config the tests use: a prefix, credentials from the environment."""
     settings: dict[str, object] = {
         "name": "offsite",
         "bucket": bucket,
         "prefix": "prod/",
         "endpoint_url": endpoint,
-        "access_key_id": Secret(env="BACKUPD_TEST_AWS_KEY"),
-        "secret_access_key": Secret(env="BACKUPD_TEST_AWS_SECRET"),
+        "access_key_id": Secret(env=key_env),
+        "secret_access_key": Secret(env=secret_env),
         "part_size": PART_SIZE,
         "upload_concurrency": 2,
     }
@@ -41,17 +53,45 @@ def s3_config(endpoint: str, bucket: str, **overrides: object) -> S3Storage:
     return S3Storage(**settings)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["filesystem", "s3", "s3-md5"])
+def target_config(target: S3Target, **overrides: object) -> S3Storage:
+    """The S3 config for a bucket of tests/objstores.py (with the CA of an https endpoint)."""
+    if target.ca_file is not None:
+        overrides.setdefault("ca_bundle", str(target.ca_file))
+    return s3_config(target.endpoint, target.bucket, target.key_env, target.secret_env, **overrides)
+
+
+REAL_STORES = ["rgw", "rgw-https", "swift"]
+# The first test on a store also starts it (Ceph: up to ~90 s cold on a busy machine).
+REAL_STORE_MARKS = [pytest.mark.slow, pytest.mark.timeout(360)]
+BACKENDS = [
+    "filesystem",
+    "s3",
+    "s3-md5",
+    *(
+        pytest.param(f"{store}{mode}", marks=REAL_STORE_MARKS)
+        for store in REAL_STORES
+        for mode in ("", "-md5")
+    ),
+]
+BUCKET_FIXTURES = {
+    "s3": "moto_bucket",
+    "rgw": "rgw_bucket",
+    "rgw-https": "rgw_https_bucket",
+    "swift": "swift_bucket",
+}
+
+
+@pytest.fixture(params=BACKENDS)
 def storage_config(
     request: pytest.FixtureRequest, tmp_path: os.PathLike[str]
 ) -> S3Storage | FilesystemStorage:
     """Each backend; S3 with both its checksum settings (CRC32 flexible checksums, MD5)."""
     if request.param == "filesystem":
         return FilesystemStorage(name="local", path=os.path.join(tmp_path, "store"))
-    endpoint, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
-    if request.param == "s3-md5":
-        return s3_config(endpoint, bucket, checksum="md5")
-    return s3_config(endpoint, bucket)
+    target: S3Target = request.getfixturevalue(BUCKET_FIXTURES[request.param.removesuffix("-md5")])
+    if request.param.endswith("-md5"):
+        return target_config(target, checksum="md5")
+    return target_config(target)
 
 
 @pytest.fixture

@@ -365,9 +365,11 @@ def dump_argv(tool: DumpTool, job: Job, dsn: str, database: str) -> list[str]:
         argv += ["--format=custom", "--compress=0"]
     else:
         argv += ["--format=plain"]
-    if job.kind != "data-only":
+    if job.kind != "data-only" and not has_line_break(database):
         # The database's own properties (comment, settings, grants, owner, encoding,
-        # locale) too; `restore --create` maps them to the typed name.
+        # locale) too; `restore --create` maps them to the typed name. pg_dump refuses
+        # --create for a name with a line break (CVE-2025-8715): such a database is
+        # dumped without its properties rather than not at all (run_backup warns).
         argv.append("--create")
     if job.kind == "schema-only":
         argv.append("--schema-only")
@@ -377,6 +379,10 @@ def dump_argv(tool: DumpTool, job: Job, dsn: str, database: str) -> list[str]:
     argv += [f"--exclude-table={t}" for t in job.exclude_tables]
     argv += [f"--exclude-table-data={t}" for t in job.exclude_table_data]
     return argv
+
+
+def has_line_break(name: str) -> bool:
+    return "\n" in name or "\r" in name
 
 
 def dumpall_globals_argv(tool: DumpTool, dsn: str) -> list[str]:

@@ -20,6 +20,11 @@ from backupd.errors import StorageError
 
 MiB = 1024 * 1024
 
+CLEANUP_DEADLINE = 10.0
+"""Seconds an upload's `abort()` may take (on a hung store, say): past it, what is
+left is logged and left to the sweeper (`abandoned_upload_grace`). A failed or
+cancelled backup attempt gets this much, in total, for all of its cleanup."""
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
@@ -55,7 +60,7 @@ class Upload(Protocol):
         """Publish the object under its key; returns its stored size, checked."""
 
     async def abort(self) -> None:
-        """Discard everything written; never raises."""
+        """Discard everything written; never raises; returns within `CLEANUP_DEADLINE`."""
 
 
 class Store(Protocol):

@@ -28,6 +28,7 @@ import structlog
 from backupd.config import FilesystemStorage
 from backupd.errors import NotFound, StorageError
 from backupd.storage.base import (
+    CLEANUP_DEADLINE,
     BaseStore,
     IncompleteUpload,
     MiB,
@@ -236,6 +237,7 @@ class FilesystemUpload:
         self._unsynced = 0
         self._cleanup: asyncio.Task[None] | None = None
         self._state: Literal["open", "completing", "done", "aborted"] = "open"
+        self._overdue = False  # abort() gave up waiting for the cleanup once
 
     async def write(self, data: bytes) -> None:
         self._check_open()
@@ -268,7 +270,10 @@ class FilesystemUpload:
     async def abort(self) -> None:
         """Discard everything written; never raises.
 
-        If the caller is cancelled meanwhile, the cleanup still finishes in the background.
+        Waits at most `CLEANUP_DEADLINE`: a write stuck in the kernel (a hung
+        disk or NFS server) cannot be interrupted, so its cleanup goes on in the
+        background and removes the file once the write returns. The same goes
+        if the caller is cancelled meanwhile.
         """
         if self._state == "done":
             return
@@ -276,7 +281,21 @@ class FilesystemUpload:
         self._pending = []
         if self._cleanup is None:
             self._cleanup = asyncio.ensure_future(self._discard())
-        await asyncio.shield(self._cleanup)
+        done, _ = await asyncio.wait([self._cleanup], timeout=CLEANUP_DEADLINE)
+        if done and not self._cleanup.cancelled() and self._cleanup.exception() is not None:
+            log.warning(
+                "upload_discard_failed",
+                path=str(self._file.temp),
+                error=str(self._cleanup.exception()),
+            )
+        elif not done and not self._overdue:
+            self._overdue = True
+            log.warning(
+                "upload_abort_overdue",
+                path=str(self._file.temp),
+                deadline_seconds=CLEANUP_DEADLINE,
+                note="a write is still stuck; the file is removed once it returns",
+            )
 
     def _check_open(self) -> None:
         if self._state != "open":

@@ -2,10 +2,16 @@
 
 Small objects are one PutObject; larger ones a multipart upload whose parts go
 up in background tasks, at most `upload_concurrency` at a time, so memory
-stays near `(upload_concurrency + 1) * part_size` however large the object.
+stays near `(upload_concurrency + 1) * part_size` however large the object
+(parts double in size every 1,000 parts, so any object S3 allows fits in its
+10,000 parts; memory grows only for objects over 16 GB at the default 16 MiB).
 botocore's own retries are off: every request, and every part on its own, is
 retried here on transient errors (stamina), so one bad part never restarts
-the upload. S3 errors become backupd's: `TransientStorageError` for what is
+the upload. Every request has a connect timeout and a read timeout (no
+progress sending its body, or no reply, for `read_timeout`): a store that
+accepts connections and then stops answering fails the request, never holds
+it. An upload's abort takes at most `CLEANUP_DEADLINE`; past it, the upload
+is left to the sweeper. S3 errors become backupd's: `TransientStorageError` for what is
 worth retrying, `NotFound`, or `StorageError` with a message naming the
 bucket and never a secret.
 """
@@ -15,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import hashlib
 import io
 import secrets
+import socket
+import ssl
 import zlib
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC
 from typing import Any, Literal
@@ -33,6 +42,7 @@ from aiobotocore.session import get_session
 from backupd.config import S3Checksum, S3Storage
 from backupd.errors import NotFound, StorageError, TransientStorageError
 from backupd.storage.base import (
+    CLEANUP_DEADLINE,
     BaseStore,
     IncompleteUpload,
     MiB,
@@ -44,8 +54,6 @@ from backupd.storage.retry import RetrySettings
 
 log = structlog.get_logger(__name__)
 
-CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 120.0
 
 # What the request says about whether trying again can help.
 _TRANSIENT_CODES = frozenset(
@@ -84,6 +92,69 @@ _REQUEST_ERRORS_AND_OS = (*_REQUEST_ERRORS, OSError)
 
 def _error_code(exc: botocore_errors.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _certificate_error(exc: BaseException) -> BaseException | None:
+    """The certificate verification failure behind a request error, if that is what it is.
+
+    An untrusted or mismatched certificate does not fix itself: retrying it for
+    minutes only hides the cause. Other TLS errors (a reset handshake) stay transient.
+    """
+    seen: builtins.list[BaseException] = []
+    todo: builtins.list[BaseException | None] = [exc]
+    while todo and len(seen) < 16:
+        current = todo.pop()
+        if current is None or any(current is done for done in seen):
+            continue
+        seen.append(current)
+        if isinstance(
+            current, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError
+        ):
+            return current
+        kwargs = getattr(current, "kwargs", None)  # botocore keeps the cause as kwargs["error"]
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("error"), BaseException):
+            todo.append(kwargs["error"])
+        todo.extend((current.__cause__, current.__context__))
+    return None
+
+
+def _check_ca_bundle(cfg: S3Storage) -> None:
+    """`ca_bundle` must be a readable PEM file of CA certificates (checked before use)."""
+    where = f"s3 storage {cfg.name}: ca_bundle {cfg.ca_bundle}"
+    try:
+        with open(cfg.ca_bundle, "rb") as f:
+            text = f.read(16 * MiB)
+        ssl.create_default_context(cafile=cfg.ca_bundle)
+    except ssl.SSLError as exc:  # before OSError, its base class
+        raise StorageError(f"{where}: not a PEM file of CA certificates ({exc})") from exc
+    except OSError as exc:
+        raise StorageError(f"{where}: cannot read it: {exc.strerror or exc}") from exc
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise StorageError(f"{where}: holds no PEM certificate")
+
+
+def _delete_objects_content_md5(params: dict[str, Any], **_: Any) -> None:
+    """DeleteObjects carries a Content-MD5 of its XML body, not botocore's CRC32 header.
+
+    The operation requires an integrity header. botocore >= 1.36 sends
+    x-amz-checksum-crc32 even with `request_checksum_calculation="when_required"`,
+    and stores that predate flexible checksums (Swift's s3api, MinIO and Ceph
+    releases of that era) refuse it: "Missing required header for this request:
+    Content-MD5". AWS accepts either, so every DeleteObjects sends Content-MD5.
+    """
+    body = params.get("body")
+    if not isinstance(body, bytes | bytearray):
+        return
+    params["headers"]["Content-MD5"] = base64.b64encode(
+        hashlib.md5(body, usedforsecurity=False).digest()
+    ).decode()
+    checksum = params.get("context", {}).get("checksum", {})
+    checksum.pop("request_algorithm", None)  # botocore then adds no x-amz-checksum-* header
+    checksum.pop("request_algorithm_header", None)
+
+
+def _without_checksum(part: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in part.items() if k != "ChecksumCRC32"}
 
 
 def _digest_base64(data: bytes | io.BytesIO, algorithm: S3Checksum) -> str:
@@ -160,7 +231,7 @@ class S3Upload:
         self._state = "aborted"
         self._part, self._spare = None, []
         if self._cleanup is None:
-            self._cleanup = asyncio.ensure_future(self._discard())
+            self._cleanup = asyncio.ensure_future(self._discard_within_deadline())
         await asyncio.shield(self._cleanup)
 
     def _check_open(self) -> None:
@@ -177,8 +248,8 @@ class S3Upload:
     async def _write(self, data: bytes) -> None:
         view = memoryview(data)
         self._size += len(view)
-        part_size = self._store.part_size
         while view:
+            part_size = self._store.part_size_for(self._next_part)
             if self._part is None:
                 self._part = self._spare.pop() if self._spare else io.BytesIO()
                 self._part.seek(0)
@@ -206,8 +277,8 @@ class S3Upload:
         if self._next_part > self._store.MAX_PARTS:
             raise StorageError(
                 f"s3 storage {self._store.name}: {self._object_key} needs more than "
-                f"{self._store.MAX_PARTS} parts of {self._store.part_size} bytes; "
-                "raise part_size"
+                f"{self._store.MAX_PARTS} parts ({self._store.part_size} bytes, doubled "
+                f"every {self._store.PART_GROWTH_EVERY} parts); raise part_size"
             )
         await self._slots.acquire()
         try:
@@ -269,6 +340,22 @@ class S3Upload:
             self._maybe_published = exc.transient
             raise
 
+    async def _discard_within_deadline(self) -> None:
+        """`_discard()`, given up after `CLEANUP_DEADLINE` (a hung store): the sweeper
+        aborts the upload once it is older than `abandoned_upload_grace`."""
+        try:
+            async with asyncio.timeout(CLEANUP_DEADLINE):
+                await self._discard()
+        except TimeoutError:
+            log.warning(
+                "upload_abort_abandoned",
+                storage=self._store.name,
+                key=self._object_key,
+                deadline_seconds=CLEANUP_DEADLINE,
+                note="the store did not answer in time; the sweeper aborts the upload "
+                "after abandoned_upload_grace",
+            )
+
     async def _discard(self) -> None:
         for task in self._parts:
             task.cancel()
@@ -299,7 +386,11 @@ class S3Store(BaseStore):
     """One bucket (and prefix) reached through one aiobotocore client."""
 
     MIN_PART_SIZE = 5 * MiB
+    MAX_PART_SIZE = 5 * 1024 * MiB
     MAX_PARTS = 10_000
+    # Parts double in size every this many parts, so an object of any size S3 allows
+    # (5 TiB) fits in MAX_PARTS without configuration, and memory grows only with it.
+    PART_GROWTH_EVERY = 1000
     DELETE_BATCH = 1000
 
     def __init__(
@@ -317,9 +408,18 @@ class S3Store(BaseStore):
         self._client = client
         self._exit_stack = exit_stack
         self._retry = retry
-        # Over plain HTTP botocore signs every body's SHA-256 (SigV4) and the store
-        # checks it: a Content-MD5 as well would hash each part twice for nothing.
+        self.read_timeout = cfg.read_timeout
+        # Over plain HTTP botocore signs every body's SHA-256 (SigV4), which AWS and
+        # Ceph RGW check (Swift's s3api 2.30 does not): no Content-MD5 on top of it.
         self._md5_needed = cfg.checksum == "md5" and not cfg.endpoint_url.startswith("http://")
+        # Compatibility found at run time (see complete_multipart), and what it changed.
+        self._complete_part_checksums = True
+        self.compat_notes: builtins.list[str] = []
+
+    def part_size_for(self, number: int) -> int:
+        """The size of part `number` (from 1): `part_size`, doubled every PART_GROWTH_EVERY."""
+        doublings = min((number - 1) // self.PART_GROWTH_EVERY, 20)
+        return min(self.part_size << doublings, self.MAX_PART_SIZE)
 
     # -- errors and requests -------------------------------------------------
 
@@ -346,6 +446,11 @@ class S3Store(BaseStore):
             if code in _TRANSIENT_CODES or status >= 500 or status == 429:
                 return TransientStorageError(f"{where}: {detail}")
             return StorageError(f"{where}: {detail}")
+        if (cert_error := _certificate_error(exc)) is not None:
+            return StorageError(
+                f"{where}: the endpoint's TLS certificate is not trusted ({cert_error}); "
+                "set ca_bundle to the CA that signed it"
+            )
         if isinstance(
             exc, botocore_errors.NoCredentialsError | botocore_errors.PartialCredentialsError
         ):
@@ -382,7 +487,7 @@ class S3Store(BaseStore):
                 if isinstance(body, io.IOBase):
                     body.seek(0)  # every attempt sends the whole body
                 try:
-                    response = await method(Bucket=self.bucket, **params)
+                    response = await self._send(method, body, Bucket=self.bucket, **params)
                 except botocore_errors.ClientError as exc:
                     if _error_code(exc) in ignore:
                         return {}
@@ -390,6 +495,41 @@ class S3Store(BaseStore):
                 except _REQUEST_ERRORS_AND_OS as exc:
                     raise self._error(exc, action) from exc
         return response
+
+    async def _send(self, method: Any, body: object, **params: Any) -> dict[str, Any]:
+        """One request; abandoned (TimeoutError) once its body stops going out.
+
+        aiohttp's read timeout starts only when the whole body is sent: a store
+        that stops reading mid-body would hold the request for ever. So the
+        body's position is watched: no progress for `read_timeout` ends the
+        request; a body handed over entirely gets `2 * read_timeout` (the rest
+        to drain, then the reply, which the read timeout also bounds).
+        """
+        if not isinstance(body, io.BytesIO):
+            return await method(**params)  # type: ignore[no-any-return]
+        loop = asyncio.get_running_loop()
+        start = body.tell()
+        size = body.seek(0, io.SEEK_END)  # (getbuffer() would copy a body shared with bytes)
+        body.seek(start)
+        request = asyncio.ensure_future(method(**params))
+        request.add_done_callback(_retrieved)
+        sent, since = body.tell(), loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait([request], timeout=min(1.0, self.read_timeout / 4))
+                if done:
+                    return request.result()  # type: ignore[no-any-return]
+                now = loop.time()
+                if body.tell() != sent:
+                    sent, since = body.tell(), now
+                    continue
+                idle = self.read_timeout * (2 if sent >= size else 1)
+                if now - since >= idle:
+                    raise TimeoutError(
+                        f"no progress for {idle:g}s sending {sent} of {size} bytes (read_timeout)"
+                    )
+        finally:
+            request.cancel()
 
     async def _paginate(
         self, action: str, operation: str, result_key: str, **params: Any
@@ -461,23 +601,20 @@ class S3Store(BaseStore):
     async def complete_multipart(
         self, object_key: str, upload_id: str, parts: list[dict[str, Any]]
     ) -> None:
-        """CompleteMultipartUpload, retried; success needs an ETag in the reply.
+        """CompleteMultipartUpload, retried; the caller then checks the object's size.
 
         S3 may answer 200 with an <Error> body: botocore turns that into an error
-        reply, and a reply without an ETag counts as a failure as well. If a retry
-        finds the upload gone, an earlier attempt went through; the caller's size
-        check decides.
+        reply. A 200 without an ETag (Ceph RGW always answers so) is accepted once
+        HeadObject shows the object made of these parts. If a retry finds the
+        upload gone, an earlier attempt went through; the caller's size check
+        decides. A store that rejects per-part checksums in the request
+        (MalformedXML: Swift's s3api) gets it again without them, and from then on.
         """
         action = f"complete upload of {object_key}"
         async for attempt in self._retry.context():
             with attempt:
                 try:
-                    response = await self._client.complete_multipart_upload(
-                        Bucket=self.bucket,
-                        Key=object_key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": parts},
-                    )
+                    response = await self._send_complete(object_key, upload_id, parts)
                 except botocore_errors.ClientError as exc:
                     if attempt.num > 1 and _error_code(exc) == "NoSuchUpload":
                         return
@@ -485,9 +622,59 @@ class S3Store(BaseStore):
                 except _REQUEST_ERRORS_AND_OS as exc:
                     raise self._error(exc, action) from exc
                 if not response.get("ETag"):
-                    raise TransientStorageError(
-                        f"s3 storage {self.name}: {action}: the reply has no ETag"
-                    )
+                    await self._check_completed(object_key, len(parts), action)
+
+    async def _send_complete(
+        self, object_key: str, upload_id: str, parts: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """One CompleteMultipartUpload; again at once without part checksums if refused."""
+        if not self._complete_part_checksums:
+            parts = [_without_checksum(part) for part in parts]
+        request = {"Bucket": self.bucket, "Key": object_key, "UploadId": upload_id}
+        try:
+            response: dict[str, Any] = await self._client.complete_multipart_upload(
+                **request, MultipartUpload={"Parts": parts}
+            )
+        except botocore_errors.ClientError as exc:
+            code = _error_code(exc)
+            if code != "MalformedXML" or not any("ChecksumCRC32" in part for part in parts):
+                raise
+            self._drop_part_checksums(code)
+            response = await self._client.complete_multipart_upload(
+                **request, MultipartUpload={"Parts": [_without_checksum(p) for p in parts]}
+            )
+        return response
+
+    def _drop_part_checksums(self, code: str) -> None:
+        self._complete_part_checksums = False
+        note = (
+            f"the store refused per-part CRC32 checksums in CompleteMultipartUpload ({code}); "
+            "parts still carry x-amz-checksum-crc32, completion lists only their ETags"
+        )
+        if note not in self.compat_notes:
+            self.compat_notes.append(note)
+            log.warning("s3_compat_fallback", storage=self.name, fallback=note)
+
+    async def _check_completed(self, object_key: str, part_count: int, action: str) -> None:
+        """After a 200 without an ETag: the object must exist, made of `part_count` parts."""
+        try:
+            head = await self._client.head_object(Bucket=self.bucket, Key=object_key)
+        except botocore_errors.ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND_CODES:
+                raise TransientStorageError(
+                    f"s3 storage {self.name}: {action}: the reply has no ETag and "
+                    "the object is not there"
+                ) from exc
+            raise self._error(exc, action) from exc
+        except _REQUEST_ERRORS_AND_OS as exc:
+            raise self._error(exc, action) from exc
+        etag = str(head.get("ETag", "")).strip('"')
+        _, dash, count = etag.rpartition("-")
+        if dash and count.isdigit() and int(count) != part_count:
+            raise StorageError(
+                f"s3 storage {self.name}: {action}: the object has {count} parts, "
+                f"expected {part_count}"
+            )
 
     async def abort_multipart(self, object_key: str, upload_id: str) -> None:
         await self._call(
@@ -503,7 +690,7 @@ class S3Store(BaseStore):
             f"write {object_key}",
             "put_object",
             Key=object_key,
-            Body=body,
+            Body=io.BytesIO(body),  # shares the bytes; its position shows the upload's progress
             **await self._checksum(body),
             **self._storage_class(),
         )
@@ -593,13 +780,101 @@ class S3Store(BaseStore):
         await self.abort_multipart(self.prefix + upload.key, upload.upload_id)
 
     async def check(self) -> None:
+        """Prove the write path backups use, or fail with the store's error.
+
+        Under the prefix: a multipart upload of one small part with the configured
+        checksum, its completion, a read-back, a small PutObject, and one
+        DeleteObjects of both probes (what prune and the sweeper send). Then
+        whether the store verifies the configured checksum at all: a PutObject
+        with a wrong one must be refused (noted in `compat_notes` if not).
+        """
         await self._call("reach the bucket", "head_bucket", bucket_request=True)
-        probe = f"{self.prefix}.backupd-check-{secrets.token_hex(8)}"
-        await self.put_object(probe, b"backupd write check\n")
-        await self.delete_object(probe)
+        token = secrets.token_hex(8)
+        probes = [f".backupd-check-{token}-multipart", f".backupd-check-{token}-small"]
+        body = secrets.token_bytes(64 * 1024)
+        object_key = self.prefix + probes[0]
+        try:
+            upload_id = await self.create_multipart(object_key)
+            try:
+                part = await self.upload_part(object_key, upload_id, 1, io.BytesIO(body))
+                await self.complete_multipart(object_key, upload_id, [{"PartNumber": 1, **part}])
+            except BaseException:
+                await asyncio.shield(self.abort_multipart(object_key, upload_id))
+                raise
+            if await self.object_size(object_key) != len(body):
+                raise StorageError(
+                    f"s3 storage {self.name}: {object_key} has the wrong size after upload"
+                )
+            if await self.read_bytes(probes[0]) != body:
+                raise StorageError(
+                    f"s3 storage {self.name}: {object_key} reads back different bytes"
+                )
+            await self.put_object(self.prefix + probes[1], b"backupd write check\n")
+            failed = await self.delete(probes)
+            if failed:
+                raise StorageError(
+                    f"s3 storage {self.name}: DeleteObjects did not delete {', '.join(failed)}"
+                )
+        except BaseException:
+            for probe in probes:
+                with contextlib.suppress(StorageError):
+                    await asyncio.shield(self.delete_object(self.prefix + probe))
+            raise
+        await self._probe_checksum_check(f"{self.prefix}.backupd-check-{token}-bad-checksum")
+
+    async def _probe_checksum_check(self, object_key: str) -> None:
+        """Send a wrong checksum of the configured kind; note it if the store keeps the object."""
+        body = b"backupd checksum check\n"
+        wrong = await asyncio.to_thread(_digest_base64, b"not the body", self.checksum)
+        header = "x-amz-checksum-crc32" if self.checksum == "crc32" else "Content-MD5"
+        param = "ChecksumCRC32" if self.checksum == "crc32" else "ContentMD5"
+        try:
+            await self._client.put_object(
+                Bucket=self.bucket, Key=object_key, Body=body, **{param: wrong}
+            )
+        except botocore_errors.ClientError:
+            return  # refused: the store checks it
+        except _REQUEST_ERRORS_AND_OS as exc:
+            raise self._error(exc, f"write {object_key}") from exc
+        await self.delete_object(object_key)
+        note = (
+            f"the store accepted a wrong {header}: it does not verify it; the SHA-256 "
+            "in each manifest (checked by verify and restore) is the end-to-end check"
+        )
+        if note not in self.compat_notes:
+            self.compat_notes.append(note)
 
     async def aclose(self) -> None:
         await self._exit_stack.aclose()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Done callback of a request whose caller may have stopped waiting: its error is seen."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _socket_factory(read_timeout: float) -> Callable[[Any], socket.socket]:
+    """Sockets that the kernel drops once what they sent stays unacknowledged (or the
+    peer's window stays shut) for `read_timeout` (TCP_USER_TIMEOUT, Linux).
+
+    A request given up on a store that stopped reading cannot close its
+    connection cleanly (asyncio waits to flush the unsent body first): without
+    this, every such request would keep a socket and its buffers for as long as
+    the store stays hung.
+    """
+
+    def make(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(read_timeout * 1000))
+                )
+        return sock
+
+    return make
 
 
 def _credentials(cfg: S3Storage) -> dict[str, str]:
@@ -625,6 +900,8 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
     if cfg.upload_concurrency < 1:
         raise StorageError(f"s3 storage {cfg.name}: upload_concurrency must be at least 1")
     credentials = await asyncio.to_thread(_credentials, cfg)
+    if cfg.ca_bundle:
+        await asyncio.to_thread(_check_ca_bundle, cfg)
     s3_options: dict[str, Any] = {"addressing_style": cfg.addressing_style}
     if cfg.checksum == "crc32" and not cfg.endpoint_url.startswith("http://"):
         # Over TLS the CRC32 header protects each body: no SHA-256 of every part on
@@ -635,10 +912,11 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
         signature_version="s3v4",
         s3=s3_options,
         retries={"total_max_attempts": 1, "mode": "standard"},  # parts are retried here
-        connect_timeout=CONNECT_TIMEOUT,
-        read_timeout=READ_TIMEOUT,
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
         # One store serves concurrent runs: room for four full-speed uploads and some reads.
         max_pool_connections=4 * cfg.upload_concurrency + 4,
+        connector_args={"socket_factory": _socket_factory(cfg.read_timeout)},
         # S3-compatible stores often lack the newer default CRC checksums.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -651,10 +929,13 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
                 region_name=cfg.region or None,
                 endpoint_url=cfg.endpoint_url or None,
                 config=config,
+                # None: botocore's default, AWS_CA_BUNDLE or the system's CAs.
+                verify=cfg.ca_bundle or None,
                 **credentials,
             )
         )
     except (ValueError, botocore_errors.BotoCoreError) as exc:
         await exit_stack.aclose()
         raise StorageError(f"s3 storage {cfg.name}: cannot set up the client: {exc}") from exc
+    client.meta.events.register("before-call.s3.DeleteObjects", _delete_objects_content_md5)
     return S3Store(cfg, client, exit_stack, retry or RetrySettings())

@@ -11,8 +11,10 @@ the next run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +27,7 @@ from tests.bench.measure import BenchError
 from tests.bench.report import Results
 from tests.pgcluster import free_port
 
-SUITES = ("fs", "s3", "restore", "rss", "daemon")
+SUITES = ("fs", "s3", "s3-rgw", "restore", "rss", "daemon")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     cluster = dataset.BenchCluster(work)
     moto = None
+    rgw = None
     failed = False
     t_start = time.monotonic()
     try:
@@ -119,9 +122,25 @@ def main(argv: list[str] | None = None) -> int:
             moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
             moto.start()
             setup.s3_endpoint = f"http://127.0.0.1:{port}"
+        rgw_setup = setup
+        if "s3-rgw" in args.only:
+            from tests.objstores import start_rgw
+
+            progress("starting Ceph RGW (tests/objstores.py)")
+            shutil.rmtree(work / "rgw", ignore_errors=True)
+            rgw = start_rgw(work / "rgw")
+            progress(f"Ceph RGW up in {rgw.startup_seconds:.0f} s")
+            rgw_setup = dataclasses.replace(
+                setup,
+                s3_endpoint=rgw.endpoint,
+                s3_store="rgw",
+                s3_key=rgw.access_key,
+                s3_secret=rgw.secret_key,
+            )
         suites = {
             "fs": lambda: backups.filesystem_suite(setup, results),
             "s3": lambda: backups.s3_suite(setup, results),
+            "s3-rgw": lambda: backups.s3_suite(rgw_setup, results),
             "restore": lambda: backups.restore_suite(setup, results),
             "rss": lambda: backups.rss_suite(setup, results, small_db, small_scale, args.scale),
             "daemon": lambda: daemon_suite(setup, results, 15.0 if args.quick else 60.0),
@@ -137,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if moto is not None:
             moto.stop()
+        if rgw is not None:
+            rgw.stop()
+            shutil.rmtree(work / "rgw", ignore_errors=True)
         cluster.stop()
     results.header["load_after"] = load()
     results.header["duration_seconds"] = round(time.monotonic() - t_start)
