@@ -14,7 +14,7 @@ from typing import Any
 
 from backupd import control
 from backupd.backup import Trigger
-from backupd.config import Config, Job, S3Storage, Secret
+from backupd.config import Config, Job, secret_references
 from backupd.configfile import config_path, config_to_toml, format_duration, load_config
 from backupd.errors import (
     EXIT_FAILED,
@@ -105,24 +105,14 @@ def _check_secrets(config: Config) -> tuple[list[str], list[str]]:
     credential outside its service) is only noted, since `check` run by hand
     lacks that environment.
     """
-    refs: list[tuple[str, Secret | str | None]] = []
-    for name, source in config.sources.items():
-        refs.append((f"source.{name}.password", source.password))
-    for name, storage in config.storages.items():
-        if isinstance(storage, S3Storage):
-            refs.append((f"storage.{name}.access_key_id", storage.access_key_id))
-            refs.append((f"storage.{name}.secret_access_key", storage.secret_access_key))
-    for name, notifier in config.notifiers.items():
-        refs.append((f"notify.{name}.url", notifier.url))
     errors, unchecked = [], []
-    for path, ref in refs:
-        if isinstance(ref, Secret):
-            try:
-                ref.resolve()
-            except SecretMissing as exc:
-                unchecked.append(f"{path}: {exc}")
-            except SecretError as exc:
-                errors.append(f"{path}: {exc}")
+    for path, ref in secret_references(config):
+        try:
+            ref.resolve()
+        except SecretMissing as exc:
+            unchecked.append(f"{path}: {exc}")
+        except SecretError as exc:
+            errors.append(f"{path}: {exc}")
     return errors, unchecked
 
 
