@@ -52,6 +52,16 @@ def _add_backup_choice(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be from 1 to 1000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from backupd import commands
 
@@ -107,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("status", commands.status, "jobs, next fire times, last results, runs in progress")
     _add_socket(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = cmd("history", commands.history, "recent runs of JOB since the daemon started")
+    _add_socket(p)
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
+    p.add_argument(
+        "--limit", type=_limit, default=20, metavar="N", help="at most N runs (1-1000, default 20)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = cmd("cancel", commands.cancel, "cancel a run in progress")

@@ -10,6 +10,7 @@ import pwd
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from backupd import control
@@ -27,6 +28,7 @@ from backupd.errors import (
     UsageError,
 )
 from backupd.manifest import Manifest, find_backup, list_backups, now_utc, scan_backups
+from backupd.overview import age_of, human_duration, human_rate, human_size, one_line
 from backupd.runner import Runner, StorePool
 from backupd.storage.base import Store
 
@@ -64,10 +66,15 @@ def _print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+def _print_table(
+    rows: Sequence[tuple[str, ...]], details: dict[int, list[str]] | None = None
+) -> None:
+    """Aligned columns; `details` maps a row's index to lines printed below it."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
+    for index, r in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+        for line in (details or {}).get(index, []):
+            print(line)
 
 
 def _printable(text: str) -> str:
@@ -76,12 +83,7 @@ def _printable(text: str) -> str:
 
 
 def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    return human_size(n)
 
 
 # -- daemon ------------------------------------------------------------------------------
@@ -440,20 +442,107 @@ def _print_event(event: dict[str, Any]) -> None:
 
 
 async def status(args: argparse.Namespace) -> int:
+    """One row per job; a failed last run's error and each running run on lines below it."""
     reply = _check_reply(await control.call(_socket(args), {"cmd": "status"}))
+    jobs = reply.get("jobs", [])
     if args.json:
-        _print_json({"jobs": reply.get("jobs", [])})
+        _print_json({"jobs": jobs})
         return EXIT_OK
-    rows = [("JOB", "NEXT RUN (UTC)", "LAST RESULT", "LAST FINISHED", "RUNNING")]
-    for job in reply.get("jobs", []):
+    if not jobs:
+        print("no jobs configured")
+        return EXIT_OK
+    now = now_utc()
+    rows = [("JOB", "LAST RESULT", "LAST BACKUP IN STORAGE", "NEXT RUN (UTC)", "RUNNING")]
+    details: dict[int, list[str]] = {}
+    for job in jobs:
         last = job.get("last_run") or {}
+        result = "-"
+        if last.get("state"):
+            result = f"{last['state']} {_ago(last.get('finished_at'), now)}"
+            if last.get("duration_seconds") is not None:
+                result += f" ({human_duration(last['duration_seconds'])})"
+        backup = job.get("last_backup")
+        stored = "-"
+        if backup:
+            stored = (
+                f"{human_size(backup.get('size_bytes'))}, "
+                f"{human_duration(backup.get('age_seconds'))} ago"
+            )
+            if backup.get("partial"):
+                stored += ", partial"
+        running = job.get("running", [])
+        lines = []
+        if last.get("state") in ("failure", "cancelled") and job.get("last_error"):
+            lines.append(f"  last error: {_printable(job['last_error'])}")
+        for run in running:
+            lines.append(f"  running {run['run_id']}: {_progress_text(run)}")
+        details[len(rows)] = lines
         rows.append(
             (
-                job["name"],
-                (job.get("next_run") or "-")[:19].replace("T", " "),
-                last.get("state") or "-",
-                (last.get("finished_at") or "-")[:19].replace("T", " "),
-                ",".join(r["run_id"] for r in job.get("running", [])) or "-",
+                _printable(job["name"]),
+                result,
+                stored,
+                _utc(job.get("next_run")),
+                ",".join(r["run_id"] for r in running) or "-",
+            )
+        )
+    _print_table(rows, details)
+    return EXIT_OK
+
+
+def _utc(stamp: str | None) -> str:
+    return (stamp or "-")[:19].replace("T", " ")
+
+
+def _ago(stamp: str | None, now: datetime) -> str:
+    when = _parse_time(stamp)
+    return "-" if when is None else f"{human_duration(age_of(when, now))} ago"
+
+
+def _parse_time(stamp: Any) -> datetime | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
+
+
+def _progress_text(run: dict[str, Any]) -> str:
+    if run.get("state") != "running":
+        return str(run.get("state"))
+    return (
+        f"{human_size(run.get('bytes_done'))} at {human_rate(run.get('rate_bytes_per_second'))}, "
+        f"{human_duration(run.get('elapsed_seconds'))} elapsed"
+    )
+
+
+async def history(args: argparse.Namespace) -> int:
+    """The job's recent runs, newest first, as the daemon remembers them (since its start)."""
+    reply = _check_reply(
+        await control.call(_socket(args), {"cmd": "history", "job": args.job, "limit": args.limit})
+    )
+    runs = [r for r in reply.get("runs", []) if isinstance(r, dict)]
+    if args.json:
+        _print_json({"runs": runs})
+        return EXIT_OK
+    if not runs:
+        print(f"no runs of job {_printable(args.job)} since the daemon started")
+        return EXIT_OK
+    rows = [("RESULT", "TRIGGER", "STARTED (UTC)", "DURATION", "SIZE", "ATTEMPTS", "NODE", "ERROR")]
+    for run in runs:
+        size = run.get("size_bytes")
+        rows.append(
+            (
+                str(run.get("result") or run.get("state") or "-"),
+                _printable(str(run.get("trigger") or "-")),
+                _utc(run.get("started_at") or run.get("submitted_at")),
+                human_duration(run.get("duration_seconds")),
+                human_size(size) if isinstance(size, int) else "-",
+                str(run.get("attempts", "-")),
+                _printable(str(run.get("node") or "-")),
+                _printable(one_line(run.get("error")) or "-"),
             )
         )
     _print_table(rows)

@@ -31,9 +31,10 @@ from backupd.control import CommandError, ControlServer, Peer
 from backupd.errors import BackupdError, ConfigError
 from backupd.http import HttpServer
 from backupd.maintenance import Maintenance
-from backupd.manifest import rfc3339
+from backupd.manifest import now_utc, rfc3339
 from backupd.metrics import Metrics
 from backupd.notify import Notifications, RunEvent
+from backupd.overview import Inventory, one_line
 from backupd.retention_apply import prune_after_success
 from backupd.runner import JobBusy, Run, Runner, StorePool
 from backupd.scheduler import Schedule, ScheduleLoop, SystemClock
@@ -93,6 +94,7 @@ class Daemon:
         self.log_level = log_level
         self.config: Config
         self.metrics = Metrics()
+        self.inventory = Inventory()
         self.systemd = SystemdNotifier()
         self.stop = asyncio.Event()
         self._started = time.monotonic()
@@ -122,7 +124,11 @@ class Daemon:
                 after_success=self._after_success,
             )
             self.maintenance = Maintenance(
-                self.runner, self.pool, self.metrics, on_verify_failed=self._notify.verify_failed
+                self.runner,
+                self.pool,
+                self.metrics,
+                on_verify_failed=self._notify.verify_failed,
+                inventory=self.inventory,
             )
             self.control = ControlServer(
                 daemon_cfg.socket,
@@ -254,6 +260,7 @@ class Daemon:
             self.metrics.next_run(key.split(":", 1)[1], when.timestamp() if when else None)
 
     async def _after_success(self, config: Config, job: Job, manifest: Any, stores: Any) -> None:
+        self.inventory.record_backup(job.name, job.storage[0], manifest)
         await prune_after_success(config, job, manifest, stores, metrics=self.metrics)
 
     # -- reload --------------------------------------------------------------------------
@@ -275,6 +282,7 @@ class Daemon:
                     log.warning("reload_needs_restart", key=f"daemon.{key}")
             for name in set(old.jobs) - set(new.jobs):
                 self.metrics.forget_job(name)
+                self.inventory.forget(name)
             self.config = new
             self.runner.update_config(new)
             self.scheduler.replace(schedule_entries(new))
@@ -355,16 +363,22 @@ class Daemon:
             raise CommandError("unknown_command", f"unknown command {cmd!r}")
 
     def _status(self) -> list[dict[str, Any]]:
+        """Per job: next fire, last run (its error on one line), the newest backup in
+        storage, runs in progress with their bytes, rate and elapsed time."""
         nexts = self.scheduler.next_runs()
+        now = now_utc()
         out = []
         for name in sorted(self.config.jobs):
             when = nexts.get(BACKUP + name)
             last = self.runner.last_run(name)
+            newest = self.inventory.latest(name)
             out.append(
                 {
                     "name": name,
                     "next_run": rfc3339(when) if when else None,
                     "last_run": last.to_dict() if last else None,
+                    "last_error": one_line(last.error) if last else None,
+                    "last_backup": newest.to_dict(now) if newest else None,
                     "running": [r.to_dict() for r in self.runner.active() if r.job == name],
                 }
             )

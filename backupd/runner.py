@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from backupd.storage.base import Store
 log = structlog.get_logger("backupd.runner")
 
 HISTORY_SIZE = 200  # runs kept for `status` and `history`
+PROGRESS_INTERVAL = 1.0  # seconds between "progress" events to `trigger --wait` clients
+NODE = socket.gethostname()  # the node a run ran on, in `history`
 
 
 class RunMetrics(Protocol):
@@ -96,6 +99,8 @@ class Run:
     duration_seconds: float | None = None
     backup: str | None = None  # the published backup's stem
     size_bytes: int | None = None
+    bytes_done: int = 0  # written so far to the job's first storage (this attempt)
+    node: str = NODE
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     listeners: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list, repr=False)
 
@@ -103,8 +108,26 @@ class Run:
     def done(self) -> bool:
         return self.state in ("success", "failure", "cancelled")
 
-    def to_dict(self) -> dict[str, Any]:
+    def elapsed_seconds(self) -> float | None:
+        """Seconds since the run started (None while queued), up to its end once done."""
+        if self.started_at is None:
+            return None
+        end = self.finished_at or now_utc()
+        return max(0.0, (end - self.started_at).total_seconds())
+
+    def progress(self) -> dict[str, Any]:
+        """Bytes written, elapsed time and rate of a running run."""
+        elapsed = self.elapsed_seconds()
+        rate = self.bytes_done / elapsed if elapsed else None
         return {
+            "bytes_done": self.bytes_done,
+            "elapsed_seconds": round(elapsed, 3) if elapsed is not None else None,
+            "rate_bytes_per_second": round(rate, 1) if rate is not None else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        extra = self.progress() if self.state == "running" else {}
+        return extra | {
             "run_id": self.run_id,
             "job": self.job,
             "trigger": self.trigger.kind,
@@ -119,6 +142,7 @@ class Run:
             "duration_seconds": self.duration_seconds,
             "backup": self.backup,
             "size_bytes": self.size_bytes,
+            "node": self.node,
         }
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -299,9 +323,20 @@ class Runner:
         stores = await self.stores.for_job(config, job)
         source = config.sources[job.source]
 
+        first = job.storage[0]
+        last_event = time.monotonic()
+
         def on_bytes(storage: str, n: int) -> None:
+            nonlocal last_event
             if self.metrics is not None:
                 self.metrics.bytes_written(job.name, storage, n)
+            if storage != first:
+                return
+            run.bytes_done += n
+            now = time.monotonic()
+            if run.listeners and now - last_event >= PROGRESS_INTERVAL:
+                last_event = now
+                run.emit({"event": "progress", **run.progress()})
 
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(job.retry.max_attempts),
@@ -318,6 +353,7 @@ class Runner:
         async for attempt in retrying:
             with attempt:
                 run.attempts = attempt.retry_state.attempt_number
+                run.bytes_done = 0
                 try:
                     manifest = await run_backup(
                         job,
