@@ -217,6 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="also restore into a scratch database and compare row counts",
     )
 
+    p = cmd(
+        "delete",
+        commands.delete,
+        "delete one backup from storage (manifest first, then its data; no daemon needed)",
+    )
+    _add_config(p)
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
+    p.add_argument(
+        "--backup", required=True, metavar="ID", help="backup id or stem, as `list` shows it"
+    )
+    p.add_argument(
+        "--storage", metavar="NAME", help="storage to delete from (default: the job's first)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
+    p.add_argument(
+        "--force", action="store_true", help="also delete the job's only backup in that storage"
+    )
+
     p = cmd("prune", commands.prune, "apply retention now")
     _add_config(p)
     p.add_argument("job", nargs="?", help="only this job (default: every job)")

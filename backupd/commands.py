@@ -377,6 +377,56 @@ async def prune(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+async def delete(args: argparse.Namespace) -> int:
+    """Delete one backup on purpose, as retention does: manifest first, then its data.
+
+    The job's only backup in that storage is refused without `--force`.
+    """
+    from backupd.retention_apply import delete_backup
+
+    async with _pool() as pool:
+        config = _load(args)
+        job = _job(config, args.job)
+        store = await _store_for(pool, config, job, args.storage)
+        listing = await scan_backups(store, job.name)
+        manifest = await find_backup(store, job.name, args.backup)
+        where = f"job {job.name}, storage {store.name}"
+        others = [m for m in listing.backups if m.stem != manifest.stem]
+        if not others and not args.force:
+            raise UsageError(
+                f"{manifest.stem} is the only backup of {where}; "
+                "deleting it leaves nothing to restore (use --force to delete it anyway)"
+            )
+        what = (
+            f"{manifest.stem} ({human_size(manifest.size_bytes)}: the manifest, then "
+            f"{len(manifest.objects)} data object(s))"
+        )
+        if args.dry_run:
+            print(f"{where}: would delete {what}")
+            for o in manifest.objects:
+                print(f"  {manifest.object_key(o)}")
+            return EXIT_OK
+        gone, left = await delete_backup(store, manifest)
+    if not gone:
+        print(
+            f"backupd: {where}: could not delete the manifest of {manifest.stem}; "
+            "the backup is intact",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"{where}: deleted {what}")
+    if left:
+        for key in left:
+            print(f"  LEFT {key}", file=sys.stderr)
+        print(
+            f"backupd: {len(left)} data object(s) of the deleted backup remain; the next prune "
+            "of the job or the daemon's sweeper removes them",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # -- daemon clients ----------------------------------------------------------------------
 
 

@@ -152,16 +152,12 @@ async def prune_job(
         outcome.remaining = backups
         return outcome
     for stem in plan.delete:
-        manifest = by_stem[stem]
-        failed = await store.delete([manifest.manifest_key])
-        if failed:
-            log.warning("retention_delete_failed", job=job.name, storage=store.name, backup=stem)
+        gone, left = await delete_backup(store, by_stem[stem])
+        if not gone:
             outcome.failed.append(stem)
             continue
         outcome.deleted.append(stem)
-        left = await store.delete([manifest.object_key(o) for o in manifest.objects])
         if left:
-            log.warning("retention_data_left", job=job.name, storage=store.name, keys=left)
             outcome.left[stem] = left
     if grace is not None:
         just_left = {key for keys in outcome.left.values() for key in keys}
@@ -193,6 +189,25 @@ async def prune_job(
             Listing(outcome.remaining, listing.invalid, listing.now),
         )
     return outcome
+
+
+async def delete_backup(store: Store, manifest: Manifest) -> tuple[bool, list[str]]:
+    """Delete one backup: its manifest first, then its data objects.
+
+    Returns (whether the manifest went, data keys left behind). Once the
+    manifest is gone the backup no longer exists; data left behind is an
+    orphan that the next prune of the job, or the sweeper, removes after the
+    storage's `abandoned_upload_grace`.
+    """
+    if await store.delete([manifest.manifest_key]):
+        log.warning(
+            "backup_delete_failed", job=manifest.job, storage=store.name, backup=manifest.stem
+        )
+        return False, []
+    left = await store.delete([manifest.object_key(o) for o in manifest.objects])
+    if left:
+        log.warning("backup_data_left", job=manifest.job, storage=store.name, keys=left)
+    return True, left
 
 
 def orphaned_data(

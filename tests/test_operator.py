@@ -7,11 +7,12 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import BIG_TABLE_SQL, wrapped_bin_dir, write_config
+from tests.helpers import BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, wait_for
 
 
@@ -162,3 +163,69 @@ def test_status_and_history_explain_runs(
     again = wait_for(app_backup_after_restart, 30, what="the start-up scan")
     assert again["stem"] == newest["stem"] and again["size_bytes"] == newest["size_bytes"]
     assert "KiB" in d2.cli("status").stdout.splitlines()[1]
+
+
+def _fs_keys(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _listed(cfg: Path, storage: str) -> list[dict]:  # type: ignore[type-arg]
+    out = run_cli("list", "app", "--storage", storage, "--json", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_delete_one_backup_manifest_first_and_never_the_only_one_by_accident(
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    s3_bucket: str,
+    s3_server: str,
+    s3_client: Any,
+) -> None:
+    store = tmp_path / "store"
+    cfg = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=store,
+        s3=(s3_server, s3_bucket),
+    )
+    c = ("-c", str(cfg))
+    assert run_cli("backup", "app", *c).returncode == 0
+    (only,) = _listed(cfg, "local")
+    refused = run_cli("delete", "app", "--backup", only["id"], *c)
+    assert refused.returncode == 2
+    assert "only backup of job app, storage local" in refused.stderr and "--force" in refused.stderr
+    assert len(_listed(cfg, "local")) == 1
+
+    assert run_cli("backup", "app", *c).returncode == 0
+    newest, oldest = _listed(cfg, "local")
+    before = _fs_keys(store)
+    dry = run_cli("delete", "app", "--backup", oldest["id"], "--dry-run", *c)
+    assert dry.returncode == 0, dry.stderr
+    assert f"would delete {oldest['stem']}" in dry.stdout
+    assert _fs_keys(store) == before
+
+    done = run_cli("delete", "app", "--backup", oldest["stem"], *c)
+    assert done.returncode == 0, done.stderr
+    assert f"deleted {oldest['stem']}" in done.stdout
+    assert [b["stem"] for b in _listed(cfg, "local")] == [newest["stem"]]
+    assert not any(oldest["stem"] in k for k in _fs_keys(store))
+    assert {k for k in _fs_keys(store) if k.startswith("app/")} == {
+        k for k in before if oldest["stem"] not in k
+    }
+    # The other storage is untouched; --storage picks it.
+    assert len(_listed(cfg, "offsite")) == 2
+    gone = run_cli("delete", "app", "--backup", oldest["id"], "--storage", "offsite", *c)
+    assert gone.returncode == 0, gone.stderr
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])}
+    assert not any(oldest["stem"] in k for k in keys) and any(newest["stem"] in k for k in keys)
+
+    missing = run_cli("delete", "app", "--backup", oldest["id"], *c)
+    assert missing.returncode != 0 and "no backup" in missing.stderr
+    forced = run_cli("delete", "app", "--backup", newest["id"], "--force", *c)
+    assert forced.returncode == 0, forced.stderr
+    assert _listed(cfg, "local") == []
