@@ -152,8 +152,8 @@ async def prune_job(
         outcome.remaining = backups
         return outcome
     for stem in plan.delete:
-        gone, left = await delete_backup(store, by_stem[stem])
-        if not gone:
+        deleted_manifest, left = await delete_backup(store, by_stem[stem])
+        if not deleted_manifest:
             outcome.failed.append(stem)
             continue
         outcome.deleted.append(stem)
