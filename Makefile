@@ -34,6 +34,7 @@ deps-system:
 	command -v setpriv >/dev/null && command -v runuser >/dev/null || missing+=(util-linux)
 	command -v systemd-analyze >/dev/null || missing+=(systemd)
 	[ -x /usr/bin/time ] || missing+=(time)
+	command -v chromium >/dev/null || missing+=(chromium)  # the status page test renders in it
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 	# The PostgreSQL regression database of the slow restore tests: its test suite is
 	# built from the Debian source package (scripts/regression-build.sh), so apt

@@ -140,7 +140,9 @@ class Daemon:
             await self.control.start()
             stack.push_async_callback(self._cleanup_log, "socket", self.control.close)
             if daemon_cfg.http_listen:
-                self.http = HttpServer(daemon_cfg.http_listen, self.metrics, self)
+                self.http = HttpServer(
+                    daemon_cfg.http_listen, self.metrics, self, page=self.status_page
+                )
                 await self.http.start()
                 stack.push_async_callback(self._cleanup_log, "http", self.http.close)
             self.scheduler = ScheduleLoop(
@@ -316,6 +318,16 @@ class Daemon:
                 "running": any(r.job == name for r in self.runner.active()),
             }
         return ok, {"ready": ok, "jobs": jobs}
+
+    def status_page(self) -> str:
+        """The HTML status page: what `status` shows, and the recent backups per job."""
+        from backupd import statuspage
+
+        now = now_utc()
+        recent = {
+            name: [b.to_dict(now) for b in self.inventory.recent(name)] for name in self.config.jobs
+        }
+        return statuspage.render(self._status(), recent, now)
 
     # -- control socket ------------------------------------------------------------------
 
