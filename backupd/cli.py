@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -17,29 +18,37 @@ from typing import Any
 import structlog
 
 from backupd import __version__, logs
-from backupd.errors import BackupdError, ConfigError
+from backupd.errors import EXIT_FAILED, BackupdError, ConfigError
 
 log = structlog.get_logger("backupd.cli")
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
+CONFIG_HELP = "config file (default: $BACKUPD_CONFIG, else /etc/backupd/backupd.toml)"
+SOCKET_HELP = "control socket (default: the config's daemon.socket, else /run/backupd/control.sock)"
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _add_globals(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """-c, --socket and --log-level, accepted before or after the subcommand.
+
+    On a subcommand they default to SUPPRESS, so leaving them out there keeps
+    what was given before the subcommand.
+    """
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP, **default)
+    p.add_argument("--socket", metavar="PATH", help=SOCKET_HELP, **default)
     p.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help="config file (default: $BACKUPD_CONFIG, else /etc/backupd/backupd.toml)",
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="override daemon.log_level",
+        **default,
     )
 
 
-def _add_socket(p: argparse.ArgumentParser) -> None:
-    _add_config(p)
-    p.add_argument(
-        "--socket",
-        metavar="PATH",
-        help="control socket (default: the config's daemon.socket, else /run/backupd/control.sock)",
-    )
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line on a terminal")
 
 
 def _add_backup_choice(p: argparse.ArgumentParser) -> None:
@@ -68,27 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backupd",
         description="PostgreSQL backups on cron schedules, streamed to S3 and the filesystem.",
-        epilog="Exit codes: 0 success, 1 the job/restore/verify failed, 2 usage or config error, "
-        "3 the daemon cannot be reached. Docs: README.md.",
+        epilog="Config: -c FILE, else $BACKUPD_CONFIG, else /etc/backupd/backupd.toml. "
+        "Global options (-c, --socket, --log-level) go before or after the command. "
+        "Exit codes: 0 success, 1 the job/restore/verify failed, 2 usage or config error, "
+        "3 the daemon cannot be reached. Docs: README.md and docs/CONTRACT.md.",
     )
     parser.add_argument("--version", action="version", version=f"backupd {__version__}")
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="override daemon.log_level",
-    )
+    _add_globals(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def cmd(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(handler=handler)
+        _add_globals(p, top=False)
         return p
 
     p = cmd("run", commands.run, "run the daemon in the foreground (systemd Type=notify)")
-    _add_config(p)
 
     p = cmd("check", commands.check, "validate the config; exit 2 listing every error")
-    _add_config(p)
     p.add_argument(
         "--connect",
         action="store_true",
@@ -105,22 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         commands.backup,
         "run one job once in this process, with its retries (no daemon needed)",
     )
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
 
     p = cmd("trigger", commands.trigger, "ask the running daemon to run JOB now")
-    _add_socket(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument(
         "--wait", action="store_true", help="follow the run and exit 0 on success, 1 on failure"
     )
 
     p = cmd("status", commands.status, "jobs, next fire times, last results, runs in progress")
-    _add_socket(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = cmd("history", commands.history, "recent runs of JOB since the daemon started")
-    _add_socket(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument(
         "--limit", type=_limit, default=20, metavar="N", help="at most N runs (1-1000, default 20)"
@@ -128,14 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = cmd("cancel", commands.cancel, "cancel a run in progress")
-    _add_socket(p)
     p.add_argument("run_id", help="the run id shown by `trigger` and `status`")
 
     p = cmd("reload", commands.reload, "re-read the config in the daemon (same as SIGHUP)")
-    _add_socket(p)
 
     p = cmd("list", commands.list_, "backups that exist in storage (no daemon needed)")
-    _add_config(p)
     p.add_argument("job", nargs="?", help="only this job (default: every job)")
     p.add_argument("--storage", metavar="NAME", help="storage to read (default: each job's first)")
     p.add_argument("--json", action="store_true", help="a JSON array of manifests, newest first")
@@ -145,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         commands.restore,
         "stream one database of a backup into pg_restore (psql for plain dumps)",
     )
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     _add_backup_choice(p)
     p.add_argument(
@@ -187,12 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
 
     p = cmd("download", commands.download, "fetch one database's dump, decrypted and decompressed")
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     _add_backup_choice(p)
     p.add_argument(
-        "-o", "--output", required=True, metavar="FILE", help="output file, - for stdout"
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="output file (an existing one only with --force), - for stdout",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument(
         "--globals",
         dest="globals_",
@@ -206,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         commands.verify,
         "check a backup's size and SHA-256, decode it, and list its archive",
     )
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
-    p.add_argument("--backup", metavar="ID", default="latest")
-    p.add_argument("--storage", metavar="NAME")
+    p.add_argument(
+        "--backup", metavar="ID", default="latest", help="backup id, stem, or 'latest' (default)"
+    )
+    p.add_argument("--storage", metavar="NAME", help="storage to read (default: the job's first)")
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
     p.add_argument(
         "--restore",
@@ -222,7 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
         commands.delete,
         "delete one backup from storage (manifest first, then its data; no daemon needed)",
     )
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument(
         "--backup", required=True, metavar="ID", help="backup id or stem, as `list` shows it"
@@ -236,7 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = cmd("prune", commands.prune, "apply retention now")
-    _add_config(p)
     p.add_argument("job", nargs="?", help="only this job (default: every job)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
     return parser
@@ -246,9 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
-    # `run` sets up logging from its config; one-shot commands log progress (backup) or problems.
+    # `run` sets up logging from its config; one-shot commands log progress (backup) or
+    # problems, in the config's daemon.log_format if it names one (else by the terminal).
     default_level = "info" if args.command in ("run", "backup") else "warning"
-    logs.setup(args.log_level or default_level, None)
+    fmt = None
+    if args.command != "run":
+        from backupd.commands import peek_daemon_setting
+
+        configured = peek_daemon_setting(args.config, "log_format")
+        fmt = configured if configured in ("json", "console") else None
+    logs.setup(args.log_level or default_level, fmt)
     handler: Handler = args.handler
     try:
         return asyncio.run(handler(args))
@@ -261,5 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"backupd: {exc}", file=sys.stderr)
         log.debug("error", exc_info=True)
         return exc.exit_code
+    except BrokenPipeError:
+        # Whoever read our stdout (`download -o - | head`) went away: no traceback, and
+        # no second error when Python flushes stdout at exit.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import pwd
+import re
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Sequence
@@ -290,13 +292,32 @@ async def list_(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_MISSING_DATABASE = re.compile(r'database "[^"\n]*" does not exist')
+
+
+@contextlib.asynccontextmanager
+async def _suggest_create(create: bool) -> AsyncIterator[None]:
+    """A restore whose target database is missing fails with a hint to use --create."""
+    try:
+        yield
+    except BackupdError as exc:
+        if create or not _MISSING_DATABASE.search(str(exc)):
+            raise
+        hint = BackupdError(
+            f"{exc}\nthe target database does not exist: add --create to create it "
+            "and restore into it"
+        )
+        hint.exit_code = exc.exit_code
+        raise hint from None
+
+
 async def restore(args: argparse.Namespace) -> int:
     from backupd import restore as restoring
 
     def announce(line: str) -> None:
         print(f"backupd: {line}", file=sys.stderr)
 
-    async with _pool() as pool:
+    async with _pool() as pool, _suggest_create(args.create):
         config, job, store, manifest = await _open_backup(args, pool)
         outcome = await restoring.restore(
             store,
@@ -323,9 +344,16 @@ async def restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _refuse_existing(path: str) -> None:
+    if os.path.lexists(path):
+        raise UsageError(f"{path} exists; use --force to replace it")
+
+
 async def download(args: argparse.Namespace) -> int:
     from backupd import restore as restoring
 
+    if args.output != "-" and not args.force:
+        _refuse_existing(args.output)
     async with _pool() as pool:
         _, _, store, manifest = await _open_backup(args, pool)
         result = await restoring.download(
@@ -430,6 +458,18 @@ async def delete(args: argparse.Namespace) -> int:
 # -- daemon clients ----------------------------------------------------------------------
 
 
+def peek_daemon_setting(config: str | None, key: str) -> str | None:
+    """One string of the config's [daemon] table, read without validating the rest.
+
+    None if the file is missing, unreadable or not TOML, or the key is absent.
+    """
+    with contextlib.suppress(OSError, tomllib.TOMLDecodeError, AttributeError):
+        with open(config_path(config), "rb") as f:
+            value = tomllib.load(f).get("daemon", {}).get(key)
+        return value if isinstance(value, str) else None
+    return None
+
+
 def _socket(args: argparse.Namespace) -> str:
     """`--socket`, else the config's `daemon.socket`, else the default.
 
@@ -438,10 +478,7 @@ def _socket(args: argparse.Namespace) -> str:
     """
     configured = None
     if args.socket is None:
-        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
-            with open(config_path(args.config), "rb") as f:
-                value = tomllib.load(f).get("daemon", {}).get("socket")
-            configured = value if isinstance(value, str) else None
+        configured = peek_daemon_setting(args.config, "socket")
     return control.default_socket_path(args.socket, configured)
 
 
@@ -460,11 +497,23 @@ async def trigger(args: argparse.Namespace) -> int:
     path = _socket(args)
     payload = {"cmd": "trigger", "job": args.job, "wait": bool(args.wait)}
     final: dict[str, Any] = {}
-    async for reply in control.request(path, payload, timeout=None if args.wait else 30.0):
-        if "event" in reply:
-            _print_event(reply)
-            continue
-        final = reply
+    run_id = None
+    try:
+        async for reply in control.request(path, payload, timeout=None if args.wait else 30.0):
+            if "event" in reply:
+                run_id = run_id or reply.get("run_id")
+                _print_event(reply)
+                continue
+            final = reply
+    except asyncio.CancelledError:  # Ctrl-C: we stop following; the daemon does not stop the run
+        if run_id is not None:
+            print(
+                f"\nbackupd: stopped waiting; run {_printable(str(run_id))} of {args.job} goes on "
+                f"in the daemon (backupd status; backupd cancel {_printable(str(run_id))} "
+                "to stop it)",
+                file=sys.stderr,
+            )
+        raise
     if not final.get("ok") and "run" in final:
         run = final["run"]
         print(

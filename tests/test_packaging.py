@@ -132,6 +132,27 @@ def test_container_image_runs_unprivileged_with_a_healthcheck_and_exec_entrypoin
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
 
 
+def test_make_demo_installs_only_what_the_demo_needs(tmp_path: Path) -> None:
+    """`make demo` on a fresh checkout: backupd without the test extras, no test packages."""
+    plan = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "demo", f"VENV={tmp_path / 'venv'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert "pip install -c constraints.txt -e .\n" in plan.stdout
+    assert ".[test]" not in plan.stdout
+    deps = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "deps-system", "DEPS=demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert deps.returncode == 0, deps.stderr
+    assert 'if [ "demo" != demo ]' in deps.stdout  # prometheus, chromium, gcc... skipped
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     ci = ROOT / ".ci" / "run"
     assert os.access(ci, os.X_OK)
