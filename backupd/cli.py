@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = cmd(
+        "health",
+        commands.health,
+        "exit 0 if the daemon is alive: GET /healthz on daemon.http_listen, else a socket ping "
+        "(for container health checks)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=4.0, metavar="SECONDS", help="give up after (default 4)"
+    )
+
     p = cmd("cancel", commands.cancel, "cancel a run in progress")
     p.add_argument("run_id", help="the run id shown by `trigger` and `status`")
 

@@ -24,6 +24,7 @@ from backupd.errors import (
     EXIT_OK,
     BackupdError,
     ConfigError,
+    DaemonUnreachable,
     NotFound,
     SecretError,
     SecretMissing,
@@ -645,6 +646,39 @@ async def history(args: argparse.Namespace) -> int:
             )
         )
     _print_table(rows)
+    return EXIT_OK
+
+
+async def health(args: argparse.Namespace) -> int:
+    """Whether the daemon is alive, for container health checks: GET /healthz on the
+    config's `daemon.http_listen` (a wildcard address is asked on loopback), else a
+    ping on the control socket. Exit 0 healthy, 1 unhealthy, 3 unreachable."""
+    listen = peek_daemon_setting(args.config, "http_listen")
+    if not listen:
+        reply = await control.call(_socket(args), {"cmd": "ping"}, timeout=args.timeout)
+        if reply.get("ok"):
+            print("ok (control socket)")
+            return EXIT_OK
+        print("backupd: the daemon does not answer ping", file=sys.stderr)
+        return EXIT_FAILED
+    import aiohttp
+
+    from backupd.http import parse_listen
+
+    host, port = parse_listen(listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    try:
+        timeout = aiohttp.ClientTimeout(total=args.timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(url) as resp:
+                healthy = resp.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise DaemonUnreachable(f"no answer from {url}: {exc or type(exc).__name__}") from None
+    if not healthy:
+        print(f"backupd: {url} answered {resp.status}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"ok ({url})")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, write_config
-from tests.pgcluster import PgCluster, wait_for
+from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.test_operator import gated_bin_dir
 
 
@@ -183,3 +183,34 @@ def test_ctrl_c_on_trigger_wait_says_the_run_goes_on(
     finally:
         gate.touch()
         d.stop()
+
+
+def test_health_asks_where_the_config_says_the_daemon_listens(
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "b.toml",
+        pg,
+        password_file=pg_password_file,
+        database=sample_db,
+        fs_path=tmp_path / "store",
+        http_listen=f"0.0.0.0:{port}",
+    )
+    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        ok = d.cli("health")
+        assert ok.returncode == 0, ok.stderr
+        assert f"http://127.0.0.1:{port}/healthz" in ok.stdout  # the wildcard, asked on loopback
+        # Without http_listen: a ping on the control socket.
+        cfg.write_text(cfg.read_text().replace(f'http_listen = "0.0.0.0:{port}"', ""))
+        ping = d.cli("health")
+        assert ping.returncode == 0 and "control socket" in ping.stdout, ping.stderr
+    finally:
+        d.stop()
+    assert d.cli("health").returncode == 3
+    cfg.write_text(
+        cfg.read_text().replace("[daemon]\n", f'[daemon]\nhttp_listen = "127.0.0.1:{port}"\n')
+    )
+    down = d.cli("health")
+    assert down.returncode == 3 and f"127.0.0.1:{port}/healthz" in down.stderr
