@@ -112,12 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run one job once in this process, with its retries (no daemon needed)",
     )
     p.add_argument("job", help="a job name from the config ([job.NAME])")
+    _add_quiet(p)
 
     p = cmd("trigger", commands.trigger, "ask the running daemon to run JOB now")
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument(
         "--wait", action="store_true", help="follow the run and exit 0 on success, 1 on failure"
     )
+    _add_quiet(p)
 
     p = cmd("status", commands.status, "jobs, next fire times, last results, runs in progress")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with its comment, settings and grants",
     )
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+    _add_quiet(p)
 
     p = cmd("download", commands.download, "fetch one database's dump, decrypted and decompressed")
     p.add_argument("job", help="a job name from the config ([job.NAME])")
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the roles and tablespaces dump (globals = true) instead of a database",
     )
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+    _add_quiet(p)
 
     p = cmd(
         "verify",
@@ -224,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage", metavar="NAME", help="storage to read (default: the job's first)")
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+    _add_quiet(p)
     p.add_argument(
         "--restore",
         action="store_true",
@@ -263,9 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     fmt = None
     if args.command != "run":
         from backupd.commands import peek_daemon_setting
+        from backupd.progress import TerminalStream
 
         configured = peek_daemon_setting(args.config, "log_format")
         fmt = configured if configured in ("json", "console") else None
+        sys.stderr = TerminalStream(sys.stderr)  # clears the progress line before each write
     logs.setup(args.log_level or default_level, fmt)
     handler: Handler = args.handler
     try:

@@ -32,6 +32,7 @@ from backupd.errors import (
 )
 from backupd.manifest import Manifest, find_backup, list_backups, now_utc, scan_backups
 from backupd.overview import age_of, human_duration, human_rate, human_size, one_line
+from backupd.progress import REDRAW, CountingStore, ProgressLine
 from backupd.runner import Runner, StorePool
 from backupd.storage.base import Store
 
@@ -185,10 +186,17 @@ async def backup(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _job(config, args.job)
+    line = ProgressLine(f"backup {args.job}", quiet=args.quiet)
     async with _pool() as pool:
         runner = Runner(config, pool, after_success=prune_after_success)
         run = runner.submit(args.job, _manual_trigger())
-        await runner.wait(run)
+        try:
+            while line.enabled and not run.done:  # redraw from the run's own counters
+                line.update(run.bytes_done, None, elapsed=run.elapsed_seconds() or 0.0)
+                await asyncio.wait([run.task] if run.task else [], timeout=REDRAW)
+            await runner.wait(run)
+        finally:
+            line.clear()
         if run.state == "success":
             print(
                 f"{run.backup}: {_human_size(run.size_bytes or 0)} in "
@@ -293,6 +301,34 @@ async def list_(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.asynccontextmanager
+async def _clearing(line: ProgressLine) -> AsyncIterator[None]:
+    """Remove the progress line once the work ends, before the command prints its result."""
+    try:
+        yield
+    finally:
+        line.clear()
+
+
+def _counted(
+    store: Store, line: ProgressLine, manifest: Manifest, args: argparse.Namespace
+) -> Store:
+    """`store`, reporting the bytes read to `line` (the stored size of the one object that
+    `--database`/`--globals` picks is the total)."""
+    if not line.enabled:
+        return store
+    try:
+        entry = (
+            manifest.globals_object()
+            if getattr(args, "globals_", False) and not getattr(args, "to", None)
+            else manifest.object_for(args.database)
+        )
+        total: int | None = entry.size_bytes
+    except BackupdError:
+        total = None
+    return CountingStore(store, line, total)
+
+
 _MISSING_DATABASE = re.compile(r'database "[^"\n]*" does not exist')
 
 
@@ -318,8 +354,10 @@ async def restore(args: argparse.Namespace) -> int:
     def announce(line: str) -> None:
         print(f"backupd: {line}", file=sys.stderr)
 
-    async with _pool() as pool, _suggest_create(args.create):
+    line = ProgressLine(f"restore {args.job}", quiet=args.quiet)
+    async with _pool() as pool, _suggest_create(args.create), _clearing(line):
         config, job, store, manifest = await _open_backup(args, pool)
+        store = _counted(store, line, manifest, args)
         outcome = await restoring.restore(
             store,
             manifest,
@@ -334,10 +372,10 @@ async def restore(args: argparse.Namespace) -> int:
             pg_bin_dir=config.sources[job.source].pg_bin_dir,
             announce=announce,
         )
-    for line in outcome.warnings:
-        print(f"backupd: {line}", file=sys.stderr)
-    for line in outcome.lines:
-        print(line)
+    for warning in outcome.warnings:
+        print(f"backupd: {warning}", file=sys.stderr)
+    for text in outcome.lines:
+        print(text)
     print(
         f"restored {manifest.stem} ({_human_size(outcome.read.raw_bytes)} of dump, "
         "SHA-256 verified)"
@@ -355,8 +393,10 @@ async def download(args: argparse.Namespace) -> int:
 
     if args.output != "-" and not args.force:
         _refuse_existing(args.output)
-    async with _pool() as pool:
+    line = ProgressLine(f"download {args.job}", quiet=args.quiet)
+    async with _pool() as pool, _clearing(line):
         _, _, store, manifest = await _open_backup(args, pool)
+        store = _counted(store, line, manifest, args)
         result = await restoring.download(
             store,
             manifest,
@@ -376,13 +416,16 @@ async def download(args: argparse.Namespace) -> int:
 async def verify(args: argparse.Namespace) -> int:
     from backupd.verify import verify_backup
 
-    async with _pool() as pool:
+    line = ProgressLine(f"verify {args.job}", quiet=args.quiet)
+    async with _pool() as pool, _clearing(line):
         config, job, store, manifest = await _open_backup(args, pool)
+        total = None if args.restore else sum(o.size_bytes for o in manifest.objects)
+        store = CountingStore(store, line, total) if line.enabled else store
         report = await verify_backup(
             config, job, store, manifest, identity=args.identity, restore=args.restore
         )
-    for line in report.lines:
-        print(line)
+    for text in report.lines:
+        print(text)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -499,13 +542,25 @@ async def trigger(args: argparse.Namespace) -> int:
     payload = {"cmd": "trigger", "job": args.job, "wait": bool(args.wait)}
     final: dict[str, Any] = {}
     run_id = None
+    line = ProgressLine(f"{args.job}", quiet=args.quiet)
     try:
         async for reply in control.request(path, payload, timeout=None if args.wait else 30.0):
+            if reply.get("event") == "progress":
+                if line.enabled:  # nothing extra when not on a terminal
+                    line.update(
+                        _int(reply.get("bytes_done")),
+                        None,
+                        elapsed=_float(reply.get("elapsed_seconds")),
+                        rate=_float(reply.get("rate_bytes_per_second")),
+                        force=True,
+                    )
+                continue
             if "event" in reply:
                 run_id = run_id or reply.get("run_id")
                 _print_event(reply)
                 continue
             final = reply
+        line.clear()
     except asyncio.CancelledError:  # Ctrl-C: we stop following; the daemon does not stop the run
         if run_id is not None:
             print(
@@ -532,12 +587,38 @@ async def trigger(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _event_value(key: str, value: Any) -> str:
+    """A `--wait` event's field in human units: sizes in KiB/MiB, seconds rounded."""
+    number = _float(value)
+    if number is not None and (key.endswith("_bytes") or key == "bytes_done"):
+        return human_size(number)
+    if number is not None and key.endswith("_seconds"):
+        return human_duration(number)
+    if number is not None and key.endswith("_per_second"):
+        return human_rate(number)
+    return _printable(str(value))
+
+
 def _print_event(event: dict[str, Any]) -> None:
     kind = event.get("event")
     detail = {k: v for k, v in event.items() if k not in ("event", "run_id", "job")}
-    text = " ".join(f"{k}={v}" for k, v in detail.items())
+    text = " ".join(
+        f"{k.removesuffix('_seconds').removesuffix('_bytes')}={_event_value(k, v)}"
+        for k, v in detail.items()
+    )
     print(
-        f"{event.get('job', '')} {event.get('run_id', '')}: {kind} {text}".rstrip(), file=sys.stderr
+        _printable(f"{event.get('job', '')} {event.get('run_id', '')}: {kind} {text}".rstrip()),
+        file=sys.stderr,
     )
 
 

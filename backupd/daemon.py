@@ -44,6 +44,7 @@ from backupd.systemd import watchdog_interval
 log = structlog.get_logger("backupd.daemon")
 
 BACKUP, VERIFY = "backup:", "verify:"  # scheduler keys: one loop fires both kinds
+PROGRESS_INTERVAL = 1.0  # seconds without an event before `trigger --wait` gets a "progress" one
 
 
 class _Notify:
@@ -417,7 +418,14 @@ class Daemon:
         try:
             yield {"event": "queued", "run_id": run.run_id, "job": job}
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), PROGRESS_INTERVAL)
+                except TimeoutError:  # nothing happened for a while: bytes, rate, elapsed
+                    if run.state == "running":
+                        yield {"event": "progress", "run_id": run.run_id, "job": job} | (
+                            run.progress()
+                        )
+                    continue
                 yield item
                 if "ok" in item:
                     return

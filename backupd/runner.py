@@ -35,7 +35,6 @@ from backupd.storage.base import Store
 log = structlog.get_logger("backupd.runner")
 
 HISTORY_SIZE = 200  # runs kept for `status` and `history`
-PROGRESS_INTERVAL = 1.0  # seconds between "progress" events to `trigger --wait` clients
 NODE = socket.gethostname()  # the node a run ran on, in `history`
 
 
@@ -324,19 +323,12 @@ class Runner:
         source = config.sources[job.source]
 
         first = job.storage[0]
-        last_event = time.monotonic()
 
         def on_bytes(storage: str, n: int) -> None:
-            nonlocal last_event
             if self.metrics is not None:
                 self.metrics.bytes_written(job.name, storage, n)
-            if storage != first:
-                return
-            run.bytes_done += n
-            now = time.monotonic()
-            if run.listeners and now - last_event >= PROGRESS_INTERVAL:
-                last_event = now
-                run.emit({"event": "progress", **run.progress()})
+            if storage == first:
+                run.bytes_done += n
 
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(job.retry.max_attempts),
