@@ -50,10 +50,13 @@ PROGRESS_INTERVAL = 1.0  # seconds without an event before `trigger --wait` gets
 class _Notify:
     """Adapts runner events to notifications (the notifier set changes on reload)."""
 
-    def __init__(self, notifications: Notifications) -> None:
+    def __init__(self, notifications: Notifications, inventory: Inventory) -> None:
         self.notifications = notifications
+        self.inventory = inventory
 
     def run_event(self, event: str, job: Job, run: Run) -> None:
+        if event == "failure" and run.manifest is not None:  # a partial backup was published
+            self.inventory.record_backup(job.name, job.storage[0], run.manifest)
         self.notifications.notify(
             event,  # type: ignore[arg-type]
             job.notify,
@@ -115,7 +118,7 @@ class Daemon:
             self.pool = StorePool()
             stack.push_async_callback(self._cleanup_log, "storage", self.pool.aclose)
             self.notifications = Notifications(self.config.notifiers, metrics=self.metrics)
-            self._notify = _Notify(self.notifications)
+            self._notify = _Notify(self.notifications, self.inventory)
             stack.push_async_callback(self._close_notifications)
             self.runner = Runner(
                 self.config,
@@ -264,7 +267,10 @@ class Daemon:
 
     async def _after_success(self, config: Config, job: Job, manifest: Any, stores: Any) -> None:
         self.inventory.record_backup(job.name, job.storage[0], manifest)
-        await prune_after_success(config, job, manifest, stores, metrics=self.metrics)
+        outcomes = await prune_after_success(config, job, manifest, stores, metrics=self.metrics)
+        for outcome in outcomes:
+            if not outcome.dry_run:
+                self.inventory.replace_storage(job.name, outcome.storage, outcome.remaining)
 
     # -- reload --------------------------------------------------------------------------
 

@@ -85,6 +85,12 @@ class Inventory:
         ordered = sorted(merged.values(), key=lambda b: (b.started, b.id), reverse=True)
         self._recent[job] = ordered[:RECENT]
 
+    def replace_storage(self, job: str, storage: str, backups: list[Manifest]) -> None:
+        """What one storage holds now (after a prune): its other entries are gone."""
+        kept = [b for b in self._recent.get(job, []) if b.storage != storage]
+        self._recent[job] = kept
+        self._add(job, [BackupSummary.of(m, storage) for m in backups[:RECENT]])
+
     def latest(self, job: str) -> BackupSummary | None:
         recent = self._recent.get(job)
         return recent[0] if recent else None

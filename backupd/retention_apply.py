@@ -271,17 +271,23 @@ async def prune_after_success(
     manifest: Manifest,
     stores: Mapping[str, Store],
     metrics: PruneMetrics | None = None,
-) -> None:
-    """After a successful run: apply the job's retention on each of its storages."""
+) -> list[PruneOutcome]:
+    """After a successful run: apply the job's retention on each of its storages.
+
+    Returns the outcome of each storage's prune (none for a prune that failed)."""
+    outcomes = []
     for name, store in stores.items():
         cfg = config.storages.get(name)
         try:
-            await prune_job(
-                job,
-                store,
-                metrics=metrics,
-                grace=cfg.abandoned_upload_grace if cfg is not None else None,
-                published=manifest.stem,
+            outcomes.append(
+                await prune_job(
+                    job,
+                    store,
+                    metrics=metrics,
+                    grace=cfg.abandoned_upload_grace if cfg is not None else None,
+                    published=manifest.stem,
+                )
             )
         except Exception as exc:  # a prune failure never turns a good backup into a failure
             log.warning("retention_failed", job=job.name, storage=store.name, error=str(exc))
+    return outcomes

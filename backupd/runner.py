@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import structlog
 import tenacity
 
-from backupd.backup import Trigger, run_backup
+from backupd.backup import PartialBackup, Trigger, run_backup
 from backupd.config import Config, Job, Storage
 from backupd.errors import BackupdError, UsageError
 from backupd.manifest import Manifest, now_utc, rfc3339
@@ -100,6 +100,7 @@ class Run:
     size_bytes: int | None = None
     bytes_done: int = 0  # written so far to the job's first storage (this attempt)
     node: str = NODE
+    manifest: Manifest | None = field(default=None, repr=False)  # what the run published
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     listeners: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list, repr=False)
 
@@ -164,7 +165,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-PostRun = Callable[[Config, Job, Manifest, Mapping[str, Store]], Awaitable[None]]
+PostRun = Callable[[Config, Job, Manifest, Mapping[str, Store]], Awaitable[object]]
 
 
 class Runner:
@@ -296,6 +297,7 @@ class Runner:
                 async with asyncio.timeout(job.timeout):
                     manifest = await self._attempts(config, job, run)
             run.backup, run.size_bytes = manifest.stem, manifest.size_bytes
+            run.manifest = manifest
             run.state = "success"
         except asyncio.CancelledError:
             run.state, run.error = "cancelled", "cancelled"
@@ -306,6 +308,9 @@ class Runner:
         except Exception as exc:
             run.state = "failure"
             run.error = str(exc) or type(exc).__name__
+            if isinstance(exc, PartialBackup):  # published, but lacking some databases
+                run.manifest = exc.manifest
+                run.backup, run.size_bytes = exc.manifest.stem, exc.manifest.size_bytes
             if not isinstance(exc, BackupdError):
                 log.error("run_crashed", error=run.error, exc_info=True)
         finally:

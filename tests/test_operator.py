@@ -100,9 +100,7 @@ def test_status_and_history_explain_runs(
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     print(text.stdout)
-    assert lines[0] == (
-        "JOB   LAST RESULT              LAST BACKUP IN STORAGE  NEXT RUN (UTC)  RUNNING"
-    ) or lines[0].split()[:3] == ["JOB", "LAST", "RESULT"]
+    assert lines[0].split("  ")[0] == "JOB" and "LAST BACKUP IN STORAGE" in lines[0]
     assert any(
         f"running {run_id}: " in line and "/s, " in line and "elapsed" in line for line in lines
     )

@@ -67,6 +67,7 @@ def daemon(
         database=sample_db,
         fs_path=tmp_path / "store",
         http_listen=f"127.0.0.1:{port}",
+        extra_job="retention = { keep_last = 2 }\n",
         extra=f'[job.bad]\nsource = "main"\nstorage = ["local"]\ndatabases = ["{hostile}"]\n',
     )
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
@@ -115,9 +116,10 @@ def test_status_page_in_chromium(daemon: tuple[DaemonProcess, str], tmp_path: Pa
     assert "<script" not in page and re.search(r"<[^>]*\s(?:src|on\w+)=", page) is None
     section = re.search(r'<section class="job-section" data-job="app">(.*?)</section>', page, re.S)
     assert section is not None
-    assert section.group(1).count('<rect class="size"') == 3
+    # Three runs, retention keeps two: the page lists what storage holds, not every run.
+    assert section.group(1).count('<rect class="size"') == 2
     assert '<polyline class="duration"' in section.group(1)
-    assert section.group(1).split("<tbody>")[1].count("<tr>") == 3  # three backups listed
+    assert section.group(1).split("<tbody>")[1].count("<tr>") == 2
 
     png = tmp_path / "status.png"
     shot = chromium(f"--screenshot={png}", "--window-size=1200,900", "--hide-scrollbars", url)
