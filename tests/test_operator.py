@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,7 +159,9 @@ def test_status_and_history_explain_runs(
     def app_backup_after_restart() -> dict | None:  # type: ignore[type-arg]
         return {j["name"]: j for j in d2.status()["jobs"]}["app"]["last_backup"]
 
+    t0 = time.monotonic()
     again = wait_for(app_backup_after_restart, 30, what="the start-up scan")
+    print(f"last backup shown {time.monotonic() - t0:.2f}s after the restarted daemon answered")
     assert again["stem"] == newest["stem"] and again["size_bytes"] == newest["size_bytes"]
     assert "KiB" in d2.cli("status").stdout.splitlines()[1]
 
