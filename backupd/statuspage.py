@@ -37,7 +37,9 @@ _QUOTED_HOST = re.compile(
     r'\b(host name|host|server at|hostname|address|endpoint)(\s+)"[^"]*"', re.IGNORECASE
 )
 _IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
-_IPV6 = re.compile(r"\[?\b(?:[0-9a-fA-F]{1,4}:){2,7}[0-9a-fA-F]{0,4}\b\]?(?::\d+)?")
+_IPV6 = re.compile(
+    r"\[?(?:\b(?:[0-9a-fA-F]{1,4}:){3,7}[0-9a-fA-F]{1,4}\b|[0-9a-fA-F:]*::[0-9a-fA-F:]+)\]?(?::\d+)?"
+)
 _HOST_PORT = re.compile(r"\b(?:[a-zA-Z0-9-]+\.)+[a-zA-Z]{2,}:\d+\b")
 
 

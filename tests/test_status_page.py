@@ -21,7 +21,7 @@ from tests.pgcluster import PgCluster, free_port, wait_for
 CHROMIUM = shutil.which("chromium")
 HOSTILE = '<script>alert(1)</script><img src=x onerror=alert(2)>"&'
 
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian package chromium (make deps-system)"
 )
 
@@ -77,6 +77,7 @@ def daemon(
         d.stop()
 
 
+@needs_chromium
 def test_status_page_in_chromium(daemon: tuple[DaemonProcess, str], tmp_path: Path) -> None:
     d, url = daemon
     for _ in range(3):
@@ -127,3 +128,23 @@ def test_status_page_in_chromium(daemon: tuple[DaemonProcess, str], tmp_path: Pa
     wait_for(png.exists, 10, what="the screenshot")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (
+            'connection to server at "db.example.com" (10.1.2.3), port 5432 failed',
+            'connection to server at "<host>" (<address>), port 5432 failed',
+        ),
+        ('could not translate host name "pg.internal" to address', 'host name "<host>" to'),
+        ("host [2001:db8::1]:5432 is down", "host <address> is down"),
+        ("Could not connect to https://s3.eu.example:9000/bkt", "Could not connect to <dsn>"),
+        ("db.internal:5432 refused", "<host> refused"),
+        ("finished at 10:03:27, wrote app.dump.zst", "finished at 10:03:27, wrote app.dump.zst"),
+    ],
+)
+def test_errors_on_the_page_name_no_host(error: str, shown: str) -> None:
+    from backupd.statuspage import scrub
+
+    assert shown in scrub(error)
