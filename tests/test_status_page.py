@@ -100,6 +100,7 @@ def test_status_page_in_chromium(daemon: tuple[DaemonProcess, str], tmp_path: Pa
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=10)
     assert refused.value.code == 405
+    refused.value.close()
 
     dom = chromium("--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
