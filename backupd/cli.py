@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -18,6 +19,7 @@ import structlog
 
 from backupd import __version__, logs
 from backupd.errors import (
+    EXIT_FAILED,
     AmbiguousDatabase,
     BackupdError,
     ConfigError,
@@ -34,22 +36,30 @@ log = structlog.get_logger("backupd.cli")
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
+CONFIG_HELP = "config file (default: $BACKUPD_CONFIG, else /etc/backupd/backupd.toml)"
+SOCKET_HELP = "control socket (default: the config's daemon.socket, else /run/backupd/control.sock)"
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _add_globals(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """-c, --socket and --log-level, accepted before or after the subcommand.
+
+    On a subcommand they default to SUPPRESS, so leaving them out there keeps
+    what was given before the subcommand.
+    """
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP, **default)
+    p.add_argument("--socket", metavar="PATH", help=SOCKET_HELP, **default)
     p.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help="config file (default: $BACKUPD_CONFIG, else /etc/backupd/backupd.toml)",
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="override daemon.log_level",
+        **default,
     )
 
 
-def _add_socket(p: argparse.ArgumentParser) -> None:
-    _add_config(p)
-    p.add_argument(
-        "--socket",
-        metavar="PATH",
-        help="control socket (default: the config's daemon.socket, else /run/backupd/control.sock)",
-    )
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line on a terminal")
 
 
 def _add_backup_choice(p: argparse.ArgumentParser) -> None:
@@ -62,33 +72,40 @@ def _add_backup_choice(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be from 1 to 1000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from backupd import commands
 
     parser = argparse.ArgumentParser(
         prog="backupd",
         description="PostgreSQL backups on cron schedules, streamed to S3 and the filesystem.",
-        epilog="Exit codes: 0 success, 1 the job/restore/verify failed, 2 usage or config error, "
-        "3 the daemon cannot be reached. Docs: README.md.",
+        epilog="Config: -c FILE, else $BACKUPD_CONFIG, else /etc/backupd/backupd.toml. "
+        "Global options (-c, --socket, --log-level) go before or after the command. "
+        "Exit codes: 0 success, 1 the job/restore/verify failed, 2 usage or config error, "
+        "3 the daemon cannot be reached. Docs: README.md and docs/CONTRACT.md.",
     )
     parser.add_argument("--version", action="version", version=f"backupd {__version__}")
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="override daemon.log_level",
-    )
+    _add_globals(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def cmd(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(handler=handler)
+        _add_globals(p, top=False)
         return p
 
     p = cmd("run", commands.run, "run the daemon in the foreground (systemd Type=notify)")
-    _add_config(p)
 
     p = cmd("check", commands.check, "validate the config; exit 2 listing every error")
-    _add_config(p)
     p.add_argument(
         "--connect",
         action="store_true",
@@ -106,29 +123,42 @@ def build_parser() -> argparse.ArgumentParser:
         commands.backup,
         "run one job once in this process, with its retries (no daemon needed)",
     )
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
+    _add_quiet(p)
 
     p = cmd("trigger", commands.trigger, "ask the running daemon to run JOB now")
-    _add_socket(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument(
         "--wait", action="store_true", help="follow the run and exit 0 on success, 1 on failure"
     )
+    _add_quiet(p)
 
     p = cmd("status", commands.status, "jobs, next fire times, last results, runs in progress")
-    _add_socket(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = cmd("history", commands.history, "recent runs of JOB since the daemon started")
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
+    p.add_argument(
+        "--limit", type=_limit, default=20, metavar="N", help="at most N runs (1-1000, default 20)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = cmd(
+        "health",
+        commands.health,
+        "exit 0 if the daemon is alive: GET /healthz on daemon.http_listen, else a socket ping "
+        "(for container health checks)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=4.0, metavar="SECONDS", help="give up after (default 4)"
+    )
+
     p = cmd("cancel", commands.cancel, "cancel a run in progress")
-    _add_socket(p)
     p.add_argument("run_id", help="the run id shown by `trigger` and `status`")
 
     p = cmd("reload", commands.reload, "re-read the config in the daemon (same as SIGHUP)")
-    _add_socket(p)
 
     p = cmd("list", commands.list_, "backups that exist in storage (no daemon needed)")
-    _add_config(p)
     p.add_argument("job", nargs="?", help="only this job (default: every job)")
     p.add_argument("--storage", metavar="NAME", help="storage to read (default: each job's first)")
     p.add_argument("--json", action="store_true", help="a JSON array of manifests, newest first")
@@ -138,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
         commands.restore,
         "stream one database of a backup into pg_restore (psql for plain dumps)",
     )
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     _add_backup_choice(p)
     p.add_argument(
@@ -178,14 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
         "with its comment, settings and grants",
     )
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+    _add_quiet(p)
 
     p = cmd("download", commands.download, "fetch one database's dump, decrypted and decompressed")
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     _add_backup_choice(p)
     p.add_argument(
-        "-o", "--output", required=True, metavar="FILE", help="output file, - for stdout"
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="output file (an existing one only with --force), - for stdout",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument(
         "--globals",
         dest="globals_",
@@ -193,17 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the roles and tablespaces dump (globals = true) instead of a database",
     )
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+    _add_quiet(p)
 
     p = cmd(
         "verify",
         commands.verify,
         "check a backup's size and SHA-256, decode it, and list its archive",
     )
-    _add_config(p)
     p.add_argument("job", help="a job name from the config ([job.NAME])")
-    p.add_argument("--backup", metavar="ID", default="latest")
-    p.add_argument("--storage", metavar="NAME")
+    p.add_argument(
+        "--backup", metavar="ID", default="latest", help="backup id, stem, or 'latest' (default)"
+    )
+    p.add_argument("--storage", metavar="NAME", help="storage to read (default: the job's first)")
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted backups")
+    _add_quiet(p)
     p.add_argument(
         "--restore",
         action="store_true",
@@ -216,12 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
         "abort incomplete uploads and delete orphaned data older than each storage's "
         "abandoned_upload_grace, as the daemon's hourly sweeper does (for cron users)",
     )
-    _add_config(p)
     p.add_argument("--storage", metavar="NAME", help="only this storage (default: every one)")
     p.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
 
+    p = cmd(
+        "delete",
+        commands.delete,
+        "delete one backup from storage (manifest first, then its data; no daemon needed)",
+    )
+    p.add_argument("job", help="a job name from the config ([job.NAME])")
+    p.add_argument(
+        "--backup", required=True, metavar="ID", help="backup id or stem, as `list` shows it"
+    )
+    p.add_argument(
+        "--storage", metavar="NAME", help="storage to delete from (default: the job's first)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
+    p.add_argument(
+        "--force", action="store_true", help="also delete the job's only backup in that storage"
+    )
+
     p = cmd("prune", commands.prune, "apply retention now")
-    _add_config(p)
     p.add_argument("job", nargs="?", help="only this job (default: every job)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
     return parser
@@ -263,9 +315,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
-    # `run` sets up logging from its config; one-shot commands log progress (backup) or problems.
+    # `run` sets up logging from its config; one-shot commands log progress (backup) or
+    # problems, in the config's daemon.log_format if it names one (else by the terminal).
     default_level = "info" if args.command in ("run", "backup") else "warning"
-    logs.setup(args.log_level or default_level, None)
+    fmt = None
+    if args.command != "run":
+        from backupd.commands import peek_daemon_setting
+        from backupd.progress import TerminalStream
+
+        configured = peek_daemon_setting(args.config, "log_format")
+        fmt = configured if configured in ("json", "console") else None
+        sys.stderr = TerminalStream(sys.stderr)  # clears the progress line before each write
+    logs.setup(args.log_level or default_level, fmt)
     handler: Handler = args.handler
     try:
         return asyncio.run(handler(args))
@@ -278,5 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"backupd: {worded(exc)}", file=sys.stderr)
         log.debug("error", exc_info=True)
         return exc.exit_code
+    except BrokenPipeError:
+        # Whoever read our stdout (`download -o - | head`) went away: no traceback, and
+        # no second error when Python flushes stdout at exit.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import pwd
+import re
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from backupd import control
@@ -21,12 +24,15 @@ from backupd.errors import (
     EXIT_OK,
     BackupdError,
     ConfigError,
+    DaemonUnreachable,
     NoSuchDatabase,
     SecretError,
     SecretMissing,
     UsageError,
 )
 from backupd.manifest import Manifest, find_backup, list_backups, now_utc, scan_backups
+from backupd.overview import age_of, human_duration, human_rate, human_size, one_line
+from backupd.progress import REDRAW, CountingStore, ProgressLine
 from backupd.runner import Runner, StorePool
 from backupd.storage.base import Store
 
@@ -64,10 +70,15 @@ def _print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+def _print_table(
+    rows: Sequence[tuple[str, ...]], details: dict[int, list[str]] | None = None
+) -> None:
+    """Aligned columns; `details` maps a row's index to lines printed below it."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
+    for index, r in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+        for line in (details or {}).get(index, []):
+            print(line)
 
 
 def _printable(text: str) -> str:
@@ -76,12 +87,7 @@ def _printable(text: str) -> str:
 
 
 def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    return human_size(n)
 
 
 # -- daemon ------------------------------------------------------------------------------
@@ -172,10 +178,17 @@ async def backup(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _job(config, args.job)
+    line = ProgressLine(f"backup {args.job}", quiet=args.quiet)
     async with _pool() as pool:
         runner = Runner(config, pool, after_success=prune_after_success)
         run = runner.submit(args.job, _manual_trigger())
-        await runner.wait(run)
+        try:
+            while line.enabled and not run.done:  # redraw from the run's own counters
+                line.update(run.bytes_done, None, elapsed=run.elapsed_seconds() or 0.0)
+                await asyncio.wait([run.task] if run.task else [], timeout=REDRAW)
+            await runner.wait(run)
+        finally:
+            line.clear()
         if run.state == "success":
             print(
                 f"{run.backup}: {_human_size(run.size_bytes or 0)} in "
@@ -280,14 +293,63 @@ async def list_(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.asynccontextmanager
+async def _clearing(line: ProgressLine) -> AsyncIterator[None]:
+    """Remove the progress line once the work ends, before the command prints its result."""
+    try:
+        yield
+    finally:
+        line.clear()
+
+
+def _counted(
+    store: Store, line: ProgressLine, manifest: Manifest, args: argparse.Namespace
+) -> Store:
+    """`store`, reporting the bytes read to `line` (the stored size of the one object that
+    `--database`/`--globals` picks is the total)."""
+    if not line.enabled:
+        return store
+    try:
+        entry = (
+            manifest.globals_object()
+            if getattr(args, "globals_", False) and not getattr(args, "to", None)
+            else manifest.object_for(args.database)
+        )
+        total: int | None = entry.size_bytes
+    except BackupdError:
+        total = None
+    return CountingStore(store, line, total)
+
+
+_MISSING_DATABASE = re.compile(r'database "[^"\n]*" does not exist')
+
+
+@contextlib.asynccontextmanager
+async def _suggest_create(create: bool) -> AsyncIterator[None]:
+    """A restore whose target database is missing fails with a hint to use --create."""
+    try:
+        yield
+    except BackupdError as exc:
+        if create or not _MISSING_DATABASE.search(str(exc)):
+            raise
+        hint = BackupdError(
+            f"{exc}\nthe target database does not exist: add --create to create it "
+            "and restore into it"
+        )
+        hint.exit_code = exc.exit_code
+        raise hint from None
+
+
 async def restore(args: argparse.Namespace) -> int:
     from backupd import restore as restoring
 
     def announce(line: str) -> None:
         print(f"backupd: {line}", file=sys.stderr)
 
-    async with _pool() as pool:
+    line = ProgressLine(f"restore {args.job}", quiet=args.quiet)
+    async with _pool() as pool, _suggest_create(args.create), _clearing(line):
         config, job, store, manifest = await _open_backup(args, pool)
+        store = _counted(store, line, manifest, args)
         outcome = await restoring.restore(
             store,
             manifest,
@@ -302,10 +364,10 @@ async def restore(args: argparse.Namespace) -> int:
             pg_bin_dir=config.sources[job.source].pg_bin_dir,
             announce=announce,
         )
-    for line in outcome.warnings:
-        print(f"backupd: {line}", file=sys.stderr)
-    for line in outcome.lines:
-        print(line)
+    for warning in outcome.warnings:
+        print(f"backupd: {warning}", file=sys.stderr)
+    for text in outcome.lines:
+        print(text)
     print(
         f"restored {manifest.stem} ({_human_size(outcome.read.raw_bytes)} of dump, "
         "SHA-256 verified)"
@@ -313,11 +375,20 @@ async def restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _refuse_existing(path: str) -> None:
+    if os.path.lexists(path):
+        raise UsageError(f"{path} exists; use --force to replace it")
+
+
 async def download(args: argparse.Namespace) -> int:
     from backupd import download as downloading
 
-    async with _pool() as pool:
+    if args.output != "-" and not args.force:
+        _refuse_existing(args.output)
+    line = ProgressLine(f"download {args.job}", quiet=args.quiet)
+    async with _pool() as pool, _clearing(line):
         _, _, store, manifest = await _open_backup(args, pool)
+        store = _counted(store, line, manifest, args)
         result = await downloading.download(
             store,
             manifest,
@@ -337,13 +408,16 @@ async def download(args: argparse.Namespace) -> int:
 async def verify(args: argparse.Namespace) -> int:
     from backupd.verify import verify_backup
 
-    async with _pool() as pool:
+    line = ProgressLine(f"verify {args.job}", quiet=args.quiet)
+    async with _pool() as pool, _clearing(line):
         config, job, store, manifest = await _open_backup(args, pool)
+        total = None if args.restore else sum(o.size_bytes for o in manifest.objects)
+        store = CountingStore(store, line, total) if line.enabled else store
         report = await verify_backup(
             config, job, store, manifest, identity=args.identity, restore=args.restore
         )
-    for line in report.lines:
-        print(line)
+    for text in report.lines:
+        print(text)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -401,7 +475,69 @@ async def sweep(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+async def delete(args: argparse.Namespace) -> int:
+    """Delete one backup on purpose, as retention does: manifest first, then its data.
+
+    The job's only backup in that storage is refused without `--force`.
+    """
+    from backupd.retention_apply import delete_backup
+
+    async with _pool() as pool:
+        config = _load(args)
+        job = _job(config, args.job)
+        store = await _store_for(pool, config, job, args.storage)
+        listing = await scan_backups(store, job.name)
+        manifest = await find_backup(store, job.name, args.backup)
+        where = f"job {job.name}, storage {store.name}"
+        others = [m for m in listing.backups if m.stem != manifest.stem]
+        if not others and not args.force:
+            raise UsageError(
+                f"{manifest.stem} is the only backup of {where}; "
+                "deleting it leaves nothing to restore (use --force to delete it anyway)"
+            )
+        what = (
+            f"{manifest.stem} ({human_size(manifest.size_bytes)}: the manifest, then "
+            f"{len(manifest.objects)} data object(s))"
+        )
+        if args.dry_run:
+            print(f"{where}: would delete {what}")
+            for o in manifest.objects:
+                print(f"  {manifest.object_key(o)}")
+            return EXIT_OK
+        gone, left = await delete_backup(store, manifest)
+    if not gone:
+        print(
+            f"backupd: {where}: could not delete the manifest of {manifest.stem}; "
+            "the backup is intact",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"{where}: deleted {what}")
+    if left:
+        for key in left:
+            print(f"  LEFT {key}", file=sys.stderr)
+        print(
+            f"backupd: {len(left)} data object(s) of the deleted backup remain; the next prune "
+            "of the job or the daemon's sweeper removes them",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # -- daemon clients ----------------------------------------------------------------------
+
+
+def peek_daemon_setting(config: str | None, key: str) -> str | None:
+    """One string of the config's [daemon] table, read without validating the rest.
+
+    None if the file is missing, unreadable or not TOML, or the key is absent.
+    """
+    with contextlib.suppress(OSError, tomllib.TOMLDecodeError, AttributeError):
+        with open(config_path(config), "rb") as f:
+            value = tomllib.load(f).get("daemon", {}).get(key)
+        return value if isinstance(value, str) else None
+    return None
 
 
 def _socket(args: argparse.Namespace) -> str:
@@ -412,10 +548,7 @@ def _socket(args: argparse.Namespace) -> str:
     """
     configured = None
     if args.socket is None:
-        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
-            with open(config_path(args.config), "rb") as f:
-                value = tomllib.load(f).get("daemon", {}).get("socket")
-            configured = value if isinstance(value, str) else None
+        configured = peek_daemon_setting(args.config, "socket")
     return control.default_socket_path(args.socket, configured)
 
 
@@ -434,11 +567,35 @@ async def trigger(args: argparse.Namespace) -> int:
     path = _socket(args)
     payload = {"cmd": "trigger", "job": args.job, "wait": bool(args.wait)}
     final: dict[str, Any] = {}
-    async for reply in control.request(path, payload, timeout=None if args.wait else 30.0):
-        if "event" in reply:
-            _print_event(reply)
-            continue
-        final = reply
+    run_id = None
+    line = ProgressLine(f"{args.job}", quiet=args.quiet)
+    try:
+        async for reply in control.request(path, payload, timeout=None if args.wait else 30.0):
+            if reply.get("event") == "progress":
+                if line.enabled:  # nothing extra when not on a terminal
+                    line.update(
+                        _int(reply.get("bytes_done")),
+                        None,
+                        elapsed=_float(reply.get("elapsed_seconds")),
+                        rate=_float(reply.get("rate_bytes_per_second")),
+                        force=True,
+                    )
+                continue
+            if "event" in reply:
+                run_id = run_id or reply.get("run_id")
+                _print_event(reply)
+                continue
+            final = reply
+        line.clear()
+    except asyncio.CancelledError:  # Ctrl-C: we stop following; the daemon does not stop the run
+        if run_id is not None:
+            print(
+                f"\nbackupd: stopped waiting; run {_printable(str(run_id))} of {args.job} goes on "
+                f"in the daemon (backupd status; backupd cancel {_printable(str(run_id))} "
+                "to stop it)",
+                file=sys.stderr,
+            )
+        raise
     if not final.get("ok") and "run" in final:
         run = final["run"]
         print(
@@ -456,33 +613,179 @@ async def trigger(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _event_value(key: str, value: Any) -> str:
+    """A `--wait` event's field in human units: sizes in KiB/MiB, seconds rounded."""
+    number = _float(value)
+    if number is not None and (key.endswith("_bytes") or key == "bytes_done"):
+        return human_size(number)
+    if number is not None and key.endswith("_seconds"):
+        return human_duration(number)
+    if number is not None and key.endswith("_per_second"):
+        return human_rate(number)
+    return _printable(str(value))
+
+
 def _print_event(event: dict[str, Any]) -> None:
     kind = event.get("event")
     detail = {k: v for k, v in event.items() if k not in ("event", "run_id", "job")}
-    text = " ".join(f"{k}={v}" for k, v in detail.items())
+    text = " ".join(
+        f"{k.removesuffix('_seconds').removesuffix('_bytes')}={_event_value(k, v)}"
+        for k, v in detail.items()
+    )
     print(
-        f"{event.get('job', '')} {event.get('run_id', '')}: {kind} {text}".rstrip(), file=sys.stderr
+        _printable(f"{event.get('job', '')} {event.get('run_id', '')}: {kind} {text}".rstrip()),
+        file=sys.stderr,
     )
 
 
 async def status(args: argparse.Namespace) -> int:
+    """One row per job; a failed last run's error and each running run on lines below it."""
     reply = _check_reply(await control.call(_socket(args), {"cmd": "status"}))
+    jobs = reply.get("jobs", [])
     if args.json:
-        _print_json({"jobs": reply.get("jobs", [])})
+        _print_json({"jobs": jobs})
         return EXIT_OK
-    rows = [("JOB", "NEXT RUN (UTC)", "LAST RESULT", "LAST FINISHED", "RUNNING")]
-    for job in reply.get("jobs", []):
+    if not jobs:
+        print("no jobs configured")
+        return EXIT_OK
+    now = now_utc()
+    rows = [("JOB", "LAST RESULT", "LAST BACKUP IN STORAGE", "NEXT RUN (UTC)", "RUNNING")]
+    details: dict[int, list[str]] = {}
+    for job in jobs:
         last = job.get("last_run") or {}
+        result = "-"
+        if last.get("state"):
+            result = f"{last['state']} {_ago(last.get('finished_at'), now)}"
+            if last.get("duration_seconds") is not None:
+                result += f" ({human_duration(last['duration_seconds'])})"
+        backup = job.get("last_backup")
+        stored = "-"
+        if backup:
+            stored = (
+                f"{human_size(backup.get('size_bytes'))}, "
+                f"{human_duration(backup.get('age_seconds'))} ago"
+            )
+            if backup.get("partial"):
+                stored += ", partial"
+        running = job.get("running", [])
+        lines = []
+        if last.get("state") in ("failure", "cancelled") and job.get("last_error"):
+            lines.append(f"  last error: {_printable(job['last_error'])}")
+        for run in running:
+            lines.append(f"  running {run['run_id']}: {_progress_text(run)}")
+        details[len(rows)] = lines
         rows.append(
             (
-                job["name"],
-                (job.get("next_run") or "-")[:19].replace("T", " "),
-                last.get("state") or "-",
-                (last.get("finished_at") or "-")[:19].replace("T", " "),
-                ",".join(r["run_id"] for r in job.get("running", [])) or "-",
+                _printable(job["name"]),
+                result,
+                stored,
+                _utc(job.get("next_run")),
+                ",".join(r["run_id"] for r in running) or "-",
+            )
+        )
+    _print_table(rows, details)
+    return EXIT_OK
+
+
+def _utc(stamp: str | None) -> str:
+    return (stamp or "-")[:19].replace("T", " ")
+
+
+def _ago(stamp: str | None, now: datetime) -> str:
+    when = _parse_time(stamp)
+    return "-" if when is None else f"{human_duration(age_of(when, now))} ago"
+
+
+def _parse_time(stamp: Any) -> datetime | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
+
+
+def _progress_text(run: dict[str, Any]) -> str:
+    if run.get("state") != "running":
+        return str(run.get("state"))
+    return (
+        f"{human_size(run.get('bytes_done'))} at {human_rate(run.get('rate_bytes_per_second'))}, "
+        f"{human_duration(run.get('elapsed_seconds'))} elapsed"
+    )
+
+
+async def history(args: argparse.Namespace) -> int:
+    """The job's recent runs, newest first, as the daemon remembers them (since its start)."""
+    reply = _check_reply(
+        await control.call(_socket(args), {"cmd": "history", "job": args.job, "limit": args.limit})
+    )
+    runs = [r for r in reply.get("runs", []) if isinstance(r, dict)]
+    if args.json:
+        _print_json({"runs": runs})
+        return EXIT_OK
+    if not runs:
+        print(f"no runs of job {_printable(args.job)} since the daemon started")
+        return EXIT_OK
+    rows = [("RESULT", "TRIGGER", "STARTED (UTC)", "DURATION", "SIZE", "ATTEMPTS", "NODE", "ERROR")]
+    for run in runs:
+        size = run.get("size_bytes")
+        rows.append(
+            (
+                str(run.get("result") or run.get("state") or "-"),
+                _printable(str(run.get("trigger") or "-")),
+                _utc(run.get("started_at") or run.get("submitted_at")),
+                human_duration(run.get("duration_seconds")),
+                human_size(size) if isinstance(size, int) else "-",
+                str(run.get("attempts", "-")),
+                _printable(str(run.get("node") or "-")),
+                _printable(one_line(run.get("error")) or "-"),
             )
         )
     _print_table(rows)
+    return EXIT_OK
+
+
+async def health(args: argparse.Namespace) -> int:
+    """Whether the daemon is alive, for container health checks: GET /healthz on the
+    config's `daemon.http_listen` (a wildcard address is asked on loopback), else a
+    ping on the control socket. Exit 0 healthy, 1 unhealthy, 3 unreachable."""
+    listen = peek_daemon_setting(args.config, "http_listen")
+    if not listen:
+        reply = await control.call(_socket(args), {"cmd": "ping"}, timeout=args.timeout)
+        if reply.get("ok"):
+            print("ok (control socket)")
+            return EXIT_OK
+        print("backupd: the daemon does not answer ping", file=sys.stderr)
+        return EXIT_FAILED
+    import aiohttp
+
+    from backupd.http import parse_listen
+
+    host, port = parse_listen(listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    try:
+        timeout = aiohttp.ClientTimeout(total=args.timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(url) as resp:
+                healthy = resp.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise DaemonUnreachable(f"no answer from {url}: {exc or type(exc).__name__}") from None
+    if not healthy:
+        print(f"backupd: {url} answered {resp.status}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"ok ({url})")
     return EXIT_OK
 
 

@@ -32,9 +32,10 @@ from backupd.control import CommandError, ControlServer, Peer
 from backupd.errors import BackupdError, ConfigError
 from backupd.http import HttpServer
 from backupd.maintenance import Maintenance
-from backupd.manifest import rfc3339
+from backupd.manifest import now_utc, rfc3339
 from backupd.metrics import Metrics
 from backupd.notify import Notifications, RunEvent
+from backupd.overview import Inventory, one_line
 from backupd.retention_apply import prune_after_success
 from backupd.runner import JobBusy, Run, Runner, StorePool
 from backupd.scheduler import Schedule, ScheduleLoop, SystemClock
@@ -45,15 +46,19 @@ from backupd.systemd import watchdog_interval
 log = structlog.get_logger("backupd.daemon")
 
 BACKUP, VERIFY = "backup:", "verify:"  # scheduler keys: one loop fires both kinds
+PROGRESS_INTERVAL = 1.0  # seconds without an event before `trigger --wait` gets a "progress" one
 
 
 class _Notify:
     """Adapts runner events to notifications (the notifier set changes on reload)."""
 
-    def __init__(self, notifications: Notifications) -> None:
+    def __init__(self, notifications: Notifications, inventory: Inventory) -> None:
         self.notifications = notifications
+        self.inventory = inventory
 
     def run_event(self, event: str, job: Job, run: Run) -> None:
+        if event == "failure" and run.manifest is not None:  # a partial backup was published
+            self.inventory.record_backup(job.name, job.storage[0], run.manifest)
         self.notifications.notify(
             event,  # type: ignore[arg-type]
             job.notify,
@@ -95,6 +100,7 @@ class Daemon:
         self.log_level = log_level
         self.config: Config
         self.metrics = Metrics()
+        self.inventory = Inventory()
         self.systemd = SystemdNotifier()
         self.stop = asyncio.Event()
         self.tasks = Supervisor()
@@ -115,7 +121,7 @@ class Daemon:
             self.pool = StorePool()
             stack.push_async_callback(self._cleanup_log, "storage", self.pool.aclose)
             self.notifications = Notifications(self.config.notifiers, metrics=self.metrics)
-            self._notify = _Notify(self.notifications)
+            self._notify = _Notify(self.notifications, self.inventory)
             stack.push_async_callback(self._close_notifications)
             self.runner = Runner(
                 self.config,
@@ -125,7 +131,11 @@ class Daemon:
                 after_success=self._after_success,
             )
             self.maintenance = Maintenance(
-                self.runner, self.pool, self.metrics, on_verify_failed=self._notify.verify_failed
+                self.runner,
+                self.pool,
+                self.metrics,
+                on_verify_failed=self._notify.verify_failed,
+                inventory=self.inventory,
             )
             self.control = ControlServer(
                 daemon_cfg.socket,
@@ -137,7 +147,9 @@ class Daemon:
             await self.control.start()
             stack.push_async_callback(self._cleanup_log, "socket", self.control.close)
             if daemon_cfg.http_listen:
-                self.http = HttpServer(daemon_cfg.http_listen, self.metrics, self)
+                self.http = HttpServer(
+                    daemon_cfg.http_listen, self.metrics, self, page=self.status_page
+                )
                 await self.http.start()
                 stack.push_async_callback(self._cleanup_log, "http", self.http.close)
             self.scheduler = ScheduleLoop(
@@ -252,7 +264,11 @@ class Daemon:
             self.metrics.next_run(key.split(":", 1)[1], when.timestamp() if when else None)
 
     async def _after_success(self, config: Config, job: Job, manifest: Any, stores: Any) -> None:
-        await prune_after_success(config, job, manifest, stores, metrics=self.metrics)
+        self.inventory.record_backup(job.name, job.storage[0], manifest)
+        outcomes = await prune_after_success(config, job, manifest, stores, metrics=self.metrics)
+        for outcome in outcomes:
+            if not outcome.dry_run:
+                self.inventory.replace_storage(job.name, outcome.storage, outcome.remaining)
 
     # -- reload --------------------------------------------------------------------------
 
@@ -273,6 +289,7 @@ class Daemon:
                     log.warning("reload_needs_restart", key=f"daemon.{key}")
             for name in set(old.jobs) - set(new.jobs):
                 self.metrics.forget_job(name)
+                self.inventory.forget(name)
             self.config = new
             self.runner.update_config(new)
             self.scheduler.replace(schedule_entries(new))
@@ -308,6 +325,16 @@ class Daemon:
                 "running": any(r.job == name for r in self.runner.active()),
             }
         return ok, {"ready": ok, "jobs": jobs}
+
+    def status_page(self) -> str:
+        """The HTML status page: what `status` shows, and the recent backups per job."""
+        from backupd import statuspage
+
+        now = now_utc()
+        recent = {
+            name: [b.to_dict(now) for b in self.inventory.recent(name)] for name in self.config.jobs
+        }
+        return statuspage.render(self._status(), recent, now)
 
     # -- control socket ------------------------------------------------------------------
 
@@ -355,16 +382,22 @@ class Daemon:
             raise CommandError("unknown_command", f"unknown command {cmd!r}")
 
     def _status(self) -> list[dict[str, Any]]:
+        """Per job: next fire, last run (its error on one line), the newest backup in
+        storage, runs in progress with their bytes, rate and elapsed time."""
         nexts = self.scheduler.next_runs()
+        now = now_utc()
         out = []
         for name in sorted(self.config.jobs):
             when = nexts.get(BACKUP + name)
             last = self.runner.last_run(name)
+            newest = self.inventory.latest(name)
             out.append(
                 {
                     "name": name,
                     "next_run": rfc3339(when) if when else None,
                     "last_run": last.to_dict() if last else None,
+                    "last_error": one_line(last.error) if last else None,
+                    "last_backup": newest.to_dict(now) if newest else None,
                     "running": [r.to_dict() for r in self.runner.active() if r.job == name],
                 }
             )
@@ -391,7 +424,14 @@ class Daemon:
         try:
             yield {"event": "queued", "run_id": run.run_id, "job": job}
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), PROGRESS_INTERVAL)
+                except TimeoutError:  # nothing happened for a while: bytes, rate, elapsed
+                    if run.state == "running":
+                        yield {"event": "progress", "run_id": run.run_id, "job": job} | (
+                            run.progress()
+                        )
+                    continue
                 yield item
                 if "ok" in item:
                     return

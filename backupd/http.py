@@ -1,4 +1,5 @@
-"""The HTTP endpoint: /metrics for Prometheus, /healthz and /readyz for supervisors.
+"""The HTTP endpoint: /metrics for Prometheus, /healthz and /readyz for supervisors,
+and `/` the read-only HTML status page (`backupd.statuspage`).
 
 Read-only by design: GET and HEAD only (aiohttp answers 405 to anything else
 on a known path, 404 elsewhere), no config shown, nothing changes state.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -20,6 +22,7 @@ from aiohttp import web
 from backupd.errors import BackupdError, ConfigError
 from backupd.exposition import CONTENT_TYPE
 from backupd.metrics import Metrics
+from backupd.statuspage import CSP
 
 log = structlog.get_logger(__name__)
 
@@ -57,12 +60,19 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 class HttpServer:
-    """Serves /metrics, /healthz and /readyz on one TCP address."""
+    """Serves /metrics, /healthz, /readyz and (given `page`) the status page at `/`."""
 
-    def __init__(self, listen: str, metrics: Metrics, health: HealthProbe) -> None:
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        health: HealthProbe,
+        page: Callable[[], str] | None = None,
+    ) -> None:
         self._host, self._port = parse_listen(listen)
         self._metrics = metrics
         self._health = health
+        self._page = page
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> tuple[str, int]:
@@ -71,6 +81,8 @@ class HttpServer:
         app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        if self._page is not None:
+            app.router.add_get("/", self._status_page)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -115,3 +127,23 @@ class HttpServer:
             log.exception("readiness_probe_failed")
             ready, detail = False, {"error": "readiness probe failed"}
         return web.json_response(detail, status=200 if ready else 503)
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        assert self._page is not None
+        try:
+            body = self._page()
+        except Exception:
+            log.exception("status_page_failed")
+            return web.Response(status=500, text="the status page failed; see the daemon's log\n")
+        return web.Response(
+            text=body,
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": CSP,
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-store",
+                "Referrer-Policy": "no-referrer",
+                "X-Frame-Options": "DENY",
+            },
+        )

@@ -30,6 +30,7 @@ from backupd.backup import Trigger
 from backupd.config import Config, Job
 from backupd.errors import BackupdError
 from backupd.manifest import Manifest, find_backup, now_utc, scan_backups
+from backupd.overview import Inventory
 from backupd.retention_apply import (
     DATA_KEY,
     MANIFEST_KEY,
@@ -127,8 +128,10 @@ class Maintenance:
         pool: StorePool,
         metrics: MaintenanceMetrics,
         on_verify_failed: VerifyFailed | None = None,
+        inventory: Inventory | None = None,
     ) -> None:
         self.runner = runner
+        self.inventory = inventory
         self.pool = pool
         self.metrics = metrics
         self.on_verify_failed = on_verify_failed
@@ -147,6 +150,8 @@ class Maintenance:
                     log.warning("startup_scan_failed", job=job.name, storage=name, error=str(exc))
                     continue
                 report_listing(self.metrics, job.name, name, listing)
+                if self.inventory is not None:
+                    self.inventory.record_listing(job.name, name, listing)
                 found = listing.newest
                 if found is not None and (newest is None or found.started > newest.started):
                     newest = found

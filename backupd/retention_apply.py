@@ -152,16 +152,12 @@ async def prune_job(
         outcome.remaining = backups
         return outcome
     for stem in plan.delete:
-        manifest = by_stem[stem]
-        failed = await store.delete([manifest.manifest_key])
-        if failed:
-            log.warning("retention_delete_failed", job=job.name, storage=store.name, backup=stem)
+        deleted_manifest, left = await delete_backup(store, by_stem[stem])
+        if not deleted_manifest:
             outcome.failed.append(stem)
             continue
         outcome.deleted.append(stem)
-        left = await store.delete([manifest.object_key(o) for o in manifest.objects])
         if left:
-            log.warning("retention_data_left", job=job.name, storage=store.name, keys=left)
             outcome.left[stem] = left
     if grace is not None:
         just_left = {key for keys in outcome.left.values() for key in keys}
@@ -193,6 +189,25 @@ async def prune_job(
             Listing(outcome.remaining, listing.invalid, listing.now),
         )
     return outcome
+
+
+async def delete_backup(store: Store, manifest: Manifest) -> tuple[bool, list[str]]:
+    """Delete one backup: its manifest first, then its data objects.
+
+    Returns (whether the manifest went, data keys left behind). Once the
+    manifest is gone the backup no longer exists; data left behind is an
+    orphan that the next prune of the job, or the sweeper, removes after the
+    storage's `abandoned_upload_grace`.
+    """
+    if await store.delete([manifest.manifest_key]):
+        log.warning(
+            "backup_delete_failed", job=manifest.job, storage=store.name, backup=manifest.stem
+        )
+        return False, []
+    left = await store.delete([manifest.object_key(o) for o in manifest.objects])
+    if left:
+        log.warning("backup_data_left", job=manifest.job, storage=store.name, keys=left)
+    return True, left
 
 
 def orphaned_data(
@@ -262,17 +277,23 @@ async def prune_after_success(
     manifest: Manifest,
     stores: Mapping[str, Store],
     metrics: PruneMetrics | None = None,
-) -> None:
-    """After a successful run: apply the job's retention on each of its storages."""
+) -> list[PruneOutcome]:
+    """After a successful run: apply the job's retention on each of its storages.
+
+    Returns the outcome of each storage's prune (none for a prune that failed)."""
+    outcomes = []
     for name, store in stores.items():
         cfg = config.storages.get(name)
         try:
-            await prune_job(
-                job,
-                store,
-                metrics=metrics,
-                grace=cfg.abandoned_upload_grace if cfg is not None else None,
-                published=manifest.stem,
+            outcomes.append(
+                await prune_job(
+                    job,
+                    store,
+                    metrics=metrics,
+                    grace=cfg.abandoned_upload_grace if cfg is not None else None,
+                    published=manifest.stem,
+                )
             )
         except Exception as exc:  # a prune failure never turns a good backup into a failure
             log.warning("retention_failed", job=job.name, storage=store.name, error=str(exc))
+    return outcomes

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 import structlog
 import tenacity
 
-from backupd.backup import Trigger, run_backup
+from backupd.backup import PartialBackup, Trigger, run_backup
 from backupd.config import Config, Job, Storage
 from backupd.errors import BackupdError, UsageError
 from backupd.manifest import Manifest, now_utc, rfc3339
@@ -42,6 +43,7 @@ log = structlog.get_logger("backupd.runner")
 HISTORY_SIZE = 200  # runs kept for `status` and `history`
 STOP_DEADLINE = CLEANUP_DEADLINE + 2.0
 """Seconds from a timeout or cancel to the run being recorded and its job free again."""
+NODE = socket.gethostname()  # the node a run ran on, in `history`
 
 
 class RunMetrics(Protocol):
@@ -104,6 +106,9 @@ class Run:
     duration_seconds: float | None = None
     backup: str | None = None  # the published backup's stem
     size_bytes: int | None = None
+    bytes_done: int = 0  # written so far to the job's first storage (this attempt)
+    node: str = NODE
+    manifest: Manifest | None = field(default=None, repr=False)  # what the run published
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     interrupted: str | None = field(default=None, repr=False)  # why the daemon stopped it
     listeners: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list, repr=False)
@@ -112,8 +117,26 @@ class Run:
     def done(self) -> bool:
         return self.state in ("success", "failure", "cancelled")
 
-    def to_dict(self) -> dict[str, Any]:
+    def elapsed_seconds(self) -> float | None:
+        """Seconds since the run started (None while queued), up to its end once done."""
+        if self.started_at is None:
+            return None
+        end = self.finished_at or now_utc()
+        return max(0.0, (end - self.started_at).total_seconds())
+
+    def progress(self) -> dict[str, Any]:
+        """Bytes written, elapsed time and rate of a running run."""
+        elapsed = self.elapsed_seconds()
+        rate = self.bytes_done / elapsed if elapsed else None
         return {
+            "bytes_done": self.bytes_done,
+            "elapsed_seconds": round(elapsed, 3) if elapsed is not None else None,
+            "rate_bytes_per_second": round(rate, 1) if rate is not None else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        extra = self.progress() if self.state == "running" else {}
+        return extra | {
             "run_id": self.run_id,
             "job": self.job,
             "trigger": self.trigger.kind,
@@ -128,6 +151,7 @@ class Run:
             "duration_seconds": self.duration_seconds,
             "backup": self.backup,
             "size_bytes": self.size_bytes,
+            "node": self.node,
         }
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -154,7 +178,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-PostRun = Callable[[Config, Job, Manifest, Mapping[str, Store]], Awaitable[None]]
+PostRun = Callable[[Config, Job, Manifest, Mapping[str, Store]], Awaitable[object]]
 
 
 class Runner:
@@ -293,6 +317,7 @@ class Runner:
                 self._notify("start", job, run)
                 manifest = await self._within_timeout(job, run, self._attempts(config, job, run))
             run.backup, run.size_bytes = manifest.stem, manifest.size_bytes
+            run.manifest = manifest
             run.state = "success"
         except asyncio.CancelledError:
             if run.interrupted is not None:
@@ -306,6 +331,9 @@ class Runner:
         except Exception as exc:
             run.state = "failure"
             run.error = str(exc) or type(exc).__name__
+            if isinstance(exc, PartialBackup):  # published, but lacking some databases
+                run.manifest = exc.manifest
+                run.backup, run.size_bytes = exc.manifest.stem, exc.manifest.size_bytes
             if not isinstance(exc, BackupdError):
                 log.error("run_crashed", error=run.error, exc_info=True)
         finally:
@@ -353,9 +381,13 @@ class Runner:
         stores = await self.stores.for_job(config, job)
         source = config.sources[job.source]
 
+        first = job.storage[0]
+
         def on_bytes(storage: str, n: int) -> None:
             if self.metrics is not None:
                 self.metrics.bytes_written(job.name, storage, n)
+            if storage == first:
+                run.bytes_done += n
 
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(job.retry.max_attempts),
@@ -372,6 +404,7 @@ class Runner:
         async for attempt in retrying:
             with attempt:
                 run.attempts = attempt.retry_state.attempt_number
+                run.bytes_done = 0
                 try:
                     manifest = await run_backup(
                         job,
