@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import resource
 import stat
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog
 
 from backupd.config import FilesystemStorage
 from backupd.errors import NotFound, StorageError
-from backupd.storage import IncompleteUpload, filesystem, open_store
+from backupd.storage import IncompleteUpload, base, filesystem, open_store
 from backupd.storage.filesystem import FilesystemStore, open_filesystem_store
 
 MiB = 1024 * 1024
@@ -241,3 +245,47 @@ async def test_a_root_that_is_a_file_is_refused_at_open(tmp_path: Path) -> None:
 
     with pytest.raises(StorageError, match="not-a-dir"):
         await open_store(FilesystemStorage(name="local", path=str(tmp_path / "not-a-dir")))
+
+
+async def test_a_write_stuck_in_the_kernel_bounds_abort_and_removes_the_file_later(
+    store: FilesystemStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung disk: the write thread cannot be interrupted. abort() returns at the
+    deadline (once for the upload, however many callers), and the temporary file
+    goes as soon as the write returns."""
+    deadline = 0.5
+    monkeypatch.setattr(base, "CLEANUP_DEADLINE", deadline)
+    entered, released = threading.Event(), threading.Event()
+    write = filesystem._PartialFile.write
+
+    def stuck(self: filesystem._PartialFile, chunks: list[bytes]) -> None:
+        entered.set()
+        released.wait(30)
+        write(self, chunks)
+
+    monkeypatch.setattr(filesystem._PartialFile, "write", stuck)
+    upload = await store.open_upload("app/stuck.dump")
+    writer = asyncio.create_task(upload.write(b"x" * filesystem.WRITE_BATCH))
+    async with asyncio.timeout(10):
+        while not entered.is_set():
+            await asyncio.sleep(0.01)  # until the write is in its worker thread
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.cancel()
+            started = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await writer
+            first = time.monotonic() - started
+            started = time.monotonic()
+            await upload.abort()
+            second = time.monotonic() - started
+
+        assert deadline <= first < deadline + 2
+        assert second < 0.2
+        assert [e["event"] for e in logs] == ["upload_abort_overdue"]
+        assert len(all_files(store.root)) == 1  # the temporary file, until the write returns
+    finally:
+        released.set()
+    async with asyncio.timeout(10):
+        while all_files(store.root):
+            await asyncio.sleep(0.02)

@@ -9,14 +9,19 @@ translate their own errors into `StorageError` (permanent) or
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, ClassVar, Literal, Protocol
+
+import structlog
 
 from backupd.errors import StorageError
+
+log = structlog.get_logger(__name__)
 
 MiB = 1024 * 1024
 
@@ -116,6 +121,118 @@ def check_prefix(prefix: str) -> str:
     if prefix:
         check_key(prefix[:-1] if prefix.endswith("/") else prefix)
     return prefix
+
+
+class BaseUpload(ABC):
+    """The flow of one upload, written once over the backend's primitives.
+
+    A state machine (open -> completing -> done, or -> aborted from any state
+    but done): a failure or cancellation inside `write()` or `complete()`
+    aborts the upload before the error propagates, so `abort()` is then a
+    no-op; an `abort()` from another task during `complete()` wins, and
+    `complete()` raises. The cleanup runs once, in its own task, so a caller
+    cancelled meanwhile cannot cut it short, and for at most `CLEANUP_DEADLINE`
+    from the first `abort()`, however many callers wait for it.
+
+    A backend implements `_write` (take bytes; may wait for the backend),
+    `_complete` (make the object visible under its key; return its checked
+    size), `_discard` (remove whatever the upload left, a published object
+    included, raising if it cannot), `_release_buffers` and `_where` (the log
+    fields naming the upload).
+    """
+
+    DISCARD_INTERRUPTIBLE: ClassVar[bool] = True
+    """Whether a discard still running at `CLEANUP_DEADLINE` is given up (its
+    requests cancelled; the sweeper removes the leftover after
+    `abandoned_upload_grace`) or, if it cannot be interrupted (a write stuck in
+    the kernel), left to finish in the background."""
+    OVERDUE_NOTE: ClassVar[str]
+    """Logged with the event when the cleanup outlives `CLEANUP_DEADLINE`."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._state: Literal["open", "completing", "done", "aborted"] = "open"
+        self._cleanup: asyncio.Task[None] | None = None
+
+    async def write(self, data: bytes) -> None:
+        self._check_open()
+        try:
+            await self._write(data)
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def complete(self) -> int:
+        self._check_open()
+        self._state = "completing"
+        try:
+            size = await self._complete()
+            self._check_not_aborted()  # abort() may have run in another task meanwhile
+        except BaseException:
+            await self.abort()
+            raise
+        self._state = "done"
+        return size
+
+    async def abort(self) -> None:
+        """Discard everything written; never raises; returns within `CLEANUP_DEADLINE`.
+
+        If the caller is cancelled meanwhile, the cleanup still finishes in the background.
+        """
+        if self._state == "done":
+            return
+        self._state = "aborted"
+        self._release_buffers()
+        if self._cleanup is None:
+            self._cleanup = asyncio.ensure_future(self._discard_within_deadline())
+        await asyncio.shield(self._cleanup)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise StorageError(f"upload of {self.key} is already completed or aborted")
+
+    def _check_not_aborted(self) -> None:
+        if self._state == "aborted":
+            raise StorageError(f"upload of {self.key} was aborted")
+
+    async def _discard_within_deadline(self) -> None:
+        discard = asyncio.ensure_future(self._discard_logged())
+        try:
+            async with asyncio.timeout(CLEANUP_DEADLINE):
+                await (discard if self.DISCARD_INTERRUPTIBLE else asyncio.shield(discard))
+        except TimeoutError:
+            log.warning(
+                "upload_abort_abandoned" if self.DISCARD_INTERRUPTIBLE else "upload_abort_overdue",
+                **self._where(),
+                deadline_seconds=CLEANUP_DEADLINE,
+                note=self.OVERDUE_NOTE,
+            )
+
+    async def _discard_logged(self) -> None:
+        try:
+            await self._discard()
+        except Exception as exc:
+            log.warning("upload_abort_failed", **self._where(), error=str(exc))
+
+    @abstractmethod
+    async def _write(self, data: bytes) -> None:
+        """Take more bytes; may wait (backpressure) until the backend accepts them."""
+
+    @abstractmethod
+    async def _complete(self) -> int:
+        """Make the object visible under its key; returns its stored size, checked."""
+
+    @abstractmethod
+    async def _discard(self) -> None:
+        """Remove everything this upload left, a published object included."""
+
+    @abstractmethod
+    def _release_buffers(self) -> None:
+        """Drop the bytes not yet handed to the backend (called by `abort()` at once)."""
+
+    @abstractmethod
+    def _where(self) -> dict[str, Any]:
+        """The log fields that name this upload (never a secret)."""
 
 
 class BaseStore(ABC):

@@ -21,15 +21,15 @@ import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
 from backupd.config import FilesystemStorage
 from backupd.errors import NotFound, StorageError
 from backupd.storage.base import (
-    CLEANUP_DEADLINE,
     BaseStore,
+    BaseUpload,
     IncompleteUpload,
     MiB,
     ObjectInfo,
@@ -218,15 +218,19 @@ class _PartialFile:
         _remove_empty_parents(self.path, self.root)
 
 
-class FilesystemUpload:
-    """One object being written; invisible under its key until `complete()` returns.
+class FilesystemUpload(BaseUpload):
+    """One object being written to a temporary file, renamed into place by `complete()`.
 
-    Any failure or cancellation inside `write()` or `complete()` discards the
-    upload before the error propagates; `abort()` is then a no-op.
+    The flow is `BaseUpload`'s. A write stuck in the kernel (a hung disk or NFS
+    server) cannot be interrupted: past `CLEANUP_DEADLINE` the cleanup goes on
+    in the background and removes the file once the write returns.
     """
 
+    DISCARD_INTERRUPTIBLE = False
+    OVERDUE_NOTE = "a write is still stuck; the file is removed once it returns"
+
     def __init__(self, store_name: str, key: str, file: _PartialFile) -> None:
-        self.key = key
+        super().__init__(key)
         self._store_name = store_name
         self._file = file
         self._pending: list[bytes] = []
@@ -235,12 +239,8 @@ class FilesystemUpload:
         self._io: asyncio.Task[object] | None = None
         self._sync: asyncio.Task[None] | None = None  # a background fdatasync
         self._unsynced = 0
-        self._cleanup: asyncio.Task[None] | None = None
-        self._state: Literal["open", "completing", "done", "aborted"] = "open"
-        self._overdue = False  # abort() gave up waiting for the cleanup once
 
-    async def write(self, data: bytes) -> None:
-        self._check_open()
+    async def _write(self, data: bytes) -> None:
         if not data:
             return
         self._pending.append(data)
@@ -251,62 +251,25 @@ class FilesystemUpload:
             chunks, self._pending, self._pending_size = self._pending, [], 0
             await self._in_thread(self._file.write, chunks)
             if self._unsynced >= EARLY_SYNC and (self._sync is None or self._sync.done()):
-                await self._check_sync()
+                self._check_sync()
                 self._unsynced = 0
                 self._sync = asyncio.ensure_future(asyncio.to_thread(self._file.sync_data))
 
-    async def complete(self) -> int:
-        self._check_open()
-        self._state = "completing"
+    async def _complete(self) -> int:
         chunks, self._pending, self._pending_size = self._pending, [], 0
         if self._sync is not None:
             await asyncio.wait([self._sync])
-            await self._check_sync()
-        size = await self._in_thread(self._file.publish, chunks, self._size)
-        self._check_not_aborted()  # abort() may have run in another task meanwhile
-        self._state = "done"
-        return size
+            self._check_sync()
+        return await self._in_thread(self._file.publish, chunks, self._size)
 
-    async def abort(self) -> None:
-        """Discard everything written; never raises.
-
-        Waits at most `CLEANUP_DEADLINE`: a write stuck in the kernel (a hung
-        disk or NFS server) cannot be interrupted, so its cleanup goes on in the
-        background and removes the file once the write returns. The same goes
-        if the caller is cancelled meanwhile.
-        """
-        if self._state == "done":
-            return
-        self._state = "aborted"
+    def _release_buffers(self) -> None:
         self._pending = []
-        if self._cleanup is None:
-            self._cleanup = asyncio.ensure_future(self._discard())
-        done, _ = await asyncio.wait([self._cleanup], timeout=CLEANUP_DEADLINE)
-        if done and not self._cleanup.cancelled() and self._cleanup.exception() is not None:
-            log.warning(
-                "upload_discard_failed",
-                path=str(self._file.temp),
-                error=str(self._cleanup.exception()),
-            )
-        elif not done and not self._overdue:
-            self._overdue = True
-            log.warning(
-                "upload_abort_overdue",
-                path=str(self._file.temp),
-                deadline_seconds=CLEANUP_DEADLINE,
-                note="a write is still stuck; the file is removed once it returns",
-            )
 
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise StorageError(f"upload of {self.key} is already completed or aborted")
+    def _where(self) -> dict[str, Any]:
+        return {"storage": self._store_name, "path": str(self._file.temp)}
 
-    def _check_not_aborted(self) -> None:
-        if self._state == "aborted":
-            raise StorageError(f"upload of {self.key} was aborted")
-
-    async def _check_sync(self) -> None:
-        """Raise (after discarding the upload) if the last background fdatasync failed.
+    def _check_sync(self) -> None:
+        """Raise if the last background fdatasync failed.
 
         Its error must not be dropped: the kernel reports a writeback error once
         per open file, so the final fsync would not see it again.
@@ -315,24 +278,19 @@ class FilesystemUpload:
             return
         sync, self._sync = self._sync, None
         error = sync.exception() if not sync.cancelled() else None
+        if isinstance(error, OSError):
+            raise self._write_error(error) from error
         if error is not None:
-            await self.abort()
-            if isinstance(error, OSError):
-                raise self._write_error(error) from error
             raise error
 
     async def _in_thread(self, func: Callable[..., T], *args: object) -> T:
-        """Run one blocking step; on any failure or cancellation discard the upload first."""
+        """Run one blocking step; a cancelled caller leaves it to `_discard` to wait for."""
         task = asyncio.ensure_future(asyncio.to_thread(func, *args))
         self._io = task
         try:
             return await asyncio.shield(task)
         except OSError as exc:
-            await self.abort()
             raise self._write_error(exc) from exc
-        except BaseException:
-            await self.abort()
-            raise
 
     def _write_error(self, exc: OSError) -> StorageError:
         return StorageError(
@@ -352,7 +310,10 @@ class FilesystemUpload:
         try:
             await asyncio.to_thread(self._file.discard)
         except OSError as exc:
-            log.warning("upload_discard_failed", path=str(self._file.temp), error=_describe(exc))
+            raise StorageError(
+                f"filesystem storage {self._store_name}: cannot remove {self._file.temp}: "
+                f"{_describe(exc)}"
+            ) from exc
 
 
 class FilesystemStore(BaseStore):

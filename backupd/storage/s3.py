@@ -11,9 +11,11 @@ the upload. Every request has a connect timeout and a read timeout (no
 progress sending its body, or no reply, for `read_timeout`): a store that
 accepts connections and then stops answering fails the request, never holds
 it. An upload's abort takes at most `CLEANUP_DEADLINE`; past it, the upload
-is left to the sweeper. S3 errors become backupd's: `TransientStorageError` for what is
-worth retrying, `NotFound`, or `StorageError` with a message naming the
-bucket and never a secret.
+is left to the sweeper. S3 errors become backupd's (`s3errors`).
+
+Here: the store, its requests (retries, timeouts, checksums, compatibility
+fallbacks found at run time) and `check --connect`. Beside it: the upload
+(`s3upload`), the client's setup (`s3client`) and the error mapping (`s3errors`).
 """
 
 from __future__ import annotations
@@ -25,24 +27,18 @@ import contextlib
 import hashlib
 import io
 import secrets
-import socket
-import ssl
 import zlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC
-from typing import Any, Literal
+from typing import Any
 
-import aiohttp
 import botocore.exceptions as botocore_errors
 import structlog
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 
 from backupd.config import S3Checksum, S3Storage
-from backupd.errors import NotFound, StorageError, TransientStorageError
+from backupd.errors import StorageError, TransientStorageError
 from backupd.storage.base import (
-    CLEANUP_DEADLINE,
     BaseStore,
     IncompleteUpload,
     MiB,
@@ -51,106 +47,11 @@ from backupd.storage.base import (
     check_prefix,
 )
 from backupd.storage.retry import RetrySettings
+from backupd.storage.s3client import open_client
+from backupd.storage.s3errors import NOT_FOUND_CODES, REQUEST_ERRORS, error_code, translate
+from backupd.storage.s3upload import S3Upload
 
 log = structlog.get_logger(__name__)
-
-
-# What the request says about whether trying again can help.
-_TRANSIENT_CODES = frozenset(
-    {
-        "InternalError",
-        "ServiceUnavailable",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "TooManyRequests",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "OperationAborted",
-        "BadDigest",
-        "IncompleteBody",
-        "XAmzContentSHA256Mismatch",
-    }
-)
-_CREDENTIAL_CODES = frozenset(
-    {
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "InvalidToken",
-        "ExpiredToken",
-        "TokenRefreshRequired",
-        "AuthorizationHeaderMalformed",
-        "InvalidSecurity",
-    }
-)
-_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"})
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
-_REQUEST_ERRORS = (botocore_errors.BotoCoreError, botocore_errors.ClientError, aiohttp.ClientError)
-_REQUEST_ERRORS_AND_OS = (*_REQUEST_ERRORS, OSError)
-
-
-def _error_code(exc: botocore_errors.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _certificate_error(exc: BaseException) -> BaseException | None:
-    """The certificate verification failure behind a request error, if that is what it is.
-
-    An untrusted or mismatched certificate does not fix itself: retrying it for
-    minutes only hides the cause. Other TLS errors (a reset handshake) stay transient.
-    """
-    seen: builtins.list[BaseException] = []
-    todo: builtins.list[BaseException | None] = [exc]
-    while todo and len(seen) < 16:
-        current = todo.pop()
-        if current is None or any(current is done for done in seen):
-            continue
-        seen.append(current)
-        if isinstance(
-            current, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError
-        ):
-            return current
-        kwargs = getattr(current, "kwargs", None)  # botocore keeps the cause as kwargs["error"]
-        if isinstance(kwargs, dict) and isinstance(kwargs.get("error"), BaseException):
-            todo.append(kwargs["error"])
-        todo.extend((current.__cause__, current.__context__))
-    return None
-
-
-def _check_ca_bundle(cfg: S3Storage) -> None:
-    """`ca_bundle` must be a readable PEM file of CA certificates (checked before use)."""
-    where = f"s3 storage {cfg.name}: ca_bundle {cfg.ca_bundle}"
-    try:
-        with open(cfg.ca_bundle, "rb") as f:
-            text = f.read(16 * MiB)
-        ssl.create_default_context(cafile=cfg.ca_bundle)
-    except ssl.SSLError as exc:  # before OSError, its base class
-        raise StorageError(f"{where}: not a PEM file of CA certificates ({exc})") from exc
-    except OSError as exc:
-        raise StorageError(f"{where}: cannot read it: {exc.strerror or exc}") from exc
-    if b"-----BEGIN CERTIFICATE-----" not in text:
-        raise StorageError(f"{where}: holds no PEM certificate")
-
-
-def _delete_objects_content_md5(params: dict[str, Any], **_: Any) -> None:
-    """DeleteObjects carries a Content-MD5 of its XML body, not botocore's CRC32 header.
-
-    The operation requires an integrity header. botocore >= 1.36 sends
-    x-amz-checksum-crc32 even with `request_checksum_calculation="when_required"`,
-    and stores that predate flexible checksums (Swift's s3api, MinIO and Ceph
-    releases of that era) refuse it: "Missing required header for this request:
-    Content-MD5". AWS accepts either, so every DeleteObjects sends Content-MD5.
-    """
-    body = params.get("body")
-    if not isinstance(body, bytes | bytearray):
-        return
-    params["headers"]["Content-MD5"] = base64.b64encode(
-        hashlib.md5(body, usedforsecurity=False).digest()
-    ).decode()
-    checksum = params.get("context", {}).get("checksum", {})
-    checksum.pop("request_algorithm", None)  # botocore then adds no x-amz-checksum-* header
-    checksum.pop("request_algorithm_header", None)
 
 
 def _without_checksum(part: dict[str, Any]) -> dict[str, Any]:
@@ -165,221 +66,6 @@ def _digest_base64(data: bytes | io.BytesIO, algorithm: S3Checksum) -> str:
         else:
             digest = hashlib.md5(view, usedforsecurity=False).digest()
     return base64.b64encode(digest).decode()
-
-
-class S3Upload:
-    """One object being written; invisible under its key until `complete()` returns.
-
-    Any failure or cancellation inside `write()` or `complete()` aborts the upload
-    (in-flight parts cancelled, then AbortMultipartUpload) before the error
-    propagates, so `abort()` is then a no-op. If `complete()` fails after the
-    final request may have reached the store (cancellation, a lost reply, a size
-    mismatch), the object under the key is deleted too.
-
-    Parts are filled in `io.BytesIO` buffers that are reused once their part is
-    up: the body goes to aiohttp without a copy (a BytesIO made from bytes
-    shares them, and aiohttp's `getbuffer()` would copy each part, fresh pages
-    and all), and memory stays at `upload_concurrency + 1` part buffers.
-    """
-
-    def __init__(self, store: S3Store, key: str) -> None:
-        self.key = key
-        self._store = store
-        self._object_key = store.prefix + key
-        self._part: io.BytesIO | None = None  # the part being filled
-        self._spare: list[io.BytesIO] = []  # buffers of parts already sent, for reuse
-        self._size = 0
-        self._create: asyncio.Task[str] | None = None
-        self._upload_id: str | None = None
-        self._next_part = 1
-        self._done: dict[int, dict[str, str]] = {}  # part number -> ETag (and checksum)
-        self._parts: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(store.upload_concurrency)
-        self._failure: StorageError | None = None
-        self._state: Literal["open", "completing", "done", "aborted"] = "open"
-        self._maybe_published = False
-        self._publishing: asyncio.Future[None] | None = None
-        self._cleanup: asyncio.Task[None] | None = None
-
-    async def write(self, data: bytes) -> None:
-        self._check_open()
-        try:
-            await self._write(data)
-        except BaseException:
-            await self.abort()
-            raise
-
-    async def complete(self) -> int:
-        self._check_open()
-        self._state = "completing"
-        try:
-            size = await self._complete()
-            self._check_parts()  # abort() may have run in another task meanwhile
-        except BaseException:
-            await self.abort()
-            raise
-        self._state = "done"
-        return size
-
-    async def abort(self) -> None:
-        """Discard everything written; never raises.
-
-        If the caller is cancelled meanwhile, the cleanup still finishes in the background.
-        """
-        if self._state == "done":
-            return
-        self._state = "aborted"
-        self._part, self._spare = None, []
-        if self._cleanup is None:
-            self._cleanup = asyncio.ensure_future(self._discard_within_deadline())
-        await asyncio.shield(self._cleanup)
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise StorageError(f"upload of {self.key} is already completed or aborted")
-
-    def _check_parts(self) -> None:
-        """Raise if a part failed, or if `abort()` ran while this writer was waiting."""
-        if self._failure is not None:
-            raise self._failure
-        if self._state == "aborted":
-            raise StorageError(f"upload of {self.key} was aborted")
-
-    async def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        self._size += len(view)
-        while view:
-            part_size = self._store.part_size_for(self._next_part)
-            if self._part is None:
-                self._part = self._spare.pop() if self._spare else io.BytesIO()
-                self._part.seek(0)
-            take = min(part_size - self._part.tell(), len(view))
-            self._part.write(view[:take])
-            view = view[take:]
-            if self._create is None and self._part.tell() >= self._store.early_create:
-                # Headed for a multipart upload: start it now, so its round trip
-                # overlaps with filling the first part instead of stalling the stream.
-                self._create = asyncio.ensure_future(self._store.create_multipart(self._object_key))
-            if self._part.tell() == part_size:
-                part, self._part = self._part, None
-                await self._send_part(part)
-
-    async def _send_part(self, part: io.BytesIO) -> None:
-        """Start uploading one part; waits while `upload_concurrency` parts are in flight."""
-        part.truncate()  # a reused buffer may be longer than this part
-        self._check_parts()
-        if self._upload_id is None:
-            if self._create is None:
-                self._create = asyncio.ensure_future(self._store.create_multipart(self._object_key))
-            # Shielded so that a cancelled caller still learns the upload id to abort.
-            self._upload_id = await asyncio.shield(self._create)
-            self._check_parts()
-        if self._next_part > self._store.MAX_PARTS:
-            raise StorageError(
-                f"s3 storage {self._store.name}: {self._object_key} needs more than "
-                f"{self._store.MAX_PARTS} parts ({self._store.part_size} bytes, doubled "
-                f"every {self._store.PART_GROWTH_EVERY} parts); raise part_size"
-            )
-        await self._slots.acquire()
-        try:
-            self._check_parts()
-        except StorageError:
-            self._slots.release()
-            raise
-        number = self._next_part
-        self._next_part += 1
-        self._parts.add(asyncio.create_task(self._upload_part(self._upload_id, number, part)))
-
-    async def _upload_part(self, upload_id: str, number: int, part: io.BytesIO) -> None:
-        try:
-            self._done[number] = await self._store.upload_part(
-                self._object_key, upload_id, number, part
-            )
-        except StorageError as exc:
-            if self._failure is None:
-                self._failure = exc
-        finally:
-            self._spare.append(part)
-            self._slots.release()
-
-    async def _complete(self) -> int:
-        store = self._store
-        if self._create is None:
-            body = b""
-            if self._part is not None:
-                self._part.truncate()
-                body, self._part = self._part.getvalue(), None
-            await self._publish(store.put_object(self._object_key, body))
-            return len(body)
-        if self._part is not None:
-            last, self._part = self._part, None
-            await self._send_part(last)
-        upload_id = await asyncio.shield(self._create)  # done: a part was sent
-        await asyncio.wait(self._parts)
-        self._check_parts()
-        for task in self._parts:
-            task.result()  # a bug in a part task surfaces here, not as a lost exception
-        parts = [{"PartNumber": n, **self._done[n]} for n in sorted(self._done)]
-        await self._publish(store.complete_multipart(self._object_key, upload_id, parts))
-        size = await store.object_size(self._object_key)
-        if size != self._size:
-            raise StorageError(
-                f"s3 storage {store.name}: {self._object_key} has {size} bytes after upload, "
-                f"expected {self._size}"
-            )
-        return size
-
-    async def _publish(self, request: Coroutine[Any, Any, None]) -> None:
-        """Send the request that makes the object visible, noting whether it may have."""
-        self._maybe_published = True
-        self._publishing = asyncio.ensure_future(request)
-        try:
-            await self._publishing
-        except StorageError as exc:
-            # A permanent refusal leaves the key untouched; a transient one may not have.
-            self._maybe_published = exc.transient
-            raise
-
-    async def _discard_within_deadline(self) -> None:
-        """`_discard()`, given up after `CLEANUP_DEADLINE` (a hung store): the sweeper
-        aborts the upload once it is older than `abandoned_upload_grace`."""
-        try:
-            async with asyncio.timeout(CLEANUP_DEADLINE):
-                await self._discard()
-        except TimeoutError:
-            log.warning(
-                "upload_abort_abandoned",
-                storage=self._store.name,
-                key=self._object_key,
-                deadline_seconds=CLEANUP_DEADLINE,
-                note="the store did not answer in time; the sweeper aborts the upload "
-                "after abandoned_upload_grace",
-            )
-
-    async def _discard(self) -> None:
-        for task in self._parts:
-            task.cancel()
-        if self._parts:
-            await asyncio.wait(self._parts)
-        if self._publishing is not None:  # abort() from another task during complete()
-            await asyncio.wait([self._publishing])
-        upload_id = self._upload_id
-        if upload_id is None and self._create is not None:
-            await asyncio.wait([self._create])
-            if not self._create.cancelled() and self._create.exception() is None:
-                upload_id = self._create.result()
-        try:
-            if upload_id is not None:
-                await self._store.abort_multipart(self._object_key, upload_id)
-            if self._maybe_published:
-                await self._store.delete_object(self._object_key)
-        except StorageError as exc:
-            log.warning(
-                "upload_abort_failed",
-                storage=self._store.name,
-                key=self._object_key,
-                error=str(exc),
-            )
 
 
 class S3Store(BaseStore):
@@ -427,47 +113,7 @@ class S3Store(BaseStore):
         self, exc: BaseException, action: str, *, bucket_request: bool = False
     ) -> StorageError:
         where = f"s3 storage {self.name}: {action}"
-        if isinstance(exc, botocore_errors.ClientError):
-            code = _error_code(exc)
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            message = str(exc.response.get("Error", {}).get("Message", ""))
-            if code == "NoSuchBucket" or (bucket_request and code in _NOT_FOUND_CODES):
-                return StorageError(f"{where}: bucket {self.bucket!r} does not exist")
-            if code in _NOT_FOUND_CODES:
-                return NotFound(f"{where}: not found")
-            if code in _CREDENTIAL_CODES:
-                return StorageError(
-                    f"{where}: the store rejected the credentials ({code}); "
-                    "check access_key_id and secret_access_key"
-                )
-            if code in _DENIED_CODES:
-                return StorageError(f"{where}: access denied to bucket {self.bucket!r} ({code})")
-            detail = f"{code or 'error'} (HTTP {status})" + (f": {message}" if message else "")
-            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-                return TransientStorageError(f"{where}: {detail}")
-            return StorageError(f"{where}: {detail}")
-        if (cert_error := _certificate_error(exc)) is not None:
-            return StorageError(
-                f"{where}: the endpoint's TLS certificate is not trusted ({cert_error}); "
-                "set ca_bundle to the CA that signed it"
-            )
-        if isinstance(
-            exc, botocore_errors.NoCredentialsError | botocore_errors.PartialCredentialsError
-        ):
-            return StorageError(
-                f"{where}: no credentials: set access_key_id and secret_access_key, "
-                "or provide AWS credentials to the service"
-            )
-        if isinstance(
-            exc,
-            botocore_errors.HTTPClientError
-            | botocore_errors.ConnectionError
-            | aiohttp.ClientError
-            | ConnectionError
-            | TimeoutError,
-        ):
-            return TransientStorageError(f"{where}: {exc}")
-        return StorageError(f"{where}: {exc}")
+        return translate(exc, where, self.bucket, bucket_request=bucket_request)
 
     async def _call(
         self,
@@ -489,10 +135,10 @@ class S3Store(BaseStore):
                 try:
                     response = await self._send(method, body, Bucket=self.bucket, **params)
                 except botocore_errors.ClientError as exc:
-                    if _error_code(exc) in ignore:
+                    if error_code(exc) in ignore:
                         return {}
                     raise self._error(exc, action, bucket_request=bucket_request) from exc
-                except _REQUEST_ERRORS_AND_OS as exc:
+                except REQUEST_ERRORS as exc:
                     raise self._error(exc, action) from exc
         return response
 
@@ -543,7 +189,7 @@ class S3Store(BaseStore):
                     paginator = self._client.get_paginator(operation)
                     async for page in paginator.paginate(Bucket=self.bucket, **params):
                         items.extend(page.get(result_key, []))
-                except _REQUEST_ERRORS_AND_OS as exc:
+                except REQUEST_ERRORS as exc:
                     raise self._error(exc, action) from exc
         return items
 
@@ -616,10 +262,10 @@ class S3Store(BaseStore):
                 try:
                     response = await self._send_complete(object_key, upload_id, parts)
                 except botocore_errors.ClientError as exc:
-                    if attempt.num > 1 and _error_code(exc) == "NoSuchUpload":
+                    if attempt.num > 1 and error_code(exc) == "NoSuchUpload":
                         return
                     raise self._error(exc, action) from exc
-                except _REQUEST_ERRORS_AND_OS as exc:
+                except REQUEST_ERRORS as exc:
                     raise self._error(exc, action) from exc
                 if not response.get("ETag"):
                     await self._check_completed(object_key, len(parts), action)
@@ -636,7 +282,7 @@ class S3Store(BaseStore):
                 **request, MultipartUpload={"Parts": parts}
             )
         except botocore_errors.ClientError as exc:
-            code = _error_code(exc)
+            code = error_code(exc)
             if code != "MalformedXML" or not any("ChecksumCRC32" in part for part in parts):
                 raise
             self._drop_part_checksums(code)
@@ -660,13 +306,13 @@ class S3Store(BaseStore):
         try:
             head = await self._client.head_object(Bucket=self.bucket, Key=object_key)
         except botocore_errors.ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 raise TransientStorageError(
                     f"s3 storage {self.name}: {action}: the reply has no ETag and "
                     "the object is not there"
                 ) from exc
             raise self._error(exc, action) from exc
-        except _REQUEST_ERRORS_AND_OS as exc:
+        except REQUEST_ERRORS as exc:
             raise self._error(exc, action) from exc
         etag = str(head.get("ETag", "")).strip('"')
         _, dash, count = etag.rpartition("-")
@@ -720,7 +366,7 @@ class S3Store(BaseStore):
             try:
                 while chunk := await body.read(chunk_size):
                     yield chunk
-            except _REQUEST_ERRORS_AND_OS as exc:
+            except REQUEST_ERRORS as exc:
                 raise self._error(exc, action) from exc
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
@@ -834,7 +480,7 @@ class S3Store(BaseStore):
             )
         except botocore_errors.ClientError:
             return  # refused: the store checks it
-        except _REQUEST_ERRORS_AND_OS as exc:
+        except REQUEST_ERRORS as exc:
             raise self._error(exc, f"write {object_key}") from exc
         await self.delete_object(object_key)
         note = (
@@ -854,43 +500,6 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _socket_factory(read_timeout: float) -> Callable[[Any], socket.socket]:
-    """Sockets that the kernel drops once what they sent stays unacknowledged (or the
-    peer's window stays shut) for `read_timeout` (TCP_USER_TIMEOUT, Linux).
-
-    A request given up on a store that stopped reading cannot close its
-    connection cleanly (asyncio waits to flush the unsent body first): without
-    this, every such request would keep a socket and its buffers for as long as
-    the store stays hung.
-    """
-
-    def make(addr_info: Any) -> socket.socket:
-        family, type_, proto, _, _ = addr_info
-        sock = socket.socket(family=family, type=type_, proto=proto)
-        if hasattr(socket, "TCP_USER_TIMEOUT"):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(read_timeout * 1000))
-                )
-        return sock
-
-    return make
-
-
-def _credentials(cfg: S3Storage) -> dict[str, str]:
-    """Static credentials from the config's secrets; empty: botocore's default chain."""
-    if cfg.access_key_id is None and cfg.secret_access_key is None:
-        return {}
-    if cfg.access_key_id is None or cfg.secret_access_key is None:
-        raise StorageError(
-            f"s3 storage {cfg.name}: set both access_key_id and secret_access_key, or neither"
-        )
-    return {
-        "aws_access_key_id": cfg.access_key_id.resolve(),
-        "aws_secret_access_key": cfg.secret_access_key.resolve(),
-    }
-
-
 async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S3Store:
     """Resolve the secrets now and enter one client; `aclose()` the store to release it."""
     if cfg.part_size < S3Store.MIN_PART_SIZE:
@@ -899,43 +508,6 @@ async def open_s3_store(cfg: S3Storage, retry: RetrySettings | None = None) -> S
         )
     if cfg.upload_concurrency < 1:
         raise StorageError(f"s3 storage {cfg.name}: upload_concurrency must be at least 1")
-    credentials = await asyncio.to_thread(_credentials, cfg)
-    if cfg.ca_bundle:
-        await asyncio.to_thread(_check_ca_bundle, cfg)
-    s3_options: dict[str, Any] = {"addressing_style": cfg.addressing_style}
-    if cfg.checksum == "crc32" and not cfg.endpoint_url.startswith("http://"):
-        # Over TLS the CRC32 header protects each body: no SHA-256 of every part on
-        # the event loop for the signature (botocore would skip it for Content-MD5,
-        # but does not notice a checksum header set by the caller).
-        s3_options["payload_signing_enabled"] = False
-    config = AioConfig(
-        signature_version="s3v4",
-        s3=s3_options,
-        retries={"total_max_attempts": 1, "mode": "standard"},  # parts are retried here
-        connect_timeout=cfg.connect_timeout,
-        read_timeout=cfg.read_timeout,
-        # One store serves concurrent runs: room for four full-speed uploads and some reads.
-        max_pool_connections=4 * cfg.upload_concurrency + 4,
-        connector_args={"socket_factory": _socket_factory(cfg.read_timeout)},
-        # S3-compatible stores often lack the newer default CRC checksums.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
     exit_stack = AsyncExitStack()
-    try:
-        client = await exit_stack.enter_async_context(
-            get_session().create_client(
-                "s3",
-                region_name=cfg.region or None,
-                endpoint_url=cfg.endpoint_url or None,
-                config=config,
-                # None: botocore's default, AWS_CA_BUNDLE or the system's CAs.
-                verify=cfg.ca_bundle or None,
-                **credentials,
-            )
-        )
-    except (ValueError, botocore_errors.BotoCoreError) as exc:
-        await exit_stack.aclose()
-        raise StorageError(f"s3 storage {cfg.name}: cannot set up the client: {exc}") from exc
-    client.meta.events.register("before-call.s3.DeleteObjects", _delete_objects_content_md5)
+    client = await open_client(cfg, exit_stack)
     return S3Store(cfg, client, exit_stack, retry or RetrySettings())

@@ -1,0 +1,143 @@
+"""The aiobotocore client of one S3 store: credentials, TLS, timeouts, compatibility.
+
+botocore's own retries are off (the store retries each request itself); every
+request has a connect and a read timeout, and its socket a TCP user timeout,
+so a hung store fails requests instead of holding them. Checksums are sent
+only when required (S3-compatible stores often lack the newer defaults), and
+DeleteObjects carries the Content-MD5 that older stores demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import socket
+import ssl
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import botocore.exceptions as botocore_errors
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from backupd.config import S3Storage
+from backupd.errors import StorageError
+from backupd.storage.base import MiB
+
+
+async def open_client(cfg: S3Storage, exit_stack: AsyncExitStack) -> Any:
+    """Resolve the secrets, check the CA bundle, and enter a client on `exit_stack`."""
+    credentials = await asyncio.to_thread(_credentials, cfg)
+    if cfg.ca_bundle:
+        await asyncio.to_thread(_check_ca_bundle, cfg)
+    s3_options: dict[str, Any] = {"addressing_style": cfg.addressing_style}
+    if cfg.checksum == "crc32" and not cfg.endpoint_url.startswith("http://"):
+        # Over TLS the CRC32 header protects each body: no SHA-256 of every part on
+        # the event loop for the signature (botocore would skip it for Content-MD5,
+        # but does not notice a checksum header set by the caller).
+        s3_options["payload_signing_enabled"] = False
+    config = AioConfig(
+        signature_version="s3v4",
+        s3=s3_options,
+        retries={"total_max_attempts": 1, "mode": "standard"},  # parts are retried here
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+        # One store serves concurrent runs: room for four full-speed uploads and some reads.
+        max_pool_connections=4 * cfg.upload_concurrency + 4,
+        connector_args={"socket_factory": _socket_factory(cfg.read_timeout)},
+        # S3-compatible stores often lack the newer default CRC checksums.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    try:
+        client = await exit_stack.enter_async_context(
+            get_session().create_client(
+                "s3",
+                region_name=cfg.region or None,
+                endpoint_url=cfg.endpoint_url or None,
+                config=config,
+                # None: botocore's default, AWS_CA_BUNDLE or the system's CAs.
+                verify=cfg.ca_bundle or None,
+                **credentials,
+            )
+        )
+    except (ValueError, botocore_errors.BotoCoreError) as exc:
+        await exit_stack.aclose()
+        raise StorageError(f"s3 storage {cfg.name}: cannot set up the client: {exc}") from exc
+    client.meta.events.register("before-call.s3.DeleteObjects", _delete_objects_content_md5)
+    return client
+
+
+def _socket_factory(read_timeout: float) -> Callable[[Any], socket.socket]:
+    """Sockets that the kernel drops once what they sent stays unacknowledged (or the
+    peer's window stays shut) for `read_timeout` (TCP_USER_TIMEOUT, Linux).
+
+    A request given up on a store that stopped reading cannot close its
+    connection cleanly (asyncio waits to flush the unsent body first): without
+    this, every such request would keep a socket and its buffers for as long as
+    the store stays hung.
+    """
+
+    def make(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(read_timeout * 1000))
+                )
+        return sock
+
+    return make
+
+
+def _credentials(cfg: S3Storage) -> dict[str, str]:
+    """Static credentials from the config's secrets; empty: botocore's default chain."""
+    if cfg.access_key_id is None and cfg.secret_access_key is None:
+        return {}
+    if cfg.access_key_id is None or cfg.secret_access_key is None:
+        raise StorageError(
+            f"s3 storage {cfg.name}: set both access_key_id and secret_access_key, or neither"
+        )
+    return {
+        "aws_access_key_id": cfg.access_key_id.resolve(),
+        "aws_secret_access_key": cfg.secret_access_key.resolve(),
+    }
+
+
+def _check_ca_bundle(cfg: S3Storage) -> None:
+    """`ca_bundle` must be a readable PEM file of CA certificates (checked before use)."""
+    where = f"s3 storage {cfg.name}: ca_bundle {cfg.ca_bundle}"
+    try:
+        with open(cfg.ca_bundle, "rb") as f:
+            text = f.read(16 * MiB)
+        ssl.create_default_context(cafile=cfg.ca_bundle)
+    except ssl.SSLError as exc:  # before OSError, its base class
+        raise StorageError(f"{where}: not a PEM file of CA certificates ({exc})") from exc
+    except OSError as exc:
+        raise StorageError(f"{where}: cannot read it: {exc.strerror or exc}") from exc
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise StorageError(f"{where}: holds no PEM certificate")
+
+
+def _delete_objects_content_md5(params: dict[str, Any], **_: Any) -> None:
+    """DeleteObjects carries a Content-MD5 of its XML body, not botocore's CRC32 header.
+
+    The operation requires an integrity header. botocore >= 1.36 sends
+    x-amz-checksum-crc32 even with `request_checksum_calculation="when_required"`,
+    and stores that predate flexible checksums (Swift's s3api, MinIO and Ceph
+    releases of that era) refuse it: "Missing required header for this request:
+    Content-MD5". AWS accepts either, so every DeleteObjects sends Content-MD5.
+    """
+    body = params.get("body")
+    if not isinstance(body, bytes | bytearray):
+        return
+    params["headers"]["Content-MD5"] = base64.b64encode(
+        hashlib.md5(body, usedforsecurity=False).digest()
+    ).decode()
+    checksum = params.get("context", {}).get("checksum", {})
+    checksum.pop("request_algorithm", None)  # botocore then adds no x-amz-checksum-* header
+    checksum.pop("request_algorithm_header", None)
