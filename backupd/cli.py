@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from backupd import __version__, logs
+from backupd import __version__
 from backupd.errors import (
     EXIT_FAILED,
     AmbiguousDatabase,
@@ -30,6 +30,7 @@ from backupd.errors import (
     PasswordInTarget,
     PlainDumpSelection,
 )
+from backupd.observe import logs
 
 log = structlog.get_logger("backupd.cli")
 

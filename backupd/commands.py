@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from backupd import control
-from backupd.backup import Trigger
-from backupd.config import Config, Job, secret_references
-from backupd.configfile import config_path, config_to_toml, format_duration, load_config
+from backupd.catalog.manifest import Manifest, find_backup, list_backups, now_utc, scan_backups
+from backupd.config.file import config_path, config_to_toml, format_duration, load_config
+from backupd.config.model import Config, Job, secret_references
+from backupd.daemon import control
+from backupd.daemon.runner import Runner, StorePool
 from backupd.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -30,10 +31,9 @@ from backupd.errors import (
     SecretMissing,
     UsageError,
 )
-from backupd.manifest import Manifest, find_backup, list_backups, now_utc, scan_backups
-from backupd.overview import age_of, human_duration, human_rate, human_size, one_line
+from backupd.observe.overview import age_of, human_duration, human_rate, human_size, one_line
+from backupd.operations.backup import Trigger
 from backupd.progress import REDRAW, CountingStore, ProgressLine
-from backupd.runner import Runner, StorePool
 from backupd.storage.base import Store
 
 
@@ -94,7 +94,7 @@ def _human_size(n: int) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from backupd.daemon import Daemon
+    from backupd.daemon.lifecycle import Daemon
 
     return await Daemon(config_path(args.config), log_level=args.log_level).run()
 
@@ -174,7 +174,7 @@ async def check(args: argparse.Namespace) -> int:
 
 
 async def backup(args: argparse.Namespace) -> int:
-    from backupd.retention_apply import prune_after_success
+    from backupd.operations.prune import prune_after_success
 
     config = _load(args)
     _job(config, args.job)
@@ -341,7 +341,7 @@ async def _suggest_create(create: bool) -> AsyncIterator[None]:
 
 
 async def restore(args: argparse.Namespace) -> int:
-    from backupd import restore as restoring
+    from backupd.operations import restore as restoring
 
     def announce(line: str) -> None:
         print(f"backupd: {line}", file=sys.stderr)
@@ -381,7 +381,7 @@ def _refuse_existing(path: str) -> None:
 
 
 async def download(args: argparse.Namespace) -> int:
-    from backupd import download as downloading
+    from backupd.operations import download as downloading
 
     if args.output != "-" and not args.force:
         _refuse_existing(args.output)
@@ -406,7 +406,7 @@ async def download(args: argparse.Namespace) -> int:
 
 
 async def verify(args: argparse.Namespace) -> int:
-    from backupd.verify import verify_backup
+    from backupd.operations.verify import verify_backup
 
     line = ProgressLine(f"verify {args.job}", quiet=args.quiet)
     async with _pool() as pool, _clearing(line):
@@ -422,7 +422,7 @@ async def verify(args: argparse.Namespace) -> int:
 
 
 async def prune(args: argparse.Namespace) -> int:
-    from backupd.retention_apply import prune_job
+    from backupd.operations.prune import prune_job
 
     config = _load(args)
     jobs = [_job(config, args.job)] if args.job else list(config.jobs.values())
@@ -443,7 +443,7 @@ async def prune(args: argparse.Namespace) -> int:
 
 async def sweep(args: argparse.Namespace) -> int:
     """The daemon's sweeper, once: for users who run `backupd backup` from cron."""
-    from backupd.maintenance import sweep as sweep_store
+    from backupd.daemon.maintenance import sweep as sweep_store
 
     config = _load(args)
     if args.storage is not None and args.storage not in config.storages:
@@ -480,7 +480,7 @@ async def delete(args: argparse.Namespace) -> int:
 
     The job's only backup in that storage is refused without `--force`.
     """
-    from backupd.retention_apply import delete_backup
+    from backupd.operations.prune import delete_backup
 
     async with _pool() as pool:
         config = _load(args)
@@ -770,7 +770,7 @@ async def health(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     import aiohttp
 
-    from backupd.http import parse_listen
+    from backupd.daemon.http import parse_listen
 
     host, port = parse_listen(listen)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import IO, Any
 
-from backupd.overview import human_duration, human_rate, human_size
+from backupd.observe.overview import human_duration, human_rate, human_size
 from backupd.storage.base import IncompleteUpload, ObjectInfo, Store, Upload
 
 Progress = Callable[[int, int | None], None]

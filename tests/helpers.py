@@ -12,7 +12,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from backupd.manifest import FailedDatabase, Manifest, new_backup_id, rfc3339, stem_for
+from backupd.catalog.manifest import FailedDatabase, Manifest, new_backup_id, rfc3339, stem_for
 from tests.pgcluster import PG_BIN, PgCluster
 
 BACKUPD = [sys.executable, "-m", "backupd"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from backupd.crypto import AgeDecryptor, DecryptionError, load_identities
+from backupd.stream.age import AgeDecryptor, DecryptionError, load_identities
 
 VECTORS = Path(__file__).parent / "data" / "age-vectors"
 NAMES = sorted(p.name for p in VECTORS.iterdir() if p.name not in {"README.md", "LICENSE"})

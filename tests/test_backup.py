@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from backupd.backup import Trigger, run_backup
-from backupd.configfile import load_config
-from backupd.manifest import list_backups
-from backupd.runner import StorePool
+from backupd.catalog.manifest import list_backups
+from backupd.config.file import load_config
+from backupd.daemon.runner import StorePool
+from backupd.operations.backup import Trigger, run_backup
 from tests.helpers import BIG_TABLE_SQL, run_cli, sha256_file, wrapped_bin_dir, write_config
 from tests.pgcluster import PG_BIN, PgCluster, wait_for
 

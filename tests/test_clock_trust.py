@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from backupd.backup import Trigger
-from backupd.config import Config, Job
-from backupd.configfile import load_config
-from backupd.manifest import (
+from backupd.catalog.manifest import (
     Manifest,
     find_backup,
     list_backups,
 )
-from backupd.metrics import Metrics
-from backupd.retention import FUTURE_TOLERANCE
-from backupd.retention_apply import prune_after_success
-from backupd.runner import Runner, StorePool
+from backupd.catalog.retention import FUTURE_TOLERANCE
+from backupd.config.file import load_config
+from backupd.config.model import Config, Job
+from backupd.daemon.runner import Runner, StorePool
+from backupd.observe.metrics import Metrics
+from backupd.operations.backup import Trigger
+from backupd.operations.prune import prune_after_success
 from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
 from tests.daemon_proc import DaemonProcess

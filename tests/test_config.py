@@ -7,7 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from backupd.config import (
+from backupd.config.dsn import dsn_host, dsn_params, redact_dsn
+from backupd.config.file import (
+    config_path,
+    config_to_toml,
+    format_duration,
+    format_size,
+    load_config,
+    parse_compression,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
+from backupd.config.model import (
     DEFAULT_CONFIG_PATH,
     Compression,
     Config,
@@ -22,20 +34,8 @@ from backupd.config import (
     Secret,
     VerifyPolicy,
 )
-from backupd.configfile import (
-    config_path,
-    config_to_toml,
-    format_duration,
-    format_size,
-    load_config,
-    parse_compression,
-    parse_config,
-    parse_duration,
-    parse_size,
-)
-from backupd.crypto import generate_identity
-from backupd.dsn import dsn_host, dsn_params, redact_dsn
 from backupd.errors import ConfigError, SecretError
+from backupd.stream.age import generate_identity
 
 AGE_KEY = "age1a45crpvsw7yxsqzq09g9ljqrfp7splgka4822f57c8s5sjejfsnq34hsjm"
 

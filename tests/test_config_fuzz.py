@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backupd.config import Config
-from backupd.configfile import (
+from backupd.config.file import (
     MAX_DURATION,
     config_to_toml,
     format_duration,
@@ -25,6 +24,7 @@ from backupd.configfile import (
     parse_duration,
     parse_size,
 )
+from backupd.config.model import Config
 from backupd.errors import ConfigError
 from tests.test_config import AGE_KEY, SPEC_EXAMPLE
 

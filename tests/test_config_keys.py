@@ -12,16 +12,16 @@ from typing import Any
 
 import tomli_w
 
-from backupd import configvalues as v
-from backupd.config import (
+from backupd.config import values as v
+from backupd.config.file import config_to_toml, parse_config
+from backupd.config.keys import Ctx, Table, key, load, model, secret_values, to_toml
+from backupd.config.model import (
     Config,
     DaemonConfig,
     Secret,
     secret_reference,
     secret_references,
 )
-from backupd.configfile import config_to_toml, parse_config
-from backupd.configkeys import Ctx, Table, key, load, model, secret_values, to_toml
 from tests.test_config import SPEC_EXAMPLE
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import structlog
 
-from backupd.control import (
+from backupd.daemon.control import (
     MAX_LINE,
     CommandError,
     ControlServer,
@@ -546,7 +546,7 @@ needs_root = pytest.mark.skipif(
 
 CLIENT = """
 import asyncio, json, sys
-from backupd.control import call
+from backupd.daemon.control import call
 from backupd.errors import DaemonUnreachable
 try:
     print(json.dumps(asyncio.run(call(sys.argv[1], {"cmd": "ping"}))))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from backupd.backup import Trigger
-from backupd.configfile import load_config
-from backupd.runner import Runner, StorePool
+from backupd.config.file import load_config
+from backupd.daemon.runner import Runner, StorePool
+from backupd.operations.backup import Trigger
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from backupd.configfile import load_config
-from backupd.crypto import (
+from backupd.config.file import load_config
+from backupd.errors import BackupdError, ConfigError
+from backupd.stream.age import (
     CHUNK,
     AgeDecryptor,
     AgeEncryptor,
@@ -29,7 +30,6 @@ from backupd.crypto import (
     load_identities,
     parse_recipient,
 )
-from backupd.errors import BackupdError, ConfigError
 from tests.helpers import run_cli, write_config
 from tests.pgcluster import PG_BIN, PgCluster
 

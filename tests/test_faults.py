@@ -26,16 +26,16 @@ from typing import Any
 import pytest
 import structlog
 
-from backupd.backup import Trigger, run_backup
-from backupd.config import Config
-from backupd.configfile import load_config, parse_config
-from backupd.daemon import schedule_entries
+from backupd.catalog.manifest import Manifest
+from backupd.config.file import load_config, parse_config
+from backupd.config.model import Config
+from backupd.daemon.lifecycle import schedule_entries
+from backupd.daemon.maintenance import sweep
+from backupd.daemon.runner import Run, Runner, StorePool
+from backupd.daemon.scheduler import ScheduleLoop
 from backupd.errors import StorageError
-from backupd.maintenance import sweep
-from backupd.manifest import Manifest
-from backupd.metrics import Metrics
-from backupd.runner import Run, Runner, StorePool
-from backupd.scheduler import ScheduleLoop
+from backupd.observe.metrics import Metrics
+from backupd.operations.backup import Trigger, run_backup
 from backupd.storage import RetrySettings, Store, open_store
 from tests.daemon_proc import DaemonProcess
 from tests.fakeclock import FakeClock

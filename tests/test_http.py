@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
+from backupd.daemon.http import HttpServer, parse_listen
 from backupd.errors import BackupdError, ConfigError
-from backupd.http import HttpServer, parse_listen
-from backupd.metrics import Metrics
+from backupd.observe.metrics import Metrics
 
 
 @dataclass

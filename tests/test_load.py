@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from backupd import control
-from backupd.config import Config
-from backupd.configfile import parse_config
-from backupd.daemon import schedule_entries
-from backupd.scheduler import ScheduleLoop
+from backupd.config.file import parse_config
+from backupd.config.model import Config
+from backupd.daemon import control
+from backupd.daemon.lifecycle import schedule_entries
+from backupd.daemon.scheduler import ScheduleLoop
 from tests.daemon_proc import DaemonProcess
 from tests.fakeclock import FakeClock
 from tests.helpers import wrapped_bin_dir, write_config

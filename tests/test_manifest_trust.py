@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from backupd.manifest import (
+from backupd.catalog.manifest import (
     MANIFEST_SUFFIX,
     MAX_MANIFEST_BYTES,
     FailedDatabase,
@@ -383,7 +383,7 @@ async def test_listing_time_with_many_bad_manifests(
     tmp_path: Path, record_testsuite_property: Callable[[str, object], None]
 ) -> None:
     """List 500 good and 100 bad manifests of one job in a filesystem store."""
-    from backupd.config import FilesystemStorage
+    from backupd.config.model import FilesystemStorage
 
     store = FilesystemStore(FilesystemStorage(name="local", path=str(tmp_path / "store")))
     root = tmp_path / "store"

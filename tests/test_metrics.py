@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from backupd import __version__
-from backupd.exposition import TextExposition
-from backupd.metrics import Metrics
+from backupd.observe.exposition import TextExposition
+from backupd.observe.metrics import Metrics
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:

@@ -14,9 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from backupd import __version__, config
-from backupd.metrics import Metrics
-from backupd.notify import Notifications, RunEvent, summary
+from backupd import __version__
+from backupd.config import model as config
+from backupd.observe.metrics import Metrics
+from backupd.observe.notify import Notifications, RunEvent, summary
 from tests.test_metrics import value
 
 

@@ -24,9 +24,10 @@ import pytest
 import stamina
 import structlog
 
-from backupd import config, logs
-from backupd.metrics import Metrics
-from backupd.notify import Notifications, RunEvent
+from backupd.config import model as config
+from backupd.observe import logs
+from backupd.observe.metrics import Metrics
+from backupd.observe.notify import Notifications, RunEvent
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import write_config
 from tests.pgcluster import PgCluster, free_port, wait_for

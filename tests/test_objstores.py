@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from backupd.config import S3Storage
+from backupd.config.model import S3Storage
 from backupd.storage import RetrySettings, open_store
 from tests.faultproxy import ErrorReply, FaultProxy, Rule
 from tests.helpers import BIG_TABLE_SQL, run_cli, write_config

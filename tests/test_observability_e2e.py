@@ -29,8 +29,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backupd import __version__
-from backupd.configfile import load_config
-from backupd.manifest import folder_for, parse_rfc3339
+from backupd.catalog.manifest import folder_for, parse_rfc3339
+from backupd.config.file import load_config
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for

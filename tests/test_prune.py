@@ -16,14 +16,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from backupd.backup import Trigger, run_backup
-from backupd.config import Config, FilesystemStorage, Job
-from backupd.configfile import load_config
-from backupd.maintenance import sweep
-from backupd.manifest import MANIFEST_SUFFIX, FailedDatabase, Manifest, list_backups, now_utc
-from backupd.metrics import Metrics
-from backupd.retention_apply import prune_after_success, prune_job
-from backupd.runner import Runner, StorePool
+from backupd.catalog.manifest import (
+    MANIFEST_SUFFIX,
+    FailedDatabase,
+    Manifest,
+    list_backups,
+    now_utc,
+)
+from backupd.config.file import load_config
+from backupd.config.model import Config, FilesystemStorage, Job
+from backupd.daemon.maintenance import sweep
+from backupd.daemon.runner import Runner, StorePool
+from backupd.observe.metrics import Metrics
+from backupd.operations.backup import Trigger, run_backup
+from backupd.operations.prune import prune_after_success, prune_job
 from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
 from tests.helpers import restamp, run_cli, write_config

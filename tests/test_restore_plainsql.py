@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backupd.plainsql import PlainFilter, UnsafeDump
+from backupd.operations.plainsql import PlainFilter, UnsafeDump
 
 DUMP = b"""\\restrict K
 SET x = 1;

@@ -219,7 +219,7 @@ def test_verify_restore_counts_rows_of_user_defined_types(
 
 
 def test_errors_show_the_first_ones_and_a_count() -> None:
-    from backupd.pgclient import error_summary as _summary
+    from backupd.operations.pgclient import error_summary as _summary
 
     stderr = "\n".join(
         [f'psql:<stdin>:{i}: ERROR:  relation "t{i}" already exists' for i in range(191)]
@@ -232,7 +232,7 @@ def test_errors_show_the_first_ones_and_a_count() -> None:
 
 
 def test_globals_plan_skips_statements_about_existing_roles() -> None:
-    from backupd.globals_restore import plan_globals
+    from backupd.operations.globals_restore import plan_globals
 
     dump = (
         b"CREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'x';\n"
@@ -286,7 +286,7 @@ def test_globals_with_a_tablespace_say_they_are_not_atomic_and_what_was_applied(
 
 
 def test_old_manifests_still_name_their_globals() -> None:
-    from backupd.manifest import Manifest, globals_name
+    from backupd.catalog.manifest import Manifest, globals_name
 
     stem = "app-20260101T000000Z-1a2b3c4d"
     old = {

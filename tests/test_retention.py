@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backupd.config import Retention
+from backupd.catalog.retention import FUTURE_TOLERANCE, BackupRef, in_future, plan
+from backupd.config.model import Retention
 from backupd.errors import ConfigError
-from backupd.retention import FUTURE_TOLERANCE, BackupRef, in_future, plan
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 DAY = 86400.0

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from backupd.daemon.scheduler import Schedule, ScheduleLoop, next_fire, validate_cron
 from backupd.errors import ConfigError
-from backupd.scheduler import Schedule, ScheduleLoop, next_fire, validate_cron
 from tests.fakeclock import FakeClock
 
 BERLIN = "Europe/Berlin"

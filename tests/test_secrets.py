@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 import structlog
 
-from backupd.backup import Trigger, run_backup
-from backupd.config import Secret
-from backupd.configfile import load_config
+from backupd.config.file import load_config
+from backupd.config.model import Secret
+from backupd.daemon.runner import StorePool
 from backupd.errors import SecretError
-from backupd.runner import StorePool
+from backupd.operations.backup import Trigger, run_backup
 from backupd.sources.postgres import cve_2024_7348_fix
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, run_cli, wrapped_bin_dir, write_config

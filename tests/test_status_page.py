@@ -146,6 +146,6 @@ def test_status_page_in_chromium(daemon: tuple[DaemonProcess, str], tmp_path: Pa
     ],
 )
 def test_errors_on_the_page_name_no_host(error: str, shown: str) -> None:
-    from backupd.statuspage import scrub
+    from backupd.observe.statuspage import scrub
 
     assert shown in scrub(error)

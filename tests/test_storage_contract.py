@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from backupd.config import FilesystemStorage, S3Storage, Secret
+from backupd.config.model import FilesystemStorage, S3Storage, Secret
 from backupd.errors import NotFound, StorageError
 from backupd.storage import RetrySettings, Store, open_store
 from tests.objstores import S3Target

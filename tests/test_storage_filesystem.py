@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from backupd.config import FilesystemStorage
+from backupd.config.model import FilesystemStorage
 from backupd.errors import NotFound, StorageError
 from backupd.storage import IncompleteUpload, base, filesystem, open_store
 from backupd.storage.filesystem import FilesystemStore, open_filesystem_store

@@ -7,7 +7,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from backupd.supervise import Supervisor
+from backupd.daemon.supervise import Supervisor
 
 
 async def crash() -> None:

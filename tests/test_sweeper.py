@@ -12,12 +12,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from backupd.backup import Trigger, run_backup
-from backupd.configfile import load_config
-from backupd.maintenance import Maintenance, sweep
-from backupd.manifest import list_backups, now_utc
-from backupd.metrics import Metrics
-from backupd.runner import Runner, StorePool
+from backupd.catalog.manifest import list_backups, now_utc
+from backupd.config.file import load_config
+from backupd.daemon.maintenance import Maintenance, sweep
+from backupd.daemon.runner import Runner, StorePool
+from backupd.observe.metrics import Metrics
+from backupd.operations.backup import Trigger, run_backup
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, wait_for

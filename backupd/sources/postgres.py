@@ -27,8 +27,8 @@ from urllib.parse import urlencode
 import asyncpg
 import structlog
 
-from backupd.config import Job, PostgresSource
-from backupd.dsn import dsn_host, dsn_params, for_database, redact_dsn
+from backupd.config.dsn import dsn_host, dsn_params, for_database, redact_dsn
+from backupd.config.model import Job, PostgresSource
 from backupd.errors import SourceError, SourceUnavailable
 
 log = structlog.get_logger("backupd.postgres")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backupd.config import FilesystemStorage, S3Storage
+from backupd.config.model import FilesystemStorage, S3Storage
 from backupd.storage.base import IncompleteUpload, ObjectInfo, Store, Upload
 from backupd.storage.filesystem import open_filesystem_store
 from backupd.storage.retry import RetrySettings

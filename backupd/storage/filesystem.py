@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from backupd.config import FilesystemStorage
+from backupd.config.model import FilesystemStorage
 from backupd.errors import NotFound, StorageError
 from backupd.storage.base import (
     BaseStore,

@@ -36,7 +36,7 @@ from typing import Any
 import botocore.exceptions as botocore_errors
 import structlog
 
-from backupd.config import S3Checksum, S3Storage
+from backupd.config.model import S3Checksum, S3Storage
 from backupd.errors import StorageError, TransientStorageError
 from backupd.storage.base import (
     BaseStore,

@@ -23,7 +23,7 @@ import botocore.exceptions as botocore_errors
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from backupd.config import S3Storage
+from backupd.config.model import S3Storage
 from backupd.errors import StorageError
 from backupd.storage.base import MiB
 
