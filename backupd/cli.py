@@ -84,7 +84,7 @@ def _limit(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from backupd import commands
+    from backupd import commands, remote
 
     parser = argparse.ArgumentParser(
         prog="backupd",
@@ -127,17 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     _add_quiet(p)
 
-    p = cmd("trigger", commands.trigger, "ask the running daemon to run JOB now")
+    p = cmd("trigger", remote.trigger, "ask the running daemon to run JOB now")
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument(
         "--wait", action="store_true", help="follow the run and exit 0 on success, 1 on failure"
     )
     _add_quiet(p)
 
-    p = cmd("status", commands.status, "jobs, next fire times, last results, runs in progress")
+    p = cmd("status", remote.status, "jobs, next fire times, last results, runs in progress")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = cmd("history", commands.history, "recent runs of JOB since the daemon started")
+    p = cmd("history", remote.history, "recent runs of JOB since the daemon started")
     p.add_argument("job", help="a job name from the config ([job.NAME])")
     p.add_argument(
         "--limit", type=_limit, default=20, metavar="N", help="at most N runs (1-1000, default 20)"
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd(
         "health",
-        commands.health,
+        remote.health,
         "exit 0 if the daemon is alive: GET /healthz on daemon.http_listen, else a socket ping "
         "(for container health checks)",
     )
@@ -154,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=4.0, metavar="SECONDS", help="give up after (default 4)"
     )
 
-    p = cmd("cancel", commands.cancel, "cancel a run in progress")
+    p = cmd("cancel", remote.cancel, "cancel a run in progress")
     p.add_argument("run_id", help="the run id shown by `trigger` and `status`")
 
-    p = cmd("reload", commands.reload, "re-read the config in the daemon (same as SIGHUP)")
+    p = cmd("reload", remote.reload, "re-read the config in the daemon (same as SIGHUP)")
 
     p = cmd("list", commands.list_, "backups that exist in storage (no daemon needed)")
     p.add_argument("job", nargs="?", help="only this job (default: every job)")
@@ -321,8 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_level = "info" if args.command in ("run", "backup") else "warning"
     fmt = None
     if args.command != "run":
-        from backupd.commands import peek_daemon_setting
         from backupd.progress import TerminalStream
+        from backupd.remote import peek_daemon_setting
 
         configured = peek_daemon_setting(args.config, "log_format")
         fmt = configured if configured in ("json", "console") else None
