@@ -37,7 +37,7 @@ from backupd.daemon.supervise import Supervisor
 from backupd.errors import BackupdError, ConfigError
 from backupd.observe import logs
 from backupd.observe.metrics import Metrics
-from backupd.observe.notify import Notifications, RunEvent
+from backupd.observe.notify import Event, Notifications, RunEvent
 from backupd.observe.overview import Inventory, one_line
 from backupd.observe.systemd import Notifier as SystemdNotifier
 from backupd.observe.systemd import watchdog_interval
@@ -57,14 +57,14 @@ class _Notify:
         self.notifications = notifications
         self.inventory = inventory
 
-    def run_event(self, event: str, job: Job, run: Run) -> None:
+    def run_event(self, event: Event, job: Job, run: Run) -> None:
         if event == "failure" and run.manifest is not None:  # a partial backup was published
             self.inventory.record_backup(job.name, job.storage[0], run.manifest)
         self.notifications.notify(
-            event,  # type: ignore[arg-type]
+            event,
             job.notify,
             RunEvent(
-                event=event,  # type: ignore[arg-type]
+                event=event,
                 job=job.name,
                 run_id=run.run_id,
                 result=run.state if run.done else None,

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 import tenacity
@@ -34,11 +34,14 @@ import tenacity
 from backupd.catalog.manifest import Manifest, now_utc, rfc3339
 from backupd.config.model import Config, Job, Storage
 from backupd.errors import BackupdError, UsageError
+from backupd.observe.notify import Event
 from backupd.operations.backup import PartialBackup, Trigger, run_backup
 from backupd.storage import RetrySettings, open_store
 from backupd.storage.base import CLEANUP_DEADLINE, Store
 
 log = structlog.get_logger("backupd.runner")
+
+RunState = Literal["queued", "running", "success", "failure", "cancelled"]
 
 HISTORY_SIZE = 200  # runs kept for `status` and `history`
 STOP_DEADLINE = CLEANUP_DEADLINE + 2.0
@@ -57,7 +60,7 @@ class RunMetrics(Protocol):
 
 
 class RunNotifier(Protocol):
-    def run_event(self, event: str, job: Job, run: Run) -> None: ...
+    def run_event(self, event: Event, job: Job, run: Run) -> None: ...
 
 
 class StorePool:
@@ -98,7 +101,7 @@ class Run:
     job: str
     trigger: Trigger
     submitted_at: datetime
-    state: str = "queued"  # queued | running | success | failure | cancelled
+    state: RunState = "queued"
     attempts: int = 0
     error: str | None = None
     started_at: datetime | None = None
@@ -484,7 +487,7 @@ class Runner:
         for queue in run.listeners:
             queue.put_nowait(final)
 
-    def _notify(self, event: str, job: Job, run: Run) -> None:
+    def _notify(self, event: Event, job: Job, run: Run) -> None:
         if self.notifier is not None:
             self.notifier.run_event(event, job, run)
 

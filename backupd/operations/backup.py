@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -48,9 +48,12 @@ log = structlog.get_logger("backupd.backup")
 Progress = Callable[[dict[str, Any]], None]
 
 
+TriggerKind = Literal["schedule", "manual", "catch-up"]
+
+
 @dataclass(frozen=True, slots=True)
 class Trigger:
-    kind: str = "manual"  # schedule | manual | catch-up
+    kind: TriggerKind = "manual"
     uid: int | None = None
     user: str | None = None
 
