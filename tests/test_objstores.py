@@ -105,7 +105,6 @@ def test_backup_restore_prune_sweep_end_to_end(
         extra_job='compression = "none"\nretention = { keep_last = 1 }\n',
         s3_extra='abandoned_upload_grace = "1s"\n',
     )
-    started = time.monotonic()
     for _ in range(2):
         out = run_cli("backup", "app", "-c", str(cfg))
         assert out.returncode == 0, out.stderr
@@ -144,7 +143,8 @@ def test_backup_restore_prune_sweep_end_to_end(
     client.upload_part(
         Bucket=target.bucket, Key=crashed, UploadId=upload_id, PartNumber=1, Body=b"x" * 1000
     )
-    wait_for(lambda: time.monotonic() - started > 1.5, 10, what="the grace of 1s")
+    created = time.monotonic()  # the grace counts from the upload, not from the test's start
+    wait_for(lambda: time.monotonic() - created > 1.5, 10, what="the grace of 1s")
     dry = run_cli("sweep", "-c", str(cfg), "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert f"would abort incomplete upload {CRASHED}" in dry.stdout
