@@ -185,6 +185,26 @@ class Encryption:
     recipients: tuple[str, ...]
 
 
+# --- HA (issue 17): [daemon] node and [daemon] ha -------------------------------------
+@dataclass(frozen=True, slots=True)
+class HaConfig:
+    """`[daemon] ha`: several daemons sharing one schedule through claims in a store."""
+
+    enabled: bool = False
+    lease: float = 60.0  # seconds a claim lives without renewal
+    storage: str = ""  # where claims live; "" = each job's first storage
+
+
+def node_name(daemon: DaemonConfig) -> str:
+    """This daemon's node name: `[daemon] node`, else the host name."""
+    import socket
+
+    return daemon.node or socket.gethostname() or "localhost"
+
+
+# --- end HA ---------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     socket: str = DEFAULT_SOCKET_PATH
@@ -197,6 +217,8 @@ class DaemonConfig:
     shutdown_grace: float = 300.0
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
+    node: str = ""  # HA (issue 17): this daemon's name; "" = the host name (see node_name)
+    ha: HaConfig = HaConfig()  # HA (issue 17)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from backupd.config import (
     DaemonConfig,
     Encryption,
     FilesystemStorage,
+    HaConfig,
     Job,
     Notifier,
     PostgresSource,
@@ -108,6 +109,7 @@ def parse_config(data: dict[str, Any], path: str = "") -> Config:
         notifiers=_section_names(data, "notify"),
     )
     daemon = _daemon(root)
+    _check_ha_storage(root_ctx, daemon, names)  # HA (issue 17)
     defaults = _defaults(root, names)
     sources = _entities(root, "source", _source)
     storages: dict[str, Storage] = _entities(root, "storage", _storage)
@@ -853,6 +855,44 @@ _JOB_SCHEMA: dict[str, _Parser[Any]] = {
 }
 _REQUIRED_JOB_KEYS = ("source", "storage")
 
+
+# --- HA (issue 17): [daemon] node, [daemon] ha = { enabled, lease, storage } ----------
+def _node(value: object, ctx: _Ctx) -> str:
+    text = _string(value, ctx)
+    if text and _NAME.fullmatch(text) is None:
+        raise _Invalid(
+            "a node name is at most 64 letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+_HA_SCHEMA: dict[str, _Parser[Any]] = {
+    "enabled": _bool,
+    "lease": _duration(positive=True),
+    "storage": _string,
+}
+
+
+def _ha(value: object, ctx: _Ctx) -> HaConfig:
+    t = _Table(value, ctx)
+    ha = HaConfig(**t.read(_HA_SCHEMA))
+    t.close()
+    if ha.lease < 3:
+        ctx.child("lease").error("must be at least 3s (claims are renewed every lease/3)")
+    return ha
+
+
+def _check_ha_storage(ctx: _Ctx, daemon: DaemonConfig | None, names: _Names) -> None:
+    if daemon is not None and daemon.ha.storage and daemon.ha.storage not in names.storages:
+        ctx.child("daemon").child("ha").child("storage").error(
+            f"unknown storage {_describe(daemon.ha.storage)}"
+        )
+
+
+# --- end HA ---------------------------------------------------------------------------
+
+
 _DAEMON_SCHEMA: dict[str, _Parser[Any]] = {
     "socket": _socket_path,
     "socket_mode": _socket_mode,
@@ -864,7 +904,10 @@ _DAEMON_SCHEMA: dict[str, _Parser[Any]] = {
     "shutdown_grace": _duration(),
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
+    "node": _node,  # HA (issue 17)
+    "ha": _ha,  # HA (issue 17)
 }
+
 
 _POSTGRES_SCHEMA: dict[str, _Parser[Any]] = {
     "dsn": _dsn(_SOURCE_DSN_FIX),
@@ -1108,6 +1151,12 @@ def _daemon_doc(d: DaemonConfig) -> dict[str, Any]:
         "shutdown_grace": format_duration(d.shutdown_grace),
         "log_format": d.log_format,
         "log_level": d.log_level,
+        "node": d.node or None,  # HA (issue 17)
+        "ha": {  # HA (issue 17)
+            "enabled": d.ha.enabled,
+            "lease": format_duration(d.ha.lease),
+            "storage": d.ha.storage,
+        },
     }
     return _without_none(doc)
 

@@ -93,5 +93,9 @@ class NotFound(StorageError):
     """The object or backup asked for does not exist."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write was refused: the object exists (create) or changed (replace)."""
+
+
 class IntegrityError(BackupdError):
     """Stored bytes do not match their manifest (size, SHA-256, archive listing)."""

@@ -106,6 +106,9 @@ class Run:
     size_bytes: int | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     interrupted: str | None = field(default=None, repr=False)  # why the daemon stopped it
+    node: str = ""  # the daemon running it ([daemon] node)
+    scheduled_for: datetime | None = None  # the slot of a scheduled or catch-up run
+    claim: Any = field(default=None, repr=False)  # HA: its ha.Claim, kept while it runs
     listeners: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list, repr=False)
 
     @property
@@ -128,6 +131,8 @@ class Run:
             "duration_seconds": self.duration_seconds,
             "backup": self.backup,
             "size_bytes": self.size_bytes,
+            "node": self.node,
+            "scheduled_for": rfc3339(self.scheduled_for) if self.scheduled_for else None,
         }
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -167,7 +172,9 @@ class Runner:
         notifier: RunNotifier | None = None,
         after_success: PostRun | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        node: str = "",
     ) -> None:
+        self.node = node
         self.config = config
         self.stores = stores
         self.metrics = metrics
@@ -205,8 +212,23 @@ class Runner:
             self._global = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self.config = config
 
-    def submit(self, job_name: str, trigger: Trigger) -> Run:
-        """Start a run of `job_name`; raises JobBusy if one is queued or running."""
+    def busy(self, job_name: str) -> bool:
+        return job_name in self._active
+
+    def submit(
+        self,
+        job_name: str,
+        trigger: Trigger,
+        *,
+        scheduled_for: datetime | None = None,
+        claim: Any = None,
+        run_id: str | None = None,
+    ) -> Run:
+        """Start a run of `job_name`; raises JobBusy if one is queued or running.
+
+        HA: `claim` (an `ha.Claim` already won) is renewed while the run lasts;
+        if it is lost the run stops (failure, saying why) and publishes nothing.
+        """
         job = self.config.jobs.get(job_name)
         if job is None:
             raise UsageError(f"unknown job {job_name!r}")
@@ -223,7 +245,13 @@ class Runner:
             )
             raise JobBusy(busy)
         run = Run(
-            run_id=secrets.token_hex(6), job=job_name, trigger=trigger, submitted_at=now_utc()
+            run_id=run_id or secrets.token_hex(6),
+            job=job_name,
+            trigger=trigger,
+            submitted_at=now_utc(),
+            node=self.node,
+            scheduled_for=scheduled_for,
+            claim=claim,
         )
         self._active[job_name] = run
         self._runs[run.run_id] = run
@@ -284,6 +312,7 @@ class Runner:
         # reports the run, so a run cancelled while queued must have been counted.
         if self.metrics is not None:
             self.metrics.run_started(job.name)
+        keeper = self._keep_claim(run)
         try:
             async with self._source_slot(config, job), self._global:
                 run.state = "running"
@@ -309,6 +338,7 @@ class Runner:
             if not isinstance(exc, BackupdError):
                 log.error("run_crashed", error=run.error, exc_info=True)
         finally:
+            await self._end_claim(run, keeper)
             self._finish(job, run, time.monotonic() - t0)
             structlog.contextvars.unbind_contextvars("job", "run_id")
         if run.state == "success" and self.after_success is not None:
@@ -317,6 +347,29 @@ class Runner:
                 await self.after_success(config, job, manifest, stores)
             except Exception as exc:
                 log.warning("after_success_failed", job=job.name, error=str(exc))
+
+    def _keep_claim(self, run: Run) -> asyncio.Task[None] | None:
+        """HA: renew the run's claim while it lasts; a lost claim stops the run."""
+        if run.claim is None:
+            return None
+
+        def lost(why: str) -> None:
+            if run.task is not None and not run.task.done():
+                run.interrupted = f"stopped: {why}"
+                run.task.cancel()
+
+        return asyncio.create_task(run.claim.keep(lost), name=f"claim-{run.run_id}")
+
+    async def _end_claim(self, run: Run, keeper: asyncio.Task[None] | None) -> None:
+        """HA: the slot is done (any result), or released for another node if this
+        daemon is shutting down; a lost claim is left to its new holder."""
+        if keeper is None:
+            return
+        keeper.cancel()
+        await asyncio.wait([keeper])
+        shutdown = (run.interrupted or "").startswith("interrupted by daemon shutdown")
+        with contextlib.suppress(Exception):
+            await asyncio.shield(run.claim.finish("released" if shutdown else "done"))
 
     async def _within_timeout(
         self, job: Job, run: Run, attempts: Coroutine[Any, Any, Manifest]
@@ -381,6 +434,9 @@ class Runner:
                         attempt=run.attempts,
                         on_bytes=on_bytes,
                         progress=run.emit,
+                        node=run.node,
+                        scheduled_for=rfc3339(run.scheduled_for) if run.scheduled_for else "",
+                        before_publish=run.claim.confirm if run.claim is not None else None,
                     )
                 except asyncio.CancelledError:
                     self._count_attempt(job, "cancelled")

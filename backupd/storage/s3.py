@@ -22,6 +22,7 @@ import asyncio
 import base64
 import builtins
 import contextlib
+import email.utils
 import hashlib
 import io
 import secrets
@@ -40,13 +41,15 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from backupd.config import S3Checksum, S3Storage
-from backupd.errors import NotFound, StorageError, TransientStorageError
+from backupd.errors import NotFound, PreconditionFailed, StorageError, TransientStorageError
 from backupd.storage.base import (
     CLEANUP_DEADLINE,
+    MAX_VERSIONED_BYTES,
     BaseStore,
     IncompleteUpload,
     MiB,
     ObjectInfo,
+    Versioned,
     check_key,
     check_prefix,
 )
@@ -73,6 +76,8 @@ _TRANSIENT_CODES = frozenset(
         "XAmzContentSHA256Mismatch",
     }
 )
+# A conditional write refused (412), or lost to a concurrent one (409, AWS).
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412"})
 _CREDENTIAL_CODES = frozenset(
     {
         "InvalidAccessKeyId",
@@ -843,6 +848,64 @@ class S3Store(BaseStore):
         )
         if note not in self.compat_notes:
             self.compat_notes.append(note)
+
+    # -- conditional writes (HA claims) --------------------------------------
+
+    async def _conditional_put(self, key: str, data: bytes, **condition: Any) -> str:
+        object_key = self.prefix + check_key(key)
+        try:
+            response = await self._call(
+                f"write {object_key} (conditional)",
+                "put_object",
+                Key=object_key,
+                Body=io.BytesIO(data),
+                **condition,
+                **await self._checksum(data),
+            )
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, botocore_errors.ClientError) and _error_code(cause) in (
+                _PRECONDITION_CODES
+            ):
+                raise PreconditionFailed(
+                    f"s3 storage {self.name}: {object_key} exists or changed"
+                ) from None
+            if isinstance(exc, NotFound) and "IfMatch" in condition:
+                raise PreconditionFailed(f"s3 storage {self.name}: {object_key} is gone") from None
+            raise
+        etag = str(response.get("ETag") or "")
+        if not etag:
+            raise StorageError(f"s3 storage {self.name}: no ETag in the reply to {object_key}")
+        return etag
+
+    async def create_if_absent(self, key: str, data: bytes) -> str:
+        return await self._conditional_put(key, data, IfNoneMatch="*")
+
+    async def replace_if_match(self, key: str, data: bytes, etag: str) -> str:
+        return await self._conditional_put(key, data, IfMatch=etag)
+
+    async def read_versioned(self, key: str) -> Versioned:
+        object_key = self.prefix + check_key(key)
+        action = f"read {object_key}"
+        response = await self._call(action, "get_object", Key=object_key)
+        async with response["Body"] as body:
+            try:
+                data = await body.read(MAX_VERSIONED_BYTES + 1)
+            except _REQUEST_ERRORS_AND_OS as exc:
+                raise self._error(exc, action) from exc
+        if len(data) > MAX_VERSIONED_BYTES:
+            raise StorageError(f"s3 storage {self.name}: {object_key} is too large for a claim")
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        try:
+            server_now = email.utils.parsedate_to_datetime(str(headers.get("date", "")))
+            modified = response["LastModified"]
+            age = (server_now - modified).total_seconds()
+        except (KeyError, TypeError, ValueError):
+            raise StorageError(
+                f"s3 storage {self.name}: the reply to {action} lacks a valid Date or "
+                "Last-Modified header (needed to judge a claim's age by the store's clock)"
+            ) from None
+        return Versioned(data=data, etag=str(response.get("ETag") or ""), age=age)
 
     async def aclose(self) -> None:
         await self._exit_stack.aclose()
