@@ -31,7 +31,7 @@ from backupd.claims import (
     Seen,
     judge,
 )
-from backupd.config import Config, Job, node_name
+from backupd.config import Config, Job, Storage, node_name
 from backupd.errors import BackupdError, NotFound, PreconditionFailed, StorageError
 from backupd.storage.base import Store, Versioned
 
@@ -46,7 +46,7 @@ class ClaimMetrics(Protocol):
 
 
 class StorePool(Protocol):
-    async def get(self, cfg: object) -> Store: ...
+    async def get(self, cfg: Storage) -> Store: ...
 
 
 class ClaimLost(BackupdError):
