@@ -478,8 +478,10 @@ def _print_event(event: dict[str, Any]) -> None:
 async def status(args: argparse.Namespace) -> int:
     reply = _check_reply(await control.call(_socket(args), {"cmd": "status"}))
     if args.json:
-        _print_json({"jobs": reply.get("jobs", [])})
+        _print_json({"node": reply.get("node"), "jobs": reply.get("jobs", [])})
         return EXIT_OK
+    if reply.get("node"):  # HA (issue 17): which daemon answered; claims show each holder
+        print(f"node {_printable(str(reply['node']))}")
     rows = [("JOB", "NEXT RUN (UTC)", "LAST RESULT", "LAST FINISHED", "RUNNING")]
     for job in reply.get("jobs", []):
         last = job.get("last_run") or {}
@@ -489,7 +491,11 @@ async def status(args: argparse.Namespace) -> int:
                 (job.get("next_run") or "-")[:19].replace("T", " "),
                 last.get("state") or "-",
                 (last.get("finished_at") or "-")[:19].replace("T", " "),
-                ",".join(r["run_id"] for r in job.get("running", [])) or "-",
+                ",".join(
+                    [r["run_id"] for r in job.get("running", [])]
+                    + [f"{c['slot']}@{_printable(str(c['node']))}" for c in job.get("claims", [])]
+                )
+                or "-",
             )
         )
     _print_table(rows)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
-import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -34,12 +33,13 @@ from backupd.claims import (
 )
 from backupd.config import FilesystemStorage
 from backupd.errors import NotFound, PreconditionFailed
+from backupd.manifest import MANIFEST_SUFFIX
 from backupd.storage import open_store
 from backupd.storage.base import Store
 from tests.daemon_proc import DaemonProcess
 from tests.faultproxy import Delay, FaultProxy, Rule
 from tests.helpers import wrapped_bin_dir, write_config
-from tests.pgcluster import PgCluster, wait_for
+from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.test_storage_contract import NO_WAIT_RETRY, s3_config
 
 LEASE = 6.0
@@ -262,3 +262,306 @@ async def test_conditional_writes_moto(s3_server: str, s3_bucket: str) -> None:
         await _conditional_contract(store)
     finally:
         await store.aclose()
+
+
+# -- several real daemons ----------------------------------------------------------------
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop(10)
+        elif d.proc is not None:
+            d._log.close()
+
+
+def _node_config(
+    tmp_path: Path,
+    name: str,
+    pg: PgCluster,
+    sample_db: str,
+    password_file: Path,
+    *,
+    s3: tuple[str, str] | None = None,
+    fs: Path | None = None,
+    schedule: str,
+    lease: float = LEASE,
+    bin_dir: Path | None = None,
+    http_listen: str = "",
+) -> Path:
+    home = tmp_path / name
+    home.mkdir()
+    return write_config(
+        home / "b.toml",
+        pg,
+        password_file=password_file,
+        database=sample_db,
+        fs_path=fs,
+        s3=s3,
+        s3_extra='addressing_style = "path"\n',
+        extra_daemon=f'node = "{name}"\nha = {{ enabled = true, lease = "{lease:g}s" }}',
+        extra_source=f'pg_bin_dir = "{bin_dir}"' if bin_dir else "",
+        extra_job=f'schedule = "{schedule}"\ncatch_up = true\n',
+        http_listen=http_listen,
+    )
+
+
+def _manifests_s3(endpoint: str, bucket: str) -> list[dict[str, Any]]:
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+    )
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="prod/"):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith(MANIFEST_SUFFIX):
+                body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                out.append(json.loads(body))
+    return out
+
+
+def _manifests_fs(root: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_bytes()) for p in root.rglob(f"*{MANIFEST_SUFFIX}")]
+
+
+def _per_slot(manifests: list[dict[str, Any]]) -> collections.Counter[str]:
+    return collections.Counter(m["scheduled_for"] for m in manifests)
+
+
+def _events(d: DaemonProcess, event: str) -> list[dict[str, Any]]:
+    return [e for e in d.events() if e.get("event") == event]
+
+
+def _at(event: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+
+
+def _rfc3339(slot: str) -> str:
+    return datetime.strptime(slot, "%Y%m%dT%H%M%SZ").strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize("kind", ["moto", "filesystem"])
+def test_three_daemons_one_backup_per_slot(
+    kind: str,
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+    daemons: list[DaemonProcess],
+) -> None:
+    """Three daemons, one config's jobs, a slot every 3 s: each slot is backed up once."""
+    fs = tmp_path / "shared-store" if kind == "filesystem" else None
+    s3 = (s3_server, s3_bucket) if kind == "moto" else None
+    port = free_port()
+    for i in range(3):
+        cfg = _node_config(
+            tmp_path,
+            f"n{i}",
+            pg,
+            sample_db,
+            pg_password_file,
+            s3=s3,
+            fs=fs,
+            schedule="*/3 * * * * *",
+            http_listen=f"127.0.0.1:{port}" if i == 0 else "",
+        )
+        daemons.append(DaemonProcess(cfg, tmp_path / f"n{i}.log").start())
+
+    def manifests() -> list[dict[str, Any]]:
+        return _manifests_s3(s3_server, s3_bucket) if s3 else _manifests_fs(fs)  # type: ignore[arg-type]
+
+    wanted = 8 if kind == "moto" else 6
+    wait_for(lambda: len(_per_slot(manifests())) >= wanted, 75, what=f"{wanted} slots backed up")
+    status = daemons[1].status()
+    assert status["node"] == "n1"
+    for d in daemons:
+        d.stop(20)
+    found = manifests()
+    per_slot = _per_slot(found)
+    duplicates = {slot: n for slot, n in per_slot.items() if n > 1}
+    assert not duplicates, f"slots published twice: {duplicates}"
+    # Every slot between the first and the last one published was run (by some node).
+    times = sorted(datetime.fromisoformat(s.replace("Z", "+00:00")) for s in per_slot)
+    gaps = [
+        (a.isoformat(), b.isoformat())
+        for a, b in itertools.pairwise(times)
+        if (b - a).total_seconds() != 3
+    ]
+    assert not gaps, f"slots missed between {gaps}"
+    assert {m["node"] for m in found} <= {"n0", "n1", "n2"}
+    assert all(m["trigger"] in ("schedule", "catch-up") for m in found)
+    logs = "".join(d.logs() for d in daemons)
+    won = logs.count('"claim_won"')
+    lost = logs.count('"claim_lost_to_other"')
+    print(
+        f"\nHA {kind}: {len(per_slot)} slots, {len(found)} backups, duplicates 0, "
+        f"claims won {won}, lost {lost}, by node "
+        f"{dict(collections.Counter(m['node'] for m in found))}"
+    )
+    assert won >= len(per_slot) and lost >= len(per_slot)
+
+
+def test_kill_holder_another_node_publishes_the_slot(
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+    daemons: list[DaemonProcess],
+) -> None:
+    """kill -9 the daemon running a slot: another takes it over within lease + dump time."""
+    dump_seconds = 5
+    bin_dir = wrapped_bin_dir(tmp_path / "bin", f'sleep {dump_seconds}\nexec "$REAL" "$@"')
+    for i in range(3):
+        cfg = _node_config(
+            tmp_path,
+            f"n{i}",
+            pg,
+            sample_db,
+            pg_password_file,
+            s3=(s3_server, s3_bucket),
+            schedule="*/20 * * * * *",
+            bin_dir=bin_dir,
+        )
+        daemons.append(DaemonProcess(cfg, tmp_path / f"n{i}.log").start())
+
+    def holder() -> tuple[DaemonProcess, str] | None:
+        for d in daemons:
+            won = _events(d, "claim_won")
+            if won and _events(d, "run_started"):
+                return d, str(won[0]["slot"])
+        return None
+
+    found: list[tuple[DaemonProcess, str]] = []
+    wait_for(
+        lambda: bool(found.append(h) if (h := holder()) else None) or bool(found),
+        40,
+        what="a node running the first slot",
+    )
+    victim, slot = found[0]
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    victim.wait(10)
+    want = _rfc3339(slot)
+    wait_for(
+        lambda: want in _per_slot(_manifests_s3(s3_server, s3_bucket)),
+        LEASE + LEASE_SLACK + LEASE / 3 + dump_seconds + 20,
+        what=f"slot {want} published by another node",
+    )
+    takeover = time.monotonic() - killed
+    manifests = _manifests_s3(s3_server, s3_bucket)
+    (published,) = [m for m in manifests if m["scheduled_for"] == want]
+    assert published["node"] != victim.config.parent.name
+    duplicates = {s: n for s, n in _per_slot(manifests).items() if n > 1}
+    assert not duplicates
+    taken = [d for d in daemons if d is not victim and _events(d, "claim_taken_over")]
+    assert taken, "no node logged claim_taken_over"
+    print(
+        f"\nHA kill -9: slot {want} published by {published['node']} {takeover:.1f}s after "
+        f"the kill (lease {LEASE:g}s, dump {dump_seconds}s)"
+    )
+    assert takeover <= LEASE + LEASE_SLACK + LEASE / 3 + dump_seconds + 10
+
+
+def test_store_ignoring_conditional_writes_fails_ha_startup(
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+) -> None:
+    with FaultProxy(s3_server) as proxy:
+        proxy.strip_conditions = True
+        cfg = _node_config(
+            tmp_path,
+            "n0",
+            pg,
+            sample_db,
+            pg_password_file,
+            s3=(proxy.url, s3_bucket),
+            schedule="0 0 * * *",
+        )
+        d = DaemonProcess(cfg, tmp_path / "n0.log")
+        with pytest.raises(RuntimeError, match="exited 1") as failed:
+            d.start(30)
+        d._log.close()
+    assert "conditional writes" in str(failed.value)
+    assert "storage offsite" in str(failed.value)
+
+
+def test_delayed_renewals_old_holder_stops_before_new_one_publishes(
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    s3_server: str,
+    s3_bucket: str,
+    daemons: list[DaemonProcess],
+) -> None:
+    """Renewals held past the lease: the holder stops (its deadline) before another node
+    can take the slot over, and only the new holder publishes it."""
+    bin_dir = wrapped_bin_dir(tmp_path / "bin", 'sleep 8\nexec "$REAL" "$@"')
+    with FaultProxy(s3_server) as proxy:
+        # Every renewal (a PutObject with If-Match) of node a is held for 3 leases.
+        proxy.add(Rule(Delay(seconds=3 * LEASE), ops=("PutObject",), header="If-Match"))
+        cfg_a = _node_config(
+            tmp_path,
+            "a",
+            pg,
+            sample_db,
+            pg_password_file,
+            s3=(proxy.url, s3_bucket),
+            schedule="*/30 * * * * *",
+            bin_dir=bin_dir,
+        )
+        a = DaemonProcess(cfg_a, tmp_path / "a.log").start()
+        daemons.append(a)
+        wait_for(lambda: bool(_events(a, "run_started")), 45, what="node a running a slot")
+        slot = str(_events(a, "claim_won")[0]["slot"])
+        # b starts now: its catch-up finds the slot claimed by a and watches it.
+        cfg_b = _node_config(
+            tmp_path,
+            "b",
+            pg,
+            sample_db,
+            pg_password_file,
+            s3=(s3_server, s3_bucket),
+            schedule="*/30 * * * * *",
+            bin_dir=bin_dir,
+        )
+        b = DaemonProcess(cfg_b, tmp_path / "b.log").start()
+        daemons.append(b)
+        want = _rfc3339(slot)
+        wait_for(
+            lambda: want in _per_slot(_manifests_s3(s3_server, s3_bucket)),
+            60,
+            what=f"slot {want} published by node b",
+        )
+        a_lost = _events(a, "claim_lost")
+        assert a_lost, a.logs()
+        (a_run,) = [e for e in _events(a, "run_finished") if e.get("result") == "failure"][:1]
+        assert "claim" in a_run["error"]
+        taken = _events(b, "claim_taken_over")
+        published = _events(b, "backup_published")
+        assert taken and published
+        assert _at(a_lost[0]) < _at(taken[0]) < _at(published[0])
+        assert _at(a_run) < _at(published[0])
+        before = (_at(taken[0]) - _at(a_lost[0])).total_seconds()
+        after = (_at(published[0]) - _at(a_lost[0])).total_seconds()
+        print(
+            f"\nHA delayed renewals: a stopped {before:.1f}s before b took over; "
+            f"b published {after:.1f}s after a stopped"
+        )
+    manifests = _manifests_s3(s3_server, s3_bucket)
+    assert [m["node"] for m in manifests if m["scheduled_for"] == want] == ["b"]
