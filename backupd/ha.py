@@ -331,7 +331,10 @@ class Coordinator:
         except StorageError as exc:
             log.warning("claim_take_over_failed", key=key, error=str(exc))
             return "wait"
-        log.info("claim_stale", key=key, previous_node=record.node, age_seconds=found.age)
+        if record.state == "running":
+            log.warning(
+                "claim_abandoned", key=key, previous_node=record.node, age_seconds=found.age
+            )
         return Claim(store, key, mine, etag, lease, sent)
 
     # -- duties: retention, sweeper (and WAL archiving later) ----------------------------

@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -132,13 +132,18 @@ class Run:
             "backup": self.backup,
             "size_bytes": self.size_bytes,
             "node": self.node,
-            "scheduled_for": rfc3339(self.scheduled_for) if self.scheduled_for else None,
+            "scheduled_for": slot_time(self.scheduled_for) or None,
         }
 
     def emit(self, event: dict[str, Any]) -> None:
         payload = {"run_id": self.run_id, "job": self.job, **event}
         for queue in self.listeners:
             queue.put_nowait(payload)
+
+
+def slot_time(when: datetime | None) -> str:
+    """A slot as manifests record it (`scheduled_for`): RFC 3339 UTC, whole seconds."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if when is not None else ""
 
 
 class _JobTimeout(Exception):
@@ -435,7 +440,7 @@ class Runner:
                         on_bytes=on_bytes,
                         progress=run.emit,
                         node=run.node,
-                        scheduled_for=rfc3339(run.scheduled_for) if run.scheduled_for else "",
+                        scheduled_for=slot_time(run.scheduled_for),
                         before_publish=run.claim.confirm if run.claim is not None else None,
                     )
                 except asyncio.CancelledError:

@@ -291,6 +291,7 @@ def _node_config(
     lease: float = LEASE,
     bin_dir: Path | None = None,
     http_listen: str = "",
+    catch_up: bool = True,
 ) -> Path:
     home = tmp_path / name
     home.mkdir()
@@ -304,7 +305,7 @@ def _node_config(
         s3_extra='addressing_style = "path"\n',
         extra_daemon=f'node = "{name}"\nha = {{ enabled = true, lease = "{lease:g}s" }}',
         extra_source=f'pg_bin_dir = "{bin_dir}"' if bin_dir else "",
-        extra_job=f'schedule = "{schedule}"\ncatch_up = true\n',
+        extra_job=f'schedule = "{schedule}"\ncatch_up = {str(catch_up).lower()}\n',
         http_listen=http_listen,
     )
 
@@ -431,14 +432,16 @@ def test_kill_holder_another_node_publishes_the_slot(
             s3=(s3_server, s3_bucket),
             schedule="*/20 * * * * *",
             bin_dir=bin_dir,
+            catch_up=False,
         )
         daemons.append(DaemonProcess(cfg, tmp_path / f"n{i}.log").start())
 
     def holder() -> tuple[DaemonProcess, str] | None:
+        """The node with a run in progress, and the slot it claimed for it."""
         for d in daemons:
             won = _events(d, "claim_won")
-            if won and _events(d, "run_started"):
-                return d, str(won[0]["slot"])
+            if won and len(_events(d, "run_started")) > len(_events(d, "run_finished")):
+                return d, str(won[-1]["slot"])
         return None
 
     found: list[tuple[DaemonProcess, str]] = []
