@@ -97,5 +97,9 @@ class PreconditionFailed(StorageError):
     """A conditional write was refused: the object exists (create) or changed (replace)."""
 
 
+class NotSupported(StorageError):
+    """The store does not implement what was asked (HTTP 501), e.g. conditional writes."""
+
+
 class IntegrityError(BackupdError):
     """Stored bytes do not match their manifest (size, SHA-256, archive listing)."""

@@ -32,7 +32,13 @@ from backupd.claims import (
     judge,
 )
 from backupd.config import Config, Job, Storage, node_name
-from backupd.errors import BackupdError, NotFound, PreconditionFailed, StorageError
+from backupd.errors import (
+    BackupdError,
+    NotFound,
+    NotSupported,
+    PreconditionFailed,
+    StorageError,
+)
 from backupd.storage.base import Store, Versioned
 
 log = structlog.get_logger("backupd.ha")
@@ -217,31 +223,48 @@ class Coordinator:
             store = await self.pool.get(config.storages[name])
             key = f"{PREFIX}_probe/{self.node}-{secrets.token_hex(6)}"
             try:
-                etag = await store.create_if_absent(key, b"backupd ha probe 1\n")
-                try:
-                    await store.create_if_absent(key, b"backupd ha probe 2\n")
-                except PreconditionFailed:
-                    pass
-                else:
-                    raise ConditionalWritesUnsupported(
-                        f"HA needs conditional writes, and storage {name} ignores them: a "
-                        f"second create of {key} with If-None-Match: * succeeded (the store, or "
-                        "a proxy in front of it, drops the header); refusing to start in HA mode"
-                    )
-                try:
-                    await store.replace_if_match(key, b"backupd ha probe 3\n", etag + "0")
-                except PreconditionFailed:
-                    pass
-                else:
-                    raise ConditionalWritesUnsupported(
-                        f"HA needs conditional writes, and storage {name} ignores them: a "
-                        f"replace of {key} with a wrong If-Match succeeded; refusing to start "
-                        "in HA mode"
-                    )
+                await self._probe(name, store, key)
+            except NotSupported as exc:
+                raise ConditionalWritesUnsupported(
+                    f"HA needs conditional writes, and storage {name} does not support them "
+                    f"({exc}); refusing to start in HA mode"
+                ) from None
             finally:
                 with contextlib.suppress(StorageError):
                     await store.delete([key])
             log.info("ha_self_test_passed", storage=name, node=self.node)
+
+    async def _probe(self, name: str, store: Store, key: str) -> None:
+        """Create twice (the second must fail), replace on the ETag (must work), then on a
+        wrong one (must fail)."""
+        etag = await store.create_if_absent(key, b"backupd ha probe 1\n")
+        try:
+            await store.create_if_absent(key, b"backupd ha probe 2\n")
+        except PreconditionFailed:
+            pass
+        else:
+            raise ConditionalWritesUnsupported(
+                f"HA needs conditional writes, and storage {name} ignores them: a "
+                f"second create of {key} with If-None-Match: * succeeded (the store, or "
+                "a proxy in front of it, drops the header); refusing to start in HA mode"
+            )
+        try:
+            etag = await store.replace_if_match(key, b"backupd ha probe 3\n", etag)
+        except PreconditionFailed:
+            raise ConditionalWritesUnsupported(
+                f"HA needs conditional writes, and storage {name} refused a replace of "
+                f"{key} with If-Match on its current ETag; refusing to start in HA mode"
+            ) from None
+        try:
+            await store.replace_if_match(key, b"backupd ha probe 4\n", "0" + etag)
+        except PreconditionFailed:
+            pass
+        else:
+            raise ConditionalWritesUnsupported(
+                f"HA needs conditional writes, and storage {name} ignores them: a "
+                f"replace of {key} with a wrong If-Match succeeded; refusing to start "
+                "in HA mode"
+            )
 
     # -- claims for runs -----------------------------------------------------------------
 

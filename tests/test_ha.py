@@ -32,7 +32,9 @@ from backupd.claims import (
     judge,
 )
 from backupd.config import FilesystemStorage
-from backupd.errors import NotFound, PreconditionFailed
+from backupd.configfile import parse_config
+from backupd.errors import NotFound, NotSupported, PreconditionFailed
+from backupd.ha import ConditionalWritesUnsupported, Coordinator
 from backupd.manifest import MANIFEST_SUFFIX
 from backupd.storage import open_store
 from backupd.storage.base import Store
@@ -40,7 +42,8 @@ from tests.daemon_proc import DaemonProcess
 from tests.faultproxy import Delay, FaultProxy, Rule
 from tests.helpers import wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
-from tests.test_storage_contract import NO_WAIT_RETRY, s3_config
+from tests.test_objstores import BUCKETS
+from tests.test_storage_contract import NO_WAIT_RETRY, s3_config, target_config
 
 LEASE = 6.0
 
@@ -568,3 +571,44 @@ def test_delayed_renewals_old_holder_stops_before_new_one_publishes(
         )
     manifests = _manifests_s3(s3_server, s3_bucket)
     assert [m["node"] for m in manifests if m["scheduled_for"] == want] == ["b"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("kind", ["rgw", "swift"])
+async def test_real_stores_conditional_writes_or_ha_refuses(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """On the real stores of tests/objstores.py: either conditional writes work as on
+    moto, or the HA self-test refuses the store (never HA silently without them)."""
+    target = request.getfixturevalue(BUCKETS[kind])
+    cfg = target_config(target)
+    store = await open_store(cfg, s3_retry=NO_WAIT_RETRY)
+
+    class Pool:
+        async def get(self, _: object) -> Store:
+            return store
+
+    try:
+        key = f".backupd-claims/probe-{kind}"
+        try:
+            await store.create_if_absent(key, b"one")
+            await store.create_if_absent(key, b"two")
+            honoured = False
+        except PreconditionFailed:
+            honoured = True
+        except NotSupported as exc:  # Swift's s3api answers 501 NotImplemented
+            print(f"\n{kind}: {exc}")
+            honoured = False
+        await store.delete([key])
+        print(f"\n{kind}: If-None-Match honoured: {honoured}")
+        if honoured:
+            await _conditional_contract(store)
+        else:
+            config = parse_config(
+                {"storage": {"offsite": {"type": "s3", "bucket": cfg.bucket}}},
+            )
+            with pytest.raises(ConditionalWritesUnsupported, match="conditional writes"):
+                await Coordinator(Pool(), None, "n0").self_test(config)  # type: ignore[arg-type]
+    finally:
+        await store.aclose()

@@ -41,7 +41,13 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from backupd.config import S3Checksum, S3Storage
-from backupd.errors import NotFound, PreconditionFailed, StorageError, TransientStorageError
+from backupd.errors import (
+    NotFound,
+    NotSupported,
+    PreconditionFailed,
+    StorageError,
+    TransientStorageError,
+)
 from backupd.storage.base import (
     CLEANUP_DEADLINE,
     MAX_VERSIONED_BYTES,
@@ -60,7 +66,7 @@ log = structlog.get_logger(__name__)
 
 # What the request says about whether trying again can help.
 _TRANSIENT_CODES = frozenset(
-    {
+    {  # (a 501 NotImplemented is not transient: see _conditional_put)
         "InternalError",
         "ServiceUnavailable",
         "SlowDown",
@@ -420,6 +426,8 @@ class S3Store(BaseStore):
         # Compatibility found at run time (see complete_multipart), and what it changed.
         self._complete_part_checksums = True
         self.compat_notes: builtins.list[str] = []
+        self._quote_if_match = True  # HA claims: If-Match "etag" (AWS) or bare (Ceph RGW)
+        self._if_match_form_known = False
 
     def part_size_for(self, number: int) -> int:
         """The size of part `number` (from 1): `part_size`, doubled every PART_GROWTH_EVERY."""
@@ -870,6 +878,14 @@ class S3Store(BaseStore):
                 raise PreconditionFailed(
                     f"s3 storage {self.name}: {object_key} exists or changed"
                 ) from None
+            if isinstance(cause, botocore_errors.ClientError) and (
+                _error_code(cause) == "NotImplemented"
+                or cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501
+            ):
+                raise NotSupported(
+                    f"s3 storage {self.name}: the store does not implement conditional writes "
+                    f"(NotImplemented for a PutObject with {', '.join(condition)})"
+                ) from None
             if isinstance(exc, NotFound) and "IfMatch" in condition:
                 raise PreconditionFailed(f"s3 storage {self.name}: {object_key} is gone") from None
             raise
@@ -882,7 +898,28 @@ class S3Store(BaseStore):
         return await self._conditional_put(key, data, IfNoneMatch="*")
 
     async def replace_if_match(self, key: str, data: bytes, etag: str) -> str:
-        return await self._conditional_put(key, data, IfMatch=etag)
+        """If-Match as AWS spells ETags (quoted); Ceph RGW 16.2 matches only the bare
+        value. The first refusal of an ETag that still matches switches the form."""
+        bare = etag.strip('"')
+        try:
+            return await self._conditional_put(
+                key, data, IfMatch=f'"{bare}"' if self._quote_if_match else bare
+            )
+        except PreconditionFailed:
+            if self._if_match_form_known:
+                raise
+            try:
+                current = await self.read_versioned(key)
+            except NotFound:
+                raise PreconditionFailed(f"s3 storage {self.name}: {key} is gone") from None
+            self._if_match_form_known = True
+            if current.etag.strip('"') != bare:
+                raise
+            self._quote_if_match = not self._quote_if_match
+            note = "the store matches If-Match only against the bare ETag (without quotes)"
+            if note not in self.compat_notes:
+                self.compat_notes.append(note)
+            return await self._conditional_put(key, data, IfMatch=bare)
 
     async def read_versioned(self, key: str) -> Versioned:
         object_key = self.prefix + check_key(key)
