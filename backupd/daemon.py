@@ -334,7 +334,7 @@ class Daemon:
                 self.systemd.ready(self._status_line())
                 return exc.errors
             old = self.config
-            for key in ("socket", "socket_mode", "socket_group", "http_listen"):
+            for key in ("socket", "socket_mode", "socket_group", "http_listen", "node", "ha"):
                 if getattr(old.daemon, key) != getattr(new.daemon, key):
                     log.warning("reload_needs_restart", key=f"daemon.{key}")
             for name in set(old.jobs) - set(new.jobs):

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
 import structlog
 
 from backupd.claims import (
+    LEASE_SLACK,
     ClaimRecord,
     ClaimState,
     Holder,
@@ -44,6 +46,16 @@ from backupd.storage.base import Store, Versioned
 log = structlog.get_logger("backupd.ha")
 
 PREFIX = ".backupd-claims/"
+CLAIM_KEEP = 7 * 86400.0  # seconds a finished slot's claim is kept (then the sweeper deletes it)
+_SLOT = re.compile(r"\d{8}T\d{6}Z|manual-[0-9a-f]{1,32}")
+
+
+def _slot_claim(config: Config, key: str) -> bool:
+    """Whether `key` is the claim of a (job, slot) of a configured job (not a duty's)."""
+    parts = key[len(PREFIX) :].split("/") if key.startswith(PREFIX) else []
+    return len(parts) == 2 and parts[0] in config.jobs and _SLOT.fullmatch(parts[1]) is not None
+
+
 WRITE_TIMEOUT_FLOOR = 1.0
 
 
@@ -405,14 +417,26 @@ class Coordinator:
             await claim.finish("released")
 
     async def live_claims(self, config: Config) -> list[ClaimRecord]:
-        """Claims of runs in progress on any node (for `status` and the sweeper)."""
+        """Claims of runs in progress on any node (for `status` and the sweeper).
+
+        Only claims written within the lease (by the store's clock, read from the
+        newest claim) are read: finished slots' claims pile up and are skipped.
+        """
         out: list[ClaimRecord] = []
         lease = config.daemon.ha.lease
         for name in sorted({storage_for(config, job) for job in config.jobs.values()}):
             store = await self.pool.get(config.storages[name])
-            for info in await store.list(PREFIX):
-                parts = info.key[len(PREFIX) :].split("/")
-                if len(parts) != 2 or parts[0] not in config.jobs or parts[1] == "retention":
+            listed = [i for i in await store.list(PREFIX) if _slot_claim(config, i.key)]
+            if not listed:
+                continue
+            newest = max(listed, key=lambda i: i.modified)
+            try:
+                now = (await store.read_versioned(newest.key)).store_now
+            except StorageError:
+                continue
+            recent = now - timedelta(seconds=lease + LEASE_SLACK)
+            for info in listed:
+                if info.modified < recent:
                     continue
                 try:
                     found = await store.read_versioned(info.key)
@@ -422,6 +446,25 @@ class Coordinator:
                 if record is not None and judge(record, found.age, lease) is Seen.WAIT:
                     out.append(record)
         return out
+
+    async def forget_old_claims(self, config: Config) -> int:
+        """Delete slot claims last written more than CLAIM_KEEP ago (store clock); under
+        the sweeper's claim. Catch-up looks at manifests, never at old claims."""
+        deleted = 0
+        for name in sorted({storage_for(config, job) for job in config.jobs.values()}):
+            store = await self.pool.get(config.storages[name])
+            listed = [i for i in await store.list(PREFIX) if _slot_claim(config, i.key)]
+            if not listed:
+                continue
+            newest = max(listed, key=lambda i: i.modified)
+            now = (await store.read_versioned(newest.key)).store_now
+            old = [i.key for i in listed if i.modified < now - timedelta(seconds=CLAIM_KEEP)]
+            if old:
+                failed = await store.delete(old)
+                deleted += len(old) - len(failed)
+        if deleted:
+            log.info("old_claims_deleted", count=deleted)
+        return deleted
 
     async def shutdown(self) -> None:
         for task in list(self.watching.values()):

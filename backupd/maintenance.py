@@ -196,6 +196,10 @@ class Maintenance:
             live = await self.ha.live_claims(config)
             protect = self.protected_prefixes() | {f"{c.job}/" for c in live}
             await self._sweep_storages(config, protect, now)
+            try:
+                await self.ha.forget_old_claims(config)
+            except BackupdError as exc:
+                log.warning("old_claims_not_deleted", error=str(exc))
 
     async def _sweep_storages(
         self, config: Config, protect: set[str], now: datetime | None

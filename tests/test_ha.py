@@ -455,6 +455,12 @@ def test_kill_holder_another_node_publishes_the_slot(
     )
     victim, slot = found[0]
     assert victim.proc is not None
+    # `status` on any node shows which node holds the running slot.
+    other = next(d for d in daemons if d is not victim)
+    holders = [
+        (c["slot"], c["node"]) for job in other.status()["jobs"] for c in job.get("claims", [])
+    ]
+    assert (slot, victim.config.parent.name) in holders
     victim.proc.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     victim.wait(10)

@@ -13,7 +13,7 @@ import builtins
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from backupd.errors import StorageError
@@ -49,6 +49,12 @@ class Versioned:
     data: bytes
     etag: str  # what `replace_if_match` compares; changes with every write
     age: float  # seconds since it was last written, by the store's own clock
+    modified: datetime  # when it was last written (aware, UTC), as listings report it
+
+    @property
+    def store_now(self) -> datetime:
+        """The store's clock when it answered (comparable with listings' `modified`)."""
+        return self.modified + timedelta(seconds=self.age)
 
 
 MAX_VERSIONED_BYTES = 64 * 1024

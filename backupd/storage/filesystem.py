@@ -212,7 +212,7 @@ def _replace_if_match(root: Path, path: Path, data: bytes, etag: str) -> str | N
         os.close(fd)  # releases the lock
 
 
-def _read_versioned(root: Path, path: Path) -> tuple[bytes, float]:
+def _read_versioned(root: Path, path: Path) -> tuple[bytes, float, datetime]:
     fd = _open_regular(path)
     try:
         modified = os.fstat(fd).st_mtime_ns
@@ -226,7 +226,7 @@ def _read_versioned(root: Path, path: Path) -> tuple[bytes, float]:
         now = os.fstat(cfd).st_mtime_ns
     finally:
         os.close(cfd)
-    return data, (now - modified) / 1e9
+    return data, (now - modified) / 1e9, datetime.fromtimestamp(modified / 1e9, UTC)
 
 
 class _PartialFile:
@@ -560,7 +560,7 @@ class FilesystemStore(BaseStore):
     async def read_versioned(self, key: str) -> Versioned:
         path = self._path(key)
         try:
-            data, age = await asyncio.to_thread(_read_versioned, self.root, path)
+            data, age, modified = await asyncio.to_thread(_read_versioned, self.root, path)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"filesystem storage {self.name}: {key} not found") from None
         except OSError as exc:
@@ -569,7 +569,7 @@ class FilesystemStore(BaseStore):
             ) from exc
         if len(data) > MAX_VERSIONED_BYTES:
             raise StorageError(f"filesystem storage {self.name}: {key} is too large for a claim")
-        return Versioned(data=data, etag=_etag(data), age=age)
+        return Versioned(data=data, etag=_etag(data), age=age, modified=modified)
 
     async def aclose(self) -> None:
         """Nothing to release: every call opens and closes its own files."""

@@ -942,7 +942,12 @@ class S3Store(BaseStore):
                 f"s3 storage {self.name}: the reply to {action} lacks a valid Date or "
                 "Last-Modified header (needed to judge a claim's age by the store's clock)"
             ) from None
-        return Versioned(data=data, etag=str(response.get("ETag") or ""), age=age)
+        return Versioned(
+            data=data,
+            etag=str(response.get("ETag") or ""),
+            age=age,
+            modified=modified.astimezone(UTC),
+        )
 
     async def aclose(self) -> None:
         await self._exit_stack.aclose()
