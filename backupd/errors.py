@@ -93,6 +93,14 @@ class NotFound(StorageError):
     """The object or backup asked for does not exist."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write was refused: the object exists (create) or changed (replace)."""
+
+
+class NotSupported(StorageError):
+    """The store does not implement what was asked (HTTP 501), e.g. conditional writes."""
+
+
 class IntegrityError(BackupdError):
     """Stored bytes do not match their manifest (missing, size, SHA-256, decoding)."""
 

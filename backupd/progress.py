@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import IO, Any
 
 from backupd.observe.overview import human_duration, human_rate, human_size
-from backupd.storage.base import IncompleteUpload, ObjectInfo, Store, Upload
+from backupd.storage.base import IncompleteUpload, ObjectInfo, Store, Upload, Versioned
 
 Progress = Callable[[int, int | None], None]
 """progress(done_bytes, total_bytes or None)."""
@@ -177,6 +177,15 @@ class CountingStore:
 
     async def check(self) -> None:
         await self._store.check()
+
+    async def create_if_absent(self, key: str, data: bytes) -> str:
+        return await self._store.create_if_absent(key, data)
+
+    async def replace_if_match(self, key: str, data: bytes, etag: str) -> str:
+        return await self._store.replace_if_match(key, data, etag)
+
+    async def read_versioned(self, key: str) -> Versioned:
+        return await self._store.read_versioned(key)
 
     async def aclose(self) -> None:
         await self._store.aclose()

@@ -153,8 +153,10 @@ async def status(args: argparse.Namespace) -> int:
     reply = _check_reply(await control.call(_socket(args), {"cmd": "status"}))
     jobs = reply.get("jobs", [])
     if args.json:
-        print_json({"jobs": jobs})
+        print_json({"node": reply.get("node"), "jobs": jobs})
         return EXIT_OK
+    if reply.get("node"):  # which daemon answered; with HA, claims show each slot's holder
+        print(f"node {printable(str(reply['node']))}")
     if not jobs:
         print("no jobs configured")
         return EXIT_OK
@@ -190,7 +192,11 @@ async def status(args: argparse.Namespace) -> int:
                 result,
                 stored,
                 _utc(job.get("next_run")),
-                ",".join(r["run_id"] for r in running) or "-",
+                ",".join(
+                    [r["run_id"] for r in running]
+                    + [f"{c['slot']}@{printable(str(c['node']))}" for c in job.get("claims", [])]
+                )
+                or "-",
             )
         )
     print_table(rows, details)

@@ -231,14 +231,24 @@ class Rule:
     key_suffix: str | None = None
     method: str | None = None
     query: dict[str, str] = field(default_factory=dict)
+    header: str | None = None  # only requests carrying this header (e.g. "If-Match")
     probability: float = 1.0
     times: int | None = None
     after: int = 0
     matched: int = 0
     injected: int = 0
 
-    def matches(self, op: str, method: str, path: str, query: Mapping[str, str]) -> bool:
+    def matches(
+        self,
+        op: str,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        headers: Mapping[str, str] | None = None,
+    ) -> bool:
         if self.ops and op not in self.ops:
+            return False
+        if self.header is not None and self.header not in (headers or {}):
             return False
         if self.method is not None and method != self.method:
             return False
@@ -285,6 +295,8 @@ class FaultProxy:
         self._release: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._session: aiohttp.ClientSession | None = None
+        # A store (or a proxy) that ignores conditional writes: these never reach it.
+        self.strip_conditions = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -378,7 +390,9 @@ class FaultProxy:
         """The fault the first firing rule applies to this request, or None."""
         with self._lock:
             for rule in self._rules:
-                if not rule.matches(op, request.method, request.path, request.query):
+                if not rule.matches(
+                    op, request.method, request.path, request.query, request.headers
+                ):
                     continue
                 rule.matched += 1
                 if rule.matched <= rule.after:
@@ -476,6 +490,8 @@ class FaultProxy:
         dropped = set(_DROP_REQUEST)
         if strip_checksums:
             dropped |= {"content-md5", "x-amz-content-sha256", "x-amz-checksum-crc32"}
+        if self.strip_conditions:
+            dropped |= {"if-none-match", "if-match"}
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in dropped]
         async with self._session.request(
             request.method, url, headers=headers, data=io.BytesIO(body), allow_redirects=False

@@ -191,7 +191,7 @@ def test_failed_databases_round_trip_and_unknown_fields_are_ignored() -> None:
     assert data["failed"] == [
         {"database": "billing", "error": "pg_dump exited 1: permission denied"}
     ]
-    data |= {"storage": "local", "future": False, "node": "db-backup-1"}  # list --json, later
+    data |= {"storage": "local", "future": False, "later": "x"}  # list --json, later fields
     assert Manifest.from_json(json.dumps(data).encode()) == partial
     # A manifest written before `failed` existed is a complete backup.
     del data["failed"]

@@ -128,6 +128,8 @@ class Manifest:
     backupd_version: str
     tables: dict[str, dict[str, int]] = field(default_factory=dict)  # database -> table -> rows
     failed: tuple[FailedDatabase, ...] = ()  # databases this (partial) backup lacks
+    node: str = ""  # the daemon that made it ([daemon] node)
+    scheduled_for: str = ""  # RFC 3339 UTC: the slot a scheduled or catch-up run ran
     format_version: int = FORMAT_VERSION
 
     @property
@@ -403,6 +405,8 @@ def _validate(data: dict[str, Any]) -> Manifest:
         backupd_version=_text(_field(data, "backupd_version"), "backupd_version", 64),
         tables=_tables(_object(_field(data, "tables", {}), "tables") or {}),
         failed=_failed(_list(_field(data, "failed", []), "failed")),
+        node=_text(_field(data, "node", ""), "node", 64),
+        scheduled_for=_timestamp(_field(data, "scheduled_for", ""), "scheduled_for", optional=True),
     )
 
 

@@ -124,6 +124,10 @@ def parse_config(data: dict[str, Any], path: str = "") -> Config:
     storages: dict[str, Storage] = _entities(
         root, "storage", _typed_entry({"s3": S3Storage, "filesystem": FilesystemStorage})
     )
+    if daemon is not None and daemon.ha.storage and daemon.ha.storage not in names["storage"]:
+        root_ctx.child("daemon").child("ha").child("storage").error(
+            f"unknown storage {describe(daemon.ha.storage)}"
+        )
     jobs = _entities(root, "job", lambda name, t: _job(name, t, defaults, daemon, names))
     notifiers = _entities(root, "notify", _typed_entry(dict.fromkeys(NOTIFIER_TYPES, Notifier)))
     root.close()

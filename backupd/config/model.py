@@ -311,6 +311,27 @@ class Encryption:
 
 
 @model
+class HaConfig:
+    """`[daemon] ha`: several daemons sharing one schedule through claims in a store."""
+
+    enabled: bool = key(v.boolean, default=False)
+    lease: float = key(v.duration(positive=True), default=60.0)  # a claim's life unrenewed
+    storage: str = key(v.string, default="")  # where claims live; "" = each job's first
+
+    @staticmethod
+    def rules(values: Mapping[str, Any], given: Collection[str]) -> Iterator[tuple[str, str]]:
+        if values["lease"] < 3:
+            yield ("lease", "must be at least 3s (claims are renewed every lease/3)")
+
+
+def node_name(daemon: DaemonConfig) -> str:
+    """This daemon's node name: `[daemon] node`, else the host name."""
+    import socket
+
+    return daemon.node or socket.gethostname() or "localhost"
+
+
+@model
 class DaemonConfig:
     socket: str = key(v.socket_path, default=DEFAULT_SOCKET_PATH)
     socket_mode: int = key(v.socket_mode, default=0o660)
@@ -324,6 +345,8 @@ class DaemonConfig:
     shutdown_grace: float = key(v.duration(), default=300.0)
     log_format: LogFormat = key(v.choice(LOG_FORMATS), default="json")
     log_level: LogLevel = key(v.choice(LOG_LEVELS), default="info")
+    node: str = key(v.node_name, default="")  # "" = the host name (node_name)
+    ha: HaConfig = key(table(HaConfig), default_factory=HaConfig)
 
 
 # An entry of a named section ([source.NAME], [storage.NAME], [notify.NAME]) has a

@@ -369,6 +369,21 @@ def _socket_mode(value: object, ctx: Ctx) -> int:
 socket_mode = Parser(_socket_mode, show=lambda mode: f"{mode:04o}")
 
 
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@Parser
+def node_name(value: object, ctx: Ctx) -> str:
+    """`[daemon] node`: "" (the host name) or a short name safe in logs and objects."""
+    text = string(value, ctx)
+    if text and _NODE.fullmatch(text) is None:
+        raise Invalid(
+            "a node name is at most 64 letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return text
+
+
 @Parser
 def optional_name(value: object, ctx: Ctx) -> str | None:
     return string(value, ctx) or None

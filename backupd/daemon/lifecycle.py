@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -27,8 +29,9 @@ import structlog
 from backupd import __version__
 from backupd.catalog.manifest import now_utc, rfc3339
 from backupd.config.file import load_config
-from backupd.config.model import Config, Job
+from backupd.config.model import Config, Job, node_name
 from backupd.daemon.control import CommandError, ControlServer, Peer
+from backupd.daemon.ha import Claim, Coordinator, slot_of
 from backupd.daemon.http import HttpServer
 from backupd.daemon.maintenance import Maintenance
 from backupd.daemon.runner import JobBusy, Run, Runner, StorePool
@@ -117,10 +120,18 @@ class Daemon:
         daemon_cfg = self.config.daemon
         logs.setup(self.log_level or daemon_cfg.log_level, daemon_cfg.log_format)
         self.metrics.jobs_configured(self.config.jobs)
+        self.node = node_name(daemon_cfg)
+        structlog.contextvars.bind_contextvars(node=self.node)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._cleanup_log, "stop", self.systemd.stopping)
             self.pool = StorePool()
             stack.push_async_callback(self._cleanup_log, "storage", self.pool.aclose)
+            self.ha: Coordinator | None = None
+            if daemon_cfg.ha.enabled:  # HA (issue 17): prove conditional writes first
+                self.ha = Coordinator(self.pool, self.metrics, self.node)
+                self.ha.on_takeover = self._taken_over
+                await self.ha.self_test(self.config)
+                stack.push_async_callback(self._cleanup_log, "claims", self.ha.shutdown)
             self.notifications = Notifications(self.config.notifiers, metrics=self.metrics)
             self._notify = _Notify(self.notifications, self.inventory)
             stack.push_async_callback(self._close_notifications)
@@ -130,6 +141,7 @@ class Daemon:
                 metrics=self.metrics,
                 notifier=self._notify,
                 after_success=self._after_success,
+                node=self.node,
             )
             self.maintenance = Maintenance(
                 self.runner,
@@ -137,6 +149,8 @@ class Daemon:
                 self.metrics,
                 on_verify_failed=self._notify.verify_failed,
                 inventory=self.inventory,
+                start_run=self._start_run,
+                ha=self.ha,
             )
             self.control = ControlServer(
                 daemon_cfg.socket,
@@ -249,12 +263,54 @@ class Daemon:
         if key.startswith(VERIFY):
             self.maintenance.start_verify(self.config, name)
             return
+        self._start_run(name, Trigger("schedule"), scheduled_at)
+
+    def _start_run(self, name: str, trigger: Trigger, slot: datetime | None) -> None:
+        """Start a scheduled or catch-up run of `slot`; in HA mode only once it is claimed."""
+        slot = slot.astimezone(UTC) if slot is not None else None
+        if self.ha is None or slot is None:
+            try:
+                self.runner.submit(name, trigger, scheduled_for=slot)
+            except JobBusy:
+                pass  # counted and logged by the runner
+            except BackupdError as exc:
+                log.warning("fire_failed", job=name, error=str(exc))
+            return
+        if self.runner.busy(name):  # as in single-daemon mode: never claim a slot it would skip
+            with contextlib.suppress(BackupdError):
+                self.runner.submit(name, trigger, scheduled_for=slot)  # JobBusy: counted, logged
+            return
+        self.tasks.spawn(self._claim_and_run(name, trigger, slot), f"claim-{name}")
+
+    async def _claim_and_run(self, name: str, trigger: Trigger, slot: datetime) -> None:
+        assert self.ha is not None
+        config, job = self.config, self.config.jobs.get(name)
+        if job is None:
+            return
+        run_id = secrets.token_hex(6)
         try:
-            self.runner.submit(name, Trigger("schedule"))
-        except JobBusy:
-            pass  # counted and logged by the runner
+            claim = await self.ha.claim_slot(config, job, slot_of(slot), run_id)
+        except BackupdError as exc:
+            log.error("claim_failed", job=name, slot=rfc3339(slot), error=str(exc))
+            return
+        if claim is None:
+            return  # another node runs it; this one watches it (takes over if it stops)
+        self._submit_claimed(name, trigger, slot, claim, run_id)
+
+    def _submit_claimed(
+        self, name: str, trigger: Trigger, slot: datetime | None, claim: Claim, run_id: str
+    ) -> Run | None:
+        try:
+            return self.runner.submit(name, trigger, scheduled_for=slot, claim=claim, run_id=run_id)
         except BackupdError as exc:
             log.warning("fire_failed", job=name, error=str(exc))
+            self.tasks.spawn(claim.finish("released"), "release-claim")
+            return None
+
+    def _taken_over(self, job: Job, slot: str, claim: Claim) -> None:
+        """HA: the holder of (job, slot) stopped renewing; this node runs the slot now."""
+        when = datetime.strptime(slot, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        self._submit_claimed(job.name, Trigger("schedule"), when, claim, secrets.token_hex(6))
 
     def _missed(self, key: str, reason: str, count: int) -> None:
         if key.startswith(BACKUP):
@@ -266,7 +322,18 @@ class Daemon:
 
     async def _after_success(self, config: Config, job: Job, manifest: Any, stores: Any) -> None:
         self.inventory.record_backup(job.name, job.storage[0], manifest)
-        outcomes = await prune_after_success(config, job, manifest, stores, metrics=self.metrics)
+        if self.ha is None:
+            outcomes = await prune_after_success(
+                config, job, manifest, stores, metrics=self.metrics
+            )
+        else:
+            async with self.ha.duty(config, job, f"{job.name}/retention") as claim:
+                if claim is None:  # another node prunes this job now; the next run prunes again
+                    log.info("retention_skipped", job=job.name, reason="claimed by another node")
+                    return
+                outcomes = await prune_after_success(
+                    config, job, manifest, stores, metrics=self.metrics
+                )
         for outcome in outcomes:
             if not outcome.dry_run:
                 self.inventory.replace_storage(job.name, outcome.storage, outcome.remaining)
@@ -285,7 +352,7 @@ class Daemon:
                 self.systemd.ready(self._status_line())
                 return exc.errors
             old = self.config
-            for key in ("socket", "socket_mode", "socket_group", "http_listen"):
+            for key in ("socket", "socket_mode", "socket_group", "http_listen", "node", "ha"):
                 if getattr(old.daemon, key) != getattr(new.daemon, key):
                     log.warning("reload_needs_restart", key=f"daemon.{key}")
             for name in set(old.jobs) - set(new.jobs):
@@ -344,7 +411,7 @@ class Daemon:
         if cmd == "ping":
             yield {"ok": True, "version": __version__}
         elif cmd == "status":
-            yield {"ok": True, "jobs": self._status()}
+            yield {"ok": True, "node": self.node, "jobs": await self._status_ha()}
         elif cmd == "trigger":
             async for reply in self._trigger(request, peer):
                 yield reply
@@ -382,6 +449,24 @@ class Daemon:
         else:
             raise CommandError("unknown_command", f"unknown command {cmd!r}")
 
+    async def _status_ha(self) -> list[dict[str, Any]]:
+        """`status`; in HA mode each job also lists the live claims of every node."""
+        jobs = self._status()
+        if self.ha is None:
+            return jobs
+        try:
+            live = await asyncio.wait_for(self.ha.live_claims(self.config), 5.0)
+        except (TimeoutError, BackupdError) as exc:
+            log.warning("status_claims_failed", error=str(exc) or "timed out")
+            return jobs
+        for entry in jobs:
+            entry["claims"] = [
+                {"slot": c.slot, "node": c.node, "run_id": c.run_id}
+                for c in live
+                if c.job == entry["name"]
+            ]
+        return jobs
+
     def _status(self) -> list[dict[str, Any]]:
         """Per job: next fire, last run (its error on one line), the newest backup in
         storage, runs in progress with their bytes, rate and elapsed time."""
@@ -413,9 +498,23 @@ class Daemon:
         wait = request.get("wait", False)
         if not isinstance(wait, bool):
             raise CommandError("bad_request", "wait must be true or false")
+        trigger = Trigger("manual", peer.uid, _user(peer.uid))
+        claim = None
+        run_id = secrets.token_hex(6)
+        if self.ha is not None:  # a manual run is claimed too (its own slot)
+            if self.runner.busy(job):
+                raise CommandError("already_running", f"job {job} is already running")
+            try:
+                claim = await self.ha.claim_slot(
+                    self.config, self.config.jobs[job], f"manual-{run_id}", run_id, watch=False
+                )
+            except BackupdError as exc:
+                raise CommandError("claim_failed", str(exc)) from None
         try:
-            run = self.runner.submit(job, Trigger("manual", peer.uid, _user(peer.uid)))
+            run = self.runner.submit(job, trigger, claim=claim, run_id=run_id)
         except JobBusy as exc:
+            if claim is not None:
+                self.tasks.spawn(claim.finish("released"), "release-claim")
             raise CommandError("already_running", str(exc)) from None
         if not wait:
             yield {"ok": True, "run_id": run.run_id}

@@ -28,6 +28,7 @@ import structlog
 
 from backupd.catalog.manifest import Manifest, find_backup, now_utc, scan_backups
 from backupd.config.model import Config, Job
+from backupd.daemon.ha import Coordinator
 from backupd.daemon.runner import JobBusy, Runner, StorePool
 from backupd.daemon.scheduler import Schedule
 from backupd.errors import BackupdError
@@ -52,6 +53,9 @@ SWEEP_INTERVAL = 3600.0
 class MaintenanceMetrics(PruneMetrics, Protocol):
     def verified(self, job: str, result: str, ts: float) -> None: ...
 
+
+# Starts a catch-up run of (job, trigger, the missed slot); HA claims the slot first.
+StartRun = Callable[[str, Trigger, datetime | None], None]
 
 # Told when a scheduled verification fails: (job, one line saying why).
 VerifyFailed = Callable[[Job, str], None]
@@ -129,7 +133,11 @@ class Maintenance:
         metrics: MaintenanceMetrics,
         on_verify_failed: VerifyFailed | None = None,
         inventory: Inventory | None = None,
+        start_run: StartRun | None = None,
+        ha: Coordinator | None = None,
     ) -> None:
+        self.start_run = start_run
+        self.ha = ha
         self.runner = runner
         self.inventory = inventory
         self.pool = pool
@@ -168,19 +176,43 @@ class Maintenance:
             missed=expected.isoformat(),
             newest=newest.started_at if newest else None,
         )
+        if self.start_run is not None:
+            self.start_run(job.name, Trigger("catch-up"), expected)
+            return
         with contextlib.suppress(JobBusy):
-            self.runner.submit(job.name, Trigger("catch-up"))
+            self.runner.submit(job.name, Trigger("catch-up"), scheduled_for=expected)
 
     def protected_prefixes(self) -> set[str]:
         """Jobs with a run in progress: their folders are not swept."""
         return {f"{run.job}/" for run in self.runner.active()}
 
     async def sweep_all(self, config: Config, now: datetime | None = None) -> None:
-        """Sweep every storage once; a storage that fails is logged and skipped."""
+        """Sweep every storage once; a storage that fails is logged and skipped.
+
+        HA: one node at a time, under the sweeper's claim, and the folders of jobs
+        with a live claim on any node are protected too."""
+        if self.ha is None:
+            await self._sweep_storages(config, self.protected_prefixes(), now)
+            return
+        async with self.ha.duty(config, None, "_sweeper") as claim:
+            if claim is None:
+                log.info("sweep_skipped", reason="claimed by another node")
+                return
+            live = await self.ha.live_claims(config)
+            protect = self.protected_prefixes() | {f"{c.job}/" for c in live}
+            await self._sweep_storages(config, protect, now)
+            try:
+                await self.ha.forget_old_claims(config)
+            except BackupdError as exc:
+                log.warning("old_claims_not_deleted", error=str(exc))
+
+    async def _sweep_storages(
+        self, config: Config, protect: set[str], now: datetime | None
+    ) -> None:
         for cfg in config.storages.values():
             try:
                 store = await self.pool.get(cfg)
-                await sweep(store, cfg.abandoned_upload_grace, self.protected_prefixes(), now)
+                await sweep(store, cfg.abandoned_upload_grace, protect, now)
             except BackupdError as exc:
                 log.warning("sweep_failed", storage=cfg.name, error=str(exc))
 

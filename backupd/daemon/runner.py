@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -110,10 +110,12 @@ class Run:
     backup: str | None = None  # the published backup's stem
     size_bytes: int | None = None
     bytes_done: int = 0  # written so far to the job's first storage (this attempt)
-    node: str = NODE
     manifest: Manifest | None = field(default=None, repr=False)  # what the run published
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     interrupted: str | None = field(default=None, repr=False)  # why the daemon stopped it
+    node: str = ""  # the daemon running it ([daemon] node)
+    scheduled_for: datetime | None = None  # the slot of a scheduled or catch-up run
+    claim: Any = field(default=None, repr=False)  # HA: its ha.Claim, kept while it runs
     listeners: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list, repr=False)
 
     @property
@@ -155,12 +157,18 @@ class Run:
             "backup": self.backup,
             "size_bytes": self.size_bytes,
             "node": self.node,
+            "scheduled_for": slot_time(self.scheduled_for) or None,
         }
 
     def emit(self, event: dict[str, Any]) -> None:
         payload = {"run_id": self.run_id, "job": self.job, **event}
         for queue in self.listeners:
             queue.put_nowait(payload)
+
+
+def slot_time(when: datetime | None) -> str:
+    """A slot as manifests record it (`scheduled_for`): RFC 3339 UTC, whole seconds."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if when is not None else ""
 
 
 class _JobTimeout(Exception):
@@ -194,7 +202,9 @@ class Runner:
         notifier: RunNotifier | None = None,
         after_success: PostRun | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        node: str = "",
     ) -> None:
+        self.node = node or NODE
         self.config = config
         self.stores = stores
         self.metrics = metrics
@@ -232,8 +242,23 @@ class Runner:
             self._global = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self.config = config
 
-    def submit(self, job_name: str, trigger: Trigger) -> Run:
-        """Start a run of `job_name`; raises JobBusy if one is queued or running."""
+    def busy(self, job_name: str) -> bool:
+        return job_name in self._active
+
+    def submit(
+        self,
+        job_name: str,
+        trigger: Trigger,
+        *,
+        scheduled_for: datetime | None = None,
+        claim: Any = None,
+        run_id: str | None = None,
+    ) -> Run:
+        """Start a run of `job_name`; raises JobBusy if one is queued or running.
+
+        HA: `claim` (an `ha.Claim` already won) is renewed while the run lasts;
+        if it is lost the run stops (failure, saying why) and publishes nothing.
+        """
         job = self.config.jobs.get(job_name)
         if job is None:
             raise UsageError(f"unknown job {job_name!r}")
@@ -250,7 +275,13 @@ class Runner:
             )
             raise JobBusy(busy)
         run = Run(
-            run_id=secrets.token_hex(6), job=job_name, trigger=trigger, submitted_at=now_utc()
+            run_id=run_id or secrets.token_hex(6),
+            job=job_name,
+            trigger=trigger,
+            submitted_at=now_utc(),
+            node=self.node,
+            scheduled_for=scheduled_for,
+            claim=claim,
         )
         self._active[job_name] = run
         self._runs[run.run_id] = run
@@ -311,6 +342,7 @@ class Runner:
         # reports the run, so a run cancelled while queued must have been counted.
         if self.metrics is not None:
             self.metrics.run_started(job.name)
+        keeper = self._keep_claim(run)
         try:
             async with self._source_slot(config, job), self._global:
                 run.state = "running"
@@ -340,6 +372,7 @@ class Runner:
             if not isinstance(exc, BackupdError):
                 log.error("run_crashed", error=run.error, exc_info=True)
         finally:
+            await self._end_claim(run, keeper)
             self._finish(job, run, time.monotonic() - t0)
             structlog.contextvars.unbind_contextvars("job", "run_id")
         if run.state == "success" and self.after_success is not None:
@@ -348,6 +381,29 @@ class Runner:
                 await self.after_success(config, job, manifest, stores)
             except Exception as exc:
                 log.warning("after_success_failed", job=job.name, error=str(exc))
+
+    def _keep_claim(self, run: Run) -> asyncio.Task[None] | None:
+        """HA: renew the run's claim while it lasts; a lost claim stops the run."""
+        if run.claim is None:
+            return None
+
+        def lost(why: str) -> None:
+            if run.task is not None and not run.task.done():
+                run.interrupted = f"stopped: {why}"
+                run.task.cancel()
+
+        return asyncio.create_task(run.claim.keep(lost), name=f"claim-{run.run_id}")
+
+    async def _end_claim(self, run: Run, keeper: asyncio.Task[None] | None) -> None:
+        """HA: the slot is done (any result), or released for another node if this
+        daemon is shutting down; a lost claim is left to its new holder."""
+        if keeper is None:
+            return
+        keeper.cancel()
+        await asyncio.wait([keeper])
+        shutdown = (run.interrupted or "").startswith("interrupted by daemon shutdown")
+        with contextlib.suppress(Exception):
+            await asyncio.shield(run.claim.finish("released" if shutdown else "done"))
 
     async def _within_timeout(
         self, job: Job, run: Run, attempts: Coroutine[Any, Any, Manifest]
@@ -417,6 +473,9 @@ class Runner:
                         attempt=run.attempts,
                         on_bytes=on_bytes,
                         progress=run.emit,
+                        node=run.node,
+                        scheduled_for=slot_time(run.scheduled_for),
+                        before_publish=run.claim.confirm if run.claim is not None else None,
                     )
                 except asyncio.CancelledError:
                     self._count_attempt(job, "cancelled")

@@ -53,6 +53,7 @@ RUN_RESULTS = ("success", "failure", "cancelled")
 ATTEMPT_RESULTS = ("success", "retry", "failure", "cancelled")
 SKIP_REASONS = ("overlap", "missed")  # job still running; fire time missed without catch_up
 VERIFY_RESULTS = ("success", "failure")
+CLAIM_RESULTS = ("won", "lost", "taken_over")
 RELOAD_RESULTS = ("success", "failure")
 
 # Backups take seconds (a small schema) to hours (a large cluster): 10 s .. 12 h, nine
@@ -123,6 +124,12 @@ class Metrics:
             "backupd_job_skipped_total",
             "Fire times that did not start a run, by reason.",
             ["job", "reason"],
+            registry=r,
+        )
+        self._claims = Counter(  # HA (issue 17)
+            "backupd_claims_total",
+            "Claims of (job, slot) in HA mode: won, lost to another node, taken over.",
+            ["job", "result"],
             registry=r,
         )
         self._bytes_written = Counter(
@@ -201,6 +208,7 @@ class Metrics:
             self._next_run,
             self._running,
             self._skipped,
+            self._claims,
             self._bytes_written,
             self._backups,
             self._manifests_invalid,
@@ -284,6 +292,10 @@ class Metrics:
             self._record_success(job, finished_at, size_bytes)
         elif result == "failure":
             self._last_failure.labels(job).set(finished_at)
+
+    def claim(self, job: str, result: str) -> None:
+        """HA (issue 17): a claim won, lost or taken over."""
+        self._claims.labels(job, _check(result, CLAIM_RESULTS, "claim result")).inc()
 
     def skipped(self, job: str, reason: str, n: int = 1) -> None:
         self._skipped.labels(job, _check(reason, SKIP_REASONS, "skip reason")).inc(n)

@@ -116,8 +116,15 @@ async def run_backup(
     attempt: int = 1,
     on_bytes: Callable[[str, int], None] | None = None,
     progress: Progress | None = None,
+    node: str = "",
+    scheduled_for: str = "",
+    before_publish: Callable[[], Awaitable[None]] | None = None,
 ) -> Manifest:
-    """Run one attempt of `job`; returns the published manifest or raises."""
+    """Run one attempt of `job`; returns the published manifest or raises.
+
+    `before_publish` (HA: confirm the run's claim) runs just before the manifest is
+    written; if it raises, nothing is published and the attempt's objects are removed.
+    """
     password = source.password.resolve() if source.password else None
     server = await postgres.preflight(source, job, password)
     pg_dump = postgres.find_tool("pg_dump", source.pg_bin_dir, server.major)
@@ -235,7 +242,11 @@ async def run_backup(
             backupd_version=__version__,
             tables=tables,
             failed=tuple(failed),
+            node=node,
+            scheduled_for=scheduled_for,
         )
+        if before_publish is not None:
+            await before_publish()
         await _publish(stores, manifest, cleanup)
     except BaseException:
         await cleanup.run("delete the objects of the failed attempt", _discard(stores, completed))

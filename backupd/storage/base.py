@@ -14,7 +14,7 @@ import builtins
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar, Literal, Protocol
 
 import structlog
@@ -45,6 +45,24 @@ class IncompleteUpload:
     key: str
     upload_id: str  # backend handle: S3 UploadId, or the temp file's path under the root
     started: datetime  # aware, UTC; the filesystem reports the last write
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A small object read with its version, for compare-and-swap (HA claims)."""
+
+    data: bytes
+    etag: str  # what `replace_if_match` compares; changes with every write
+    age: float  # seconds since it was last written, by the store's own clock
+    modified: datetime  # when it was last written (aware, UTC), as listings report it
+
+    @property
+    def store_now(self) -> datetime:
+        """The store's clock when it answered (comparable with listings' `modified`)."""
+        return self.modified + timedelta(seconds=self.age)
+
+
+MAX_VERSIONED_BYTES = 64 * 1024
 
 
 class Upload(Protocol):
@@ -97,6 +115,18 @@ class Store(Protocol):
 
     async def check(self) -> None:
         """Reach the storage and prove it is writable (`backupd check --connect`)."""
+
+    # Conditional writes (HA claims, issue 17): small objects only.
+
+    async def create_if_absent(self, key: str, data: bytes) -> str:
+        """Create `key` only if it does not exist; returns its etag, else `PreconditionFailed`."""
+
+    async def replace_if_match(self, key: str, data: bytes, etag: str) -> str:
+        """Replace `key` only if its etag is still `etag`; returns the new etag, else
+        `PreconditionFailed` (changed or gone)."""
+
+    async def read_versioned(self, key: str) -> Versioned:
+        """Read a small object with its etag and age (store clock); `NotFound` if absent."""
 
     async def aclose(self) -> None:
         """Release connections."""

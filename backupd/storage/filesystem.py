@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import errno
+import fcntl
+import hashlib
 import os
 import secrets
 import stat
@@ -26,13 +28,15 @@ from typing import Any, TypeVar
 import structlog
 
 from backupd.config.model import FilesystemStorage
-from backupd.errors import NotFound, StorageError
+from backupd.errors import NotFound, PreconditionFailed, StorageError
 from backupd.storage.base import (
+    MAX_VERSIONED_BYTES,
     BaseStore,
     BaseUpload,
     IncompleteUpload,
     MiB,
     ObjectInfo,
+    Versioned,
     check_key,
     check_prefix,
 )
@@ -154,6 +158,75 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+CAS_LOCK = ".cas.partial-lock"  # the lock file of conditional replaces, in the root
+CLOCK = ".clock.partial-clock"  # touched to read the filesystem's own time
+
+
+def _etag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    _make_dirs(path.parent)
+    temp = path.parent / f".{path.name}{PARTIAL_MARK}{secrets.token_hex(6)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return temp
+
+
+def _create_exclusive(path: Path, data: bytes) -> str:
+    temp = _write_temp(path, data)
+    try:
+        os.link(temp, path)  # EEXIST if the key exists: the atomic test-and-set
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return _etag(data)
+
+
+def _replace_if_match(root: Path, path: Path, data: bytes, etag: str) -> str | None:
+    fd = os.open(root / CAS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as current:
+                if _etag(current.read(MAX_VERSIONED_BYTES + 1)) != etag:
+                    return None
+        except FileNotFoundError:
+            return None
+        temp = _write_temp(path, data)
+        try:
+            os.rename(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        return _etag(data)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_versioned(root: Path, path: Path) -> tuple[bytes, float, datetime]:
+    fd = _open_regular(path)
+    try:
+        modified = os.fstat(fd).st_mtime_ns
+        data = os.read(fd, MAX_VERSIONED_BYTES + 1)
+    finally:
+        os.close(fd)
+    clock = root / CLOCK
+    cfd = os.open(clock, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.utime(cfd)  # no time given: the filesystem's (on NFS, the server's) now
+        now = os.fstat(cfd).st_mtime_ns
+    finally:
+        os.close(cfd)
+    return data, (now - modified) / 1e9, datetime.fromtimestamp(modified / 1e9, UTC)
 
 
 class _PartialFile:
@@ -322,6 +395,7 @@ class FilesystemStore(BaseStore):
     def __init__(self, cfg: FilesystemStorage) -> None:
         self.name = cfg.name
         self.root = Path(cfg.path).absolute()
+        self._cas_lock = asyncio.Lock()  # one compare-and-swap at a time in this process
 
     def _path(self, key: str) -> Path:
         check_key(key)
@@ -405,6 +479,58 @@ class FilesystemStore(BaseStore):
             os.fsync(probe.fd)
         finally:
             probe.discard()
+
+    # -- conditional writes (HA claims) --------------------------------------
+    #
+    # create: the bytes go to a temporary file, fsynced, then link(2) to the key,
+    # which fails if the key exists (atomic on local filesystems and NFS). replace:
+    # under a POSIX lock (lockf, which NFSv4 and NLM honour across hosts) plus a
+    # thread lock (POSIX locks do not exclude threads of one process), the current
+    # content's hash is compared with the etag, then a temporary file is renamed
+    # over the key. The etag is the content's SHA-256; every claim write carries
+    # a fresh token, so two writes never share one. Age is judged by the
+    # filesystem's clock: a clock file is touched (utime with no time: on NFS the
+    # server's time) and its mtime compared with the object's.
+
+    async def create_if_absent(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(_create_exclusive, path, data)
+        except FileExistsError:
+            raise PreconditionFailed(
+                f"filesystem storage {self.name}: {key} already exists"
+            ) from None
+        except OSError as exc:
+            raise StorageError(
+                f"filesystem storage {self.name}: cannot create {path}: {_describe(exc)}"
+            ) from exc
+
+    async def replace_if_match(self, key: str, data: bytes, etag: str) -> str:
+        path = self._path(key)
+        try:
+            async with self._cas_lock:
+                new = await asyncio.to_thread(_replace_if_match, self.root, path, data, etag)
+        except OSError as exc:
+            raise StorageError(
+                f"filesystem storage {self.name}: cannot replace {path}: {_describe(exc)}"
+            ) from exc
+        if new is None:
+            raise PreconditionFailed(f"filesystem storage {self.name}: {key} changed or is gone")
+        return new
+
+    async def read_versioned(self, key: str) -> Versioned:
+        path = self._path(key)
+        try:
+            data, age, modified = await asyncio.to_thread(_read_versioned, self.root, path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"filesystem storage {self.name}: {key} not found") from None
+        except OSError as exc:
+            raise StorageError(
+                f"filesystem storage {self.name}: cannot read {path}: {_describe(exc)}"
+            ) from exc
+        if len(data) > MAX_VERSIONED_BYTES:
+            raise StorageError(f"filesystem storage {self.name}: {key} is too large for a claim")
+        return Versioned(data=data, etag=_etag(data), age=age, modified=modified)
 
     async def aclose(self) -> None:
         """Nothing to release: every call opens and closes its own files."""

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import builtins
 import contextlib
+import email.utils
 import hashlib
 import io
 import secrets
@@ -37,18 +38,32 @@ import botocore.exceptions as botocore_errors
 import structlog
 
 from backupd.config.model import S3Checksum, S3Storage
-from backupd.errors import StorageError, TransientStorageError
+from backupd.errors import (
+    NotFound,
+    NotSupported,
+    PreconditionFailed,
+    StorageError,
+    TransientStorageError,
+)
 from backupd.storage.base import (
+    MAX_VERSIONED_BYTES,
     BaseStore,
     IncompleteUpload,
     MiB,
     ObjectInfo,
+    Versioned,
     check_key,
     check_prefix,
 )
 from backupd.storage.retry import RetrySettings
 from backupd.storage.s3client import open_client
-from backupd.storage.s3errors import NOT_FOUND_CODES, REQUEST_ERRORS, error_code, translate
+from backupd.storage.s3errors import (
+    NOT_FOUND_CODES,
+    PRECONDITION_CODES,
+    REQUEST_ERRORS,
+    error_code,
+    translate,
+)
 from backupd.storage.s3upload import S3Upload
 
 log = structlog.get_logger(__name__)
@@ -101,6 +116,8 @@ class S3Store(BaseStore):
         # Compatibility found at run time (see complete_multipart), and what it changed.
         self._complete_part_checksums = True
         self.compat_notes: builtins.list[str] = []
+        self._quote_if_match = True  # HA claims: If-Match "etag" (AWS) or bare (Ceph RGW)
+        self._if_match_form_known = False
 
     def part_size_for(self, number: int) -> int:
         """The size of part `number` (from 1): `part_size`, doubled every PART_GROWTH_EVERY."""
@@ -489,6 +506,98 @@ class S3Store(BaseStore):
         )
         if note not in self.compat_notes:
             self.compat_notes.append(note)
+
+    # -- conditional writes (HA claims) --------------------------------------
+
+    async def _conditional_put(self, key: str, data: bytes, **condition: Any) -> str:
+        object_key = self.prefix + check_key(key)
+        try:
+            response = await self._call(
+                f"write {object_key} (conditional)",
+                "put_object",
+                Key=object_key,
+                Body=io.BytesIO(data),
+                **condition,
+                **await self._checksum(data),
+            )
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, botocore_errors.ClientError) and error_code(cause) in (
+                PRECONDITION_CODES
+            ):
+                raise PreconditionFailed(
+                    f"s3 storage {self.name}: {object_key} exists or changed"
+                ) from None
+            if isinstance(cause, botocore_errors.ClientError) and (
+                error_code(cause) == "NotImplemented"
+                or cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501
+            ):
+                raise NotSupported(
+                    f"s3 storage {self.name}: the store does not implement conditional writes "
+                    f"(NotImplemented for a PutObject with {', '.join(condition)})"
+                ) from None
+            if isinstance(exc, NotFound) and "IfMatch" in condition:
+                raise PreconditionFailed(f"s3 storage {self.name}: {object_key} is gone") from None
+            raise
+        etag = str(response.get("ETag") or "")
+        if not etag:
+            raise StorageError(f"s3 storage {self.name}: no ETag in the reply to {object_key}")
+        return etag
+
+    async def create_if_absent(self, key: str, data: bytes) -> str:
+        return await self._conditional_put(key, data, IfNoneMatch="*")
+
+    async def replace_if_match(self, key: str, data: bytes, etag: str) -> str:
+        """If-Match as AWS spells ETags (quoted); Ceph RGW 16.2 matches only the bare
+        value. The first refusal of an ETag that still matches switches the form."""
+        bare = etag.strip('"')
+        try:
+            return await self._conditional_put(
+                key, data, IfMatch=f'"{bare}"' if self._quote_if_match else bare
+            )
+        except PreconditionFailed:
+            if self._if_match_form_known:
+                raise
+            try:
+                current = await self.read_versioned(key)
+            except NotFound:
+                raise PreconditionFailed(f"s3 storage {self.name}: {key} is gone") from None
+            self._if_match_form_known = True
+            if current.etag.strip('"') != bare:
+                raise
+            self._quote_if_match = not self._quote_if_match
+            note = "the store matches If-Match only against the bare ETag (without quotes)"
+            if note not in self.compat_notes:
+                self.compat_notes.append(note)
+            return await self._conditional_put(key, data, IfMatch=bare)
+
+    async def read_versioned(self, key: str) -> Versioned:
+        object_key = self.prefix + check_key(key)
+        action = f"read {object_key}"
+        response = await self._call(action, "get_object", Key=object_key)
+        async with response["Body"] as body:
+            try:
+                data = await body.read(MAX_VERSIONED_BYTES + 1)
+            except REQUEST_ERRORS as exc:
+                raise self._error(exc, action) from exc
+        if len(data) > MAX_VERSIONED_BYTES:
+            raise StorageError(f"s3 storage {self.name}: {object_key} is too large for a claim")
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        try:
+            server_now = email.utils.parsedate_to_datetime(str(headers.get("date", "")))
+            modified = response["LastModified"]
+            age = (server_now - modified).total_seconds()
+        except (KeyError, TypeError, ValueError):
+            raise StorageError(
+                f"s3 storage {self.name}: the reply to {action} lacks a valid Date or "
+                "Last-Modified header (needed to judge a claim's age by the store's clock)"
+            ) from None
+        return Versioned(
+            data=data,
+            etag=str(response.get("ETag") or ""),
+            age=age,
+            modified=modified.astimezone(UTC),
+        )
 
     async def aclose(self) -> None:
         await self._exit_stack.aclose()

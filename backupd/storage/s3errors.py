@@ -46,6 +46,8 @@ CREDENTIAL_CODES = frozenset(
 )
 DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"})
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+# A conditional write refused (412), or lost to a concurrent one (409, AWS): HA claims.
+PRECONDITION_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412"})
 # What a request can raise besides backupd's own errors: everything `translate` takes.
 REQUEST_ERRORS = (
     botocore_errors.BotoCoreError,
