@@ -468,4 +468,6 @@ async def test_a_thousand_jobs_in_one_minute_each_fire_once() -> None:
         slot == fired_at == T0 + timedelta(minutes=1, seconds=int(job[3:]) % 60)
         for job, slot, fired_at in seen.fired
     )
-    assert elapsed < 1.0
+    # 1.0-2.4 s seen here at load 4-8 on 2 cores; the bound leaves room for a loaded host
+    # (1.0 s was exceeded at load 8) while still catching a quadratic scheduler.
+    assert elapsed < 3.0
