@@ -151,6 +151,11 @@ async def check(args: argparse.Namespace) -> int:
         source = config.sources[job.source]
         try:
             password = source.password.resolve() if source.password else None
+            if job.kind == "physical":  # issue 16: REPLICATION, wal_level, a free walsender
+                from backupd.commands_physical import check_physical
+
+                print(await check_physical(job, source, password))
+                continue
             info = await postgres.preflight(source, job, password)
             tool = postgres.find_tool("pg_dump", source.pg_bin_dir, info.major)
             print(
@@ -290,6 +295,12 @@ async def list_(args: argparse.Namespace) -> int:
 
 async def restore(args: argparse.Namespace) -> int:
     from backupd import restore as restoring
+    from backupd.commands_physical import restore_data_dir, wants_data_dir
+
+    if wants_data_dir(args, _load(args)):  # a physical job: issue 16
+        return await restore_data_dir(args)
+    if not args.to:
+        raise UsageError("restore needs --to DSN (the target database)")
 
     def announce(line: str) -> None:
         print(f"backupd: {line}", file=sys.stderr)

@@ -19,7 +19,7 @@ DEFAULT_CONFIG_PATH = "/etc/backupd/backupd.toml"
 DEFAULT_SOCKET_PATH = "/run/backupd/control.sock"
 CONFIG_ENV_VAR = "BACKUPD_CONFIG"
 
-JobKind = Literal["full", "schema-only", "data-only"]
+JobKind = Literal["full", "schema-only", "data-only", "physical"]
 DumpFormat = Literal["custom", "plain"]
 CompressionAlgorithm = Literal["none", "gzip", "zstd", "lz4"]
 LogFormat = Literal["json", "console"]
@@ -28,7 +28,7 @@ AddressingStyle = Literal["auto", "path", "virtual"]
 S3Checksum = Literal["crc32", "md5"]
 NotifierType = Literal["webhook", "slack", "healthchecks"]
 
-JOB_KINDS: tuple[JobKind, ...] = ("full", "schema-only", "data-only")
+JOB_KINDS: tuple[JobKind, ...] = ("full", "schema-only", "data-only", "physical")
 DUMP_FORMATS: tuple[DumpFormat, ...] = ("custom", "plain")
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
@@ -180,6 +180,16 @@ class VerifyPolicy:
     target: str | None = None  # DSN of a server where scratch databases are created
 
 
+# -- physical jobs (issue 16; see backupd/wal.py) --
+@dataclass(frozen=True, slots=True)
+class WalPolicy:
+    """`wal = { slot, max_lag, spool }` of a `kind = "physical"` job."""
+
+    slot: str = ""  # physical replication slot; "" -> backupd_{job}
+    max_lag: float = 300.0  # archive lag above this is an alert
+    spool: str = ""  # pg_receivewal's directory; "" -> {state dir}/wal/{job}
+
+
 @dataclass(frozen=True, slots=True)
 class Encryption:
     recipients: tuple[str, ...]
@@ -266,6 +276,7 @@ class Job:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout: float = 6 * 3600.0
     compression: Compression = field(default_factory=Compression)
+    wal: WalPolicy | None = None  # kind = "physical" only (issue 16)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ from backupd.config import (
     Secret,
     Storage,
     VerifyPolicy,
+    WalPolicy,
 )
 from backupd.crypto import parse_recipient
 from backupd.dsn import PORT_RE, SECRET_KEYWORDS, SPACE, dsn_params
@@ -813,6 +814,58 @@ def _verify(value: object, ctx: _Ctx) -> VerifyPolicy:
     return policy
 
 
+# -- physical jobs (issue 16) --
+_SLOT = re.compile(r"[a-z0-9_]{1,63}")
+
+
+def _slot(value: object, ctx: _Ctx) -> str:
+    name = _nonempty(value, ctx)
+    if not _SLOT.fullmatch(name):
+        raise _Invalid(
+            f"a replication slot name is 1-63 lowercase letters, digits and _, "
+            f"got {_describe(name)}"
+        )
+    return name
+
+
+_WAL_SCHEMA: dict[str, _Parser[Any]] = {
+    "slot": _slot,
+    "max_lag": _positive_duration,
+    "spool": _absolute_path,
+}
+
+
+def _wal(value: object, ctx: _Ctx) -> WalPolicy:
+    t = _Table(value, ctx)
+    policy = WalPolicy(**t.read(_WAL_SCHEMA))
+    t.close()
+    return policy
+
+
+# Keys of logical dumps that mean nothing to a physical job (a whole cluster, by pg_basebackup).
+_NOT_PHYSICAL = ("databases", "globals", "format", "tables", "exclude_tables", "exclude_table_data")
+
+
+def _check_physical(t: _Table, values: dict[str, Any], own: Mapping[str, Any]) -> None:
+    if values.get("kind") != "physical":
+        if "wal" in values:
+            t.ctx.child("wal").error('only a kind = "physical" job archives WAL')
+        return
+    for key in _NOT_PHYSICAL:
+        values.pop(key, None)  # from [defaults]: fine, not meant for this job
+        if key in own:
+            t.ctx.child(key).error(
+                'a kind = "physical" job backs up the whole cluster: remove this key'
+            )
+    verify = values.get("verify")
+    if isinstance(verify, VerifyPolicy) and verify.restore:
+        t.ctx.child("verify").error(
+            'restore = true is not available yet for kind = "physical" jobs (a drill runs '
+            "by hand: backupd restore JOB --data-dir DIR --latest --start --port P)"
+        )
+    values.setdefault("wal", WalPolicy())
+
+
 def _databases(value: object, ctx: _Ctx) -> tuple[str, ...]:
     names = _array(_nonempty, "an array of database names", unique=True)(value, ctx)
     if "*" in names and len(names) > 1:
@@ -850,6 +903,7 @@ _JOB_SCHEMA: dict[str, _Parser[Any]] = {
     "retry": _retry,
     "timeout": _positive_duration,
     "compression": _compression,
+    "wal": _wal,  # kind = "physical" only (issue 16)
 }
 _REQUIRED_JOB_KEYS = ("source", "storage")
 
@@ -1063,6 +1117,10 @@ def _job(
     if "source" not in values or "storage" not in values:
         return None
     values.setdefault("timezone", (daemon or DaemonConfig()).timezone)
+    mark = t.ctx.mark()
+    _check_physical(t, values, own)  # issue 16
+    if t.ctx.failed_since(mark):
+        return None
     verify = values.get("verify")
     if isinstance(verify, VerifyPolicy) and verify.restore and values.get("encryption"):
         t.ctx.child("verify").error(
@@ -1191,6 +1249,15 @@ def _job_doc(j: Job) -> dict[str, Any]:
             "max_delay": format_duration(j.retry.max_delay),
             "multiplier": j.retry.multiplier,
         },
+        "wal": None  # kind = "physical" only (issue 16)
+        if j.wal is None
+        else _without_none(
+            {
+                "slot": j.wal.slot or None,
+                "max_lag": format_duration(j.wal.max_lag),
+                "spool": j.wal.spool or None,
+            }
+        ),
     }
     return _without_none(doc)
 

@@ -28,6 +28,7 @@ from backupd.backup import Trigger, run_backup
 from backupd.config import Config, Job, Storage
 from backupd.errors import BackupdError, UsageError
 from backupd.manifest import Manifest, now_utc, rfc3339
+from backupd.physical import run_base_backup
 from backupd.storage import RetrySettings, open_store
 from backupd.storage.base import Store
 
@@ -319,7 +320,9 @@ class Runner:
             with attempt:
                 run.attempts = attempt.retry_state.attempt_number
                 try:
-                    manifest = await run_backup(
+                    # kind = "physical": a base backup (issue 16, backupd/physical.py)
+                    backup_fn = run_base_backup if job.kind == "physical" else run_backup
+                    manifest = await backup_fn(
                         job,
                         source,
                         stores,

@@ -1,0 +1,385 @@
+"""Point-in-time restore: a PostgreSQL data directory from a base backup and the WAL archive.
+
+`backupd restore JOB --data-dir DIR [--time T | --lsn L | --latest]`:
+chooses the newest base backup before the target, extracts it into DIR (the tar
+stream is checked member by member: only plain files and directories inside
+DIR), and configures recovery: `restore_command` runs `backupd wal-fetch`
+with this very interpreter and config, the target, promotion at the target,
+and `recovery.signal`. With `--start` it starts the server and waits until it
+left recovery (reached the target and was promoted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import stat
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+import structlog
+
+from backupd import wal
+from backupd.config import Config, Job
+from backupd.errors import BackupdError, NotFound, UsageError
+from backupd.manifest import Manifest, rfc3339, scan_backups
+from backupd.restore import read_object
+from backupd.sources import postgres
+from backupd.storage.base import Store
+
+log = structlog.get_logger("backupd.pitr")
+
+START_TIMEOUT = 3600.0  # seconds --start waits for recovery to end
+_MAX_MEMBER_NAME = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    time: datetime | None = None
+    lsn: int | None = None  # None and no time: the end of the archive
+
+    def describe(self) -> str:
+        if self.time is not None:
+            return rfc3339(self.time)[:23] + "Z"
+        if self.lsn is not None:
+            return f"LSN {wal.format_lsn(self.lsn)}"
+        return "the end of the WAL archive"
+
+
+@dataclass(frozen=True, slots=True)
+class PitrOutcome:
+    backup: Manifest
+    target: Target
+    window: wal.Window
+    data_dir: Path
+    extract_seconds: float
+    recovery_seconds: float | None  # with --start: until promoted
+    raw_bytes: int
+
+
+def parse_time(text: str) -> datetime:
+    try:
+        ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--time {text!r} is not an RFC 3339 time") from None
+    if ts.tzinfo is None:
+        raise UsageError(f"--time {text!r} has no time zone offset (add Z or +HH:MM)")
+    return ts.astimezone(UTC)
+
+
+def choose(
+    backups: list[Manifest], window: wal.Window, target: Target, which: str | None
+) -> Manifest:
+    """The base backup to restore from: `which`, else the newest one before the target.
+
+    A target outside the window is an error that prints the window.
+    """
+    physical = sorted(
+        (m for m in backups if m.wal is not None and m.finished is not None),
+        key=lambda m: (m.started_at, m.id),
+        reverse=True,
+    )
+    if not physical:
+        raise NotFound("no physical base backup to restore from")
+    outside = f"is outside the {window.describe()}"
+    if which not in (None, "", "latest"):
+        physical = [m for m in physical if which in (m.id, m.stem)]
+        if not physical:
+            raise NotFound(f"no physical base backup {which!r}")
+    if target.time is not None:
+        for m in physical:
+            assert m.finished is not None
+            if m.finished <= target.time <= window.until.get(m.id, m.finished):
+                return m
+        raise UsageError(f"target {target.describe()} {outside}")
+    if target.lsn is not None:
+        for m in physical:
+            assert m.wal is not None
+            if wal.parse_lsn(m.wal["stop_lsn"]) <= target.lsn:
+                if window.latest_lsn is not None and target.lsn > window.latest_lsn:
+                    break
+                return m
+        raise UsageError(
+            f"target {target.describe()} {outside} (WAL up to LSN "
+            f"{wal.format_lsn(window.latest_lsn or 0)})"
+        )
+    newest = physical[0]
+    if newest.id in window.broken:
+        log.warning("wal_chain_broken", backup=newest.stem, reason=window.broken[newest.id])
+    return newest
+
+
+def restore_command(config_path: str, job: str, store: str | None, identity: str | None) -> str:
+    """`backupd wal-fetch` run by this interpreter, as restore_command (%f, %p)."""
+    argv = [sys.executable, "-m", "backupd", "wal-fetch", "-c", os.path.abspath(config_path)]
+    if store is not None:
+        argv += ["--storage", store]
+    if identity is not None:
+        argv += ["--identity", os.path.abspath(identity)]
+    argv.append(job)
+    prefix = []
+    if os.environ.get("PYTHONPATH"):  # a source checkout: the server must import it too
+        prefix = ["/usr/bin/env", f"PYTHONPATH={os.environ['PYTHONPATH']}"]
+    quoted = " ".join(shlex.quote(a).replace("%", "%%") for a in prefix + argv)
+    return f"{quoted} %f %p"
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def recovery_settings(
+    command: str, target: Target, port: int | None, data_dir: Path
+) -> list[tuple[str, str]]:
+    settings = [("restore_command", command)]
+    if target.time is not None:
+        # recovery_target_time does not take a bare "Z": write the offset
+        settings.append(
+            ("recovery_target_time", f"{target.time.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}+00:00")
+        )
+    elif target.lsn is not None:
+        settings.append(("recovery_target_lsn", wal.format_lsn(target.lsn)))
+    settings += [
+        ("recovery_target_action", "promote"),
+        ("recovery_target_timeline", "latest"),
+        # A restored copy must not archive into the source's archive; re-enable it
+        # deliberately when this copy becomes the primary.
+        ("archive_mode", "off"),
+    ]
+    if port is not None:
+        settings += [
+            ("port", str(port)),
+            ("listen_addresses", "127.0.0.1"),
+            ("unix_socket_directories", str(data_dir)),
+        ]
+    return settings
+
+
+async def restore_to_dir(
+    config: Config,
+    job: Job,
+    store: Store,
+    *,
+    data_dir: Path,
+    target: Target,
+    backup: str | None,
+    identity: str | None,
+    start: bool,
+    port: int,
+    announce: Callable[[str], None],
+) -> PitrOutcome:
+    directory = data_dir  # absolute
+    _check_empty(directory)
+    listing = await scan_backups(store, job.name)
+    backups = [m for m in listing.current if m.wal is not None]
+    window = await wal.window(store, job.name, backups)
+    manifest = choose(backups, window, target, backup)
+    announce(f"{window.describe()}; restoring {manifest.stem} to {target.describe()}")
+    t0 = time.monotonic()
+    _check_empty(directory, create=True)
+    entry = next(o for o in manifest.objects if o.kind == "base")
+    raw = await _extract(store, manifest, entry, identity, directory)
+    extract_seconds = time.monotonic() - t0
+    command = restore_command(config.path, job.name, store.name, identity)
+    settings = recovery_settings(command, target, port if start else None, directory)
+    await asyncio.to_thread(_write_recovery, directory, settings)
+    recovery_seconds = None
+    if start:
+        source = config.sources[job.source]
+        recovery_seconds = await start_and_wait(directory, source.pg_bin_dir, manifest)
+    return PitrOutcome(manifest, target, window, directory, extract_seconds, recovery_seconds, raw)
+
+
+def _write_recovery(directory: Path, settings: list[tuple[str, str]]) -> None:
+    """Recovery settings appended to postgresql.auto.conf (they win over the copied
+    ones), and recovery.signal: the server starts as a recovering primary."""
+    with open(directory / "postgresql.auto.conf", "a") as f:
+        f.write("\n# added by backupd restore: point-in-time recovery\n")
+        for key, value in settings:
+            f.write(f"{key} = {_conf_quote(value)}\n")
+    with contextlib.suppress(FileNotFoundError):
+        (directory / "standby.signal").unlink()
+    (directory / "recovery.signal").touch(mode=0o600)
+
+
+def _check_empty(directory: Path, create: bool = False) -> None:
+    try:
+        st = directory.lstat()
+    except FileNotFoundError:
+        if create:
+            directory.mkdir(mode=0o700, parents=True)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"--data-dir {directory} exists and is not a directory")
+    if any(directory.iterdir()):
+        raise UsageError(f"--data-dir {directory} is not empty: refusing to write into it")
+    if create:
+        os.chmod(directory, 0o700)  # PostgreSQL refuses a data directory others can read
+
+
+# -- the tar stream -----------------------------------------------------------------------
+
+
+class _Unsafe(BackupdError):
+    """A tar member that would land outside the data directory, or is not a plain file."""
+
+
+def _safe_name(name: str) -> PurePosixPath:
+    path = PurePosixPath(name)
+    parts = [p for p in path.parts if p not in ("", ".")]
+    if (
+        len(name) > _MAX_MEMBER_NAME
+        or path.is_absolute()
+        or ".." in parts
+        or any("\0" in p for p in parts)
+    ):
+        raise _Unsafe(f"the base backup holds an unsafe path {name[:80]!r}")
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+def _extract_tar(fd: int, directory: Path) -> None:
+    """Extract the tar stream on `fd` into `directory`: dirs and regular files only."""
+    root_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with (
+            os.fdopen(fd, "rb", buffering=1 << 20) as stream,
+            tarfile.open(fileobj=stream, mode="r|") as tar,
+        ):
+            for member in tar:
+                rel = _safe_name(member.name)
+                if member.isdir():
+                    if str(rel) != ".":
+                        os.makedirs(directory / rel, mode=0o700, exist_ok=True)
+                    continue
+                if not member.isfile():
+                    raise _Unsafe(
+                        f"the base backup holds {member.name[:80]!r}, which is not a plain "
+                        "file or directory (tablespaces are not supported)"
+                    )
+                target = directory / rel
+                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(out, "wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+            # drain: the reader must see EOF, or the writer blocks forever
+            while stream.read(1 << 20):
+                pass
+    except tarfile.TarError as exc:
+        raise BackupdError(f"the base backup is not a valid tar stream: {exc}") from None
+    except FileExistsError as exc:
+        raise _Unsafe(f"the base backup holds {exc.filename} twice") from None
+    finally:
+        os.close(root_fd)
+
+
+async def _extract(
+    store: Store, manifest: Manifest, entry: object, identity: str | None, directory: Path
+) -> int:
+    from backupd.manifest import ObjectEntry
+
+    assert isinstance(entry, ObjectEntry)
+    read_fd, write_fd = os.pipe()
+    extracting = asyncio.ensure_future(asyncio.to_thread(_extract_tar, read_fd, directory))
+
+    async def sink(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if extracting.done():
+                raise BackupdError("extraction stopped early")
+            n = await asyncio.to_thread(os.write, write_fd, view)
+            view = view[n:]
+
+    try:
+        try:
+            result = await read_object(store, manifest, entry, identity, sink)
+        finally:
+            os.close(write_fd)
+        await extracting
+    except BaseException:
+        if extracting.done() and not extracting.cancelled() and extracting.exception():
+            raise extracting.exception() from None  # type: ignore[misc]
+        raise
+    return result.raw_bytes
+
+
+# -- --start ------------------------------------------------------------------------------
+
+
+async def start_and_wait(directory: Path, pg_bin_dir: str, manifest: Manifest) -> float:
+    """Start PostgreSQL on `directory`; wait until it is promoted. Seconds it took."""
+    major = int(str(manifest.source.get("server_version", "0")).split(".")[0] or 0)
+    pg_ctl = postgres.find_tool("pg_ctl", pg_bin_dir, major)
+    controldata = postgres.find_tool("pg_controldata", pg_bin_dir, major)
+    logfile = directory / "backupd-restore.log"
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        str(pg_ctl.path),
+        "-D",
+        str(directory),
+        "-l",
+        str(logfile),
+        "-W",  # no waiting here: recovery is watched below
+        "start",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise BackupdError(f"pg_ctl start failed: {out.decode(errors='replace').strip()[-500:]}")
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        # pg_control says "in production" before recovery starts too (copied from the
+        # source): recovery is over once recovery.signal is gone as well, and the
+        # server accepts connections once postmaster.pid says so.
+        if not (directory / "recovery.signal").exists():
+            state = await _cluster_state(controldata.path, directory)
+            if state == "in production" and _pm_status(directory) == "ready":
+                return time.monotonic() - t0
+        if not (directory / "postmaster.pid").exists():
+            raise BackupdError(f"the restored server stopped during recovery: {_log_tail(logfile)}")
+        await asyncio.sleep(0.2)
+    raise BackupdError(f"recovery did not end within {START_TIMEOUT:g}s; see {logfile}")
+
+
+def _pm_status(directory: Path) -> str:
+    try:
+        lines = (directory / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return ""
+    return lines[7].strip() if len(lines) > 7 else ""
+
+
+async def _cluster_state(controldata: Path, directory: Path) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        str(controldata),
+        str(directory),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    out, _ = await proc.communicate()
+    for line in out.decode(errors="replace").splitlines():
+        if line.startswith("Database cluster state:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _log_tail(logfile: Path) -> str:
+    try:
+        lines = logfile.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no log at {logfile})"
+    picked = [line for line in lines if "FATAL" in line or "PANIC" in line] or lines
+    return " | ".join(picked[-3:])[-800:]

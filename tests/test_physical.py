@@ -1,0 +1,151 @@
+"""Physical base backups, the WAL archive and point-in-time restore, on a real cluster."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.pgcluster import PgCluster, free_port, wait_for
+from tests.physical import (
+    PhysicalSetup,
+    make_physical_cluster,
+    mkdir_owned,
+    physical_setup,
+    query,
+    stop_server,
+    temp_base,
+)
+
+
+@pytest.fixture(scope="module")
+def phys_pg() -> Iterator[PgCluster]:
+    for base in temp_base("backupd-phys-"):
+        cluster = make_physical_cluster(base / "cluster")
+        try:
+            yield cluster
+        finally:
+            cluster.stop("immediate")
+
+
+@pytest.fixture
+def setup(phys_pg: PgCluster, tmp_path: Path) -> Iterator[PhysicalSetup]:
+    for base in temp_base("backupd-physjob-"):
+        s = physical_setup(phys_pg, base / "job")
+        yield s
+        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
+        phys_pg.psql("SELECT pg_reload_conf()")
+
+
+def _manifests(s: PhysicalSetup) -> list[dict]:
+    out = s.ok("list", "-c", str(s.config), s.job, "--json")
+    return json.loads(out.stdout)
+
+
+def test_base_backup_is_one_streamed_object_with_its_wal_position(setup: PhysicalSetup) -> None:
+    setup.ok("backup", "-c", str(setup.config), setup.job)
+    [m] = _manifests(setup)
+    assert m["kind"] == "physical"
+    [obj] = m["objects"]
+    assert obj["kind"] == "base" and obj["key"].endswith("/base.tar.zst")
+    assert obj["raw_bytes"] > 10 * 1024 * 1024  # a whole cluster
+    assert m["wal"]["timeline"] == 1
+    assert m["wal"]["start_segment"] <= m["wal"]["stop_segment"]
+    assert m["restorable_from"] == m["finished_at"]
+
+
+def test_check_connect_reports_a_role_without_replication(setup: PhysicalSetup) -> None:
+    ok = setup.cli("check", "-c", str(setup.config), "--connect")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "replica" in ok.stdout and "walsender" in ok.stdout
+    setup.pg.psql("ALTER ROLE backup NOREPLICATION")
+    try:
+        bad = setup.cli("check", "-c", str(setup.config), "--connect")
+    finally:
+        setup.pg.psql("ALTER ROLE backup REPLICATION")
+    assert bad.returncode == 1
+    assert "lacks REPLICATION" in bad.stdout
+
+
+def test_restore_to_a_time_and_to_the_latest(setup: PhysicalSetup) -> None:
+    pg = setup.pg
+    setup.use_archive_command()
+    pg.psql("DROP TABLE IF EXISTS pitr_rows; CREATE TABLE pitr_rows (id int, batch text)")
+    setup.ok("backup", "-c", str(setup.config), setup.job)
+    pg.psql("INSERT INTO pitr_rows SELECT g, 'A' FROM generate_series(1, 1000) g")
+    t1 = pg.psql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    )
+    wait_for(
+        lambda: (
+            pg.psql(f"SELECT clock_timestamp() > '{t1}'::timestamptz + interval '20 ms'") == "t"
+        ),
+        what="the clock to pass T1",
+    )
+    pg.psql("INSERT INTO pitr_rows SELECT g, 'B' FROM generate_series(1001, 1500) g")
+    setup.switch_and_wait_archived()
+
+    out_dir = mkdir_owned(setup.base / "restores")
+    port = free_port()
+    first = setup.cli(
+        "restore",
+        "-c",
+        str(setup.config),
+        setup.job,
+        "--data-dir",
+        str(out_dir / "t1"),
+        "--time",
+        t1,
+        "--start",
+        "--port",
+        str(port),
+    )
+    try:
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "restorable:" in first.stderr
+        assert query(port, "SELECT batch, count(*) FROM pitr_rows GROUP BY 1") == "A|1000"
+        assert query(port, "SELECT pg_is_in_recovery()") == "f"
+    finally:
+        stop_server(out_dir / "t1")
+
+    port2 = free_port()
+    latest = setup.cli(
+        "restore",
+        "-c",
+        str(setup.config),
+        setup.job,
+        "--data-dir",
+        str(out_dir / "latest"),
+        "--latest",
+        "--start",
+        "--port",
+        str(port2),
+    )
+    try:
+        assert latest.returncode == 0, latest.stdout + latest.stderr
+        assert (
+            query(
+                port2,
+                "SELECT string_agg(batch || count, ',') FROM "
+                "(SELECT batch, count(*) FROM pitr_rows GROUP BY 1 ORDER BY 1) s",
+            )
+            == "A1000,B500"
+        )
+    finally:
+        stop_server(out_dir / "latest")
+
+    early = setup.cli(
+        "restore",
+        "-c",
+        str(setup.config),
+        setup.job,
+        "--data-dir",
+        str(out_dir / "early"),
+        "--time",
+        "2001-01-01T00:00:00Z",
+    )
+    assert early.returncode == 2
+    assert "outside the restorable:" in early.stderr
+    assert not (out_dir / "early").exists()
