@@ -328,7 +328,9 @@ async def start_and_wait(directory: Path, pg_bin_dir: str, manifest: Manifest) -
         str(directory),
         "-l",
         str(logfile),
-        "-W",  # no waiting here: recovery is watched below
+        "-w",  # until it accepts (read-only) connections: consistent, or already promoted
+        "-t",
+        str(int(START_TIMEOUT)),
         "start",
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -336,7 +338,10 @@ async def start_and_wait(directory: Path, pg_bin_dir: str, manifest: Manifest) -
     )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
-        raise BackupdError(f"pg_ctl start failed: {out.decode(errors='replace').strip()[-500:]}")
+        raise BackupdError(
+            f"the restored server did not start: {_log_tail(logfile)} "
+            f"(pg_ctl: {out.decode(errors='replace').strip()[-300:]})"
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         # pg_control says "in production" before recovery starts too (copied from the

@@ -46,6 +46,7 @@ MAX_ENTRY_BYTES = 4096
 MAX_HISTORY_BYTES = 1 << 20
 SEGMENT_RE = re.compile(r"[0-9A-F]{24}")
 HISTORY_RE = re.compile(r"[0-9A-F]{8}\.history")
+BACKUP_LABEL_RE = re.compile(r"[0-9A-F]{24}\.[0-9A-F]{8}\.backup")  # archive_command sends these
 _COMPRESSION = re.compile(r"(none|gzip|zstd|lz4)(:[0-9]{1,2})?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SUFFIX = re.compile(r"(\.(zst|gz|lz4))?(\.age)?")
@@ -79,7 +80,9 @@ def segment_number(name: str) -> tuple[int, int]:
 
 
 def is_wal_name(name: str) -> bool:
-    return bool(SEGMENT_RE.fullmatch(name) or HISTORY_RE.fullmatch(name))
+    return bool(
+        SEGMENT_RE.fullmatch(name) or HISTORY_RE.fullmatch(name) or BACKUP_LABEL_RE.fullmatch(name)
+    )
 
 
 # -- layout -------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ async def push(job: Job, stores: Mapping[str, Store], path: str | Path) -> PushR
     path = Path(path)
     name = path.name
     if not is_wal_name(name):
-        raise UsageError(f"{name!r} is not a WAL segment or timeline history file name")
+        raise UsageError(f"{name!r} is not a WAL segment, timeline history or backup history file name")
     raw = await asyncio.to_thread(_read_wal_file, path, name)
     raw_sha = hashlib.sha256(raw).hexdigest()
     stored: list[str] = []
@@ -421,6 +424,8 @@ async def scan(store: Store, job: str) -> Archive:
             elif HISTORY_RE.fullmatch(name):
                 archive.histories.add(int(name[:8], 16))
                 archive.keys[name] = info.key
+            elif BACKUP_LABEL_RE.fullmatch(name):
+                archive.keys[name] = info.key
         else:
             archive.data_keys[info.key] = (base, info.size)
     return archive
@@ -510,13 +515,11 @@ async def prune_wal(
     horizon = min(starts)
     archive = await scan(store, job)
     doomed: list[str] = []
-    for key, (base, _) in archive.data_keys.items():
-        name = base.split(".", 1)[0]
-        if SEGMENT_RE.fullmatch(name) and segment_number(name)[1] < horizon:
-            doomed.append(key)
-    for name, key in archive.keys.items():
-        if SEGMENT_RE.fullmatch(name) and segment_number(name)[1] < horizon:
-            doomed.append(key)
+    def old(name: str) -> bool:  # a segment, or a backup history file, before the horizon
+        return bool(SEGMENT_RE.fullmatch(name[:24])) and segment_number(name[:24])[1] < horizon
+
+    doomed += [key for key, (base, _) in archive.data_keys.items() if old(base)]
+    doomed += [key for name, key in archive.keys.items() if old(name)]
     # index entries first: a segment without its entry no longer exists
     doomed.sort(key=lambda k: not k.endswith(INDEX_SUFFIX))
     if dry_run or not doomed:

@@ -111,7 +111,10 @@ class PhysicalSetup:
             last = row.split("|")[0]
             return bool(last) and last >= segment
 
-        wait_for(archived, timeout, what=f"{segment} archived: {self.archiver_state()}")
+        try:
+            wait_for(archived, timeout, what=f"{segment} archived")
+        except TimeoutError:
+            raise AssertionError(f"not archived: {self.archiver_state()}") from None
         return segment
 
     def archiver_state(self) -> str:
