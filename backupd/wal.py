@@ -216,7 +216,7 @@ async def push(job: Job, stores: Mapping[str, Store], path: str | Path) -> PushR
     path = Path(path)
     name = path.name
     if not is_wal_name(name):
-        raise UsageError(f"{name!r} is not a WAL segment, timeline history or backup history file name")
+        raise UsageError(f"{name!r} is not the name of a WAL segment or history file")
     raw = await asyncio.to_thread(_read_wal_file, path, name)
     raw_sha = hashlib.sha256(raw).hexdigest()
     stored: list[str] = []
@@ -515,6 +515,7 @@ async def prune_wal(
     horizon = min(starts)
     archive = await scan(store, job)
     doomed: list[str] = []
+
     def old(name: str) -> bool:  # a segment, or a backup history file, before the horizon
         return bool(SEGMENT_RE.fullmatch(name[:24])) and segment_number(name[:24])[1] < horizon
 
