@@ -1,0 +1,117 @@
+"""wal-push / wal-fetch: stored once, checked, never overwritten with other bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+from backupd.crypto import generate_identity
+from tests.helpers import run_cli
+
+SEGMENT = "000000010000000000000007"
+
+
+def _config(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "pw").write_text("x\n")
+    (tmp_path / "pw").chmod(0o600)
+    config = tmp_path / "backupd.toml"
+    config.write_text(
+        textwrap.dedent(f"""\
+        [source.main]
+        type = "postgres"
+        dsn = "host=127.0.0.1 port=1 user=backup"
+        password = {{ file = "{tmp_path}/pw" }}
+
+        [storage.local]
+        type = "filesystem"
+        path = "{tmp_path}/store"
+
+        [job.pitr]
+        source = "main"
+        kind = "physical"
+        storage = ["local"]
+        """)
+        + extra
+    )
+    (tmp_path / "store").mkdir()
+    return config
+
+
+def _segment(path: Path, fill: bytes) -> Path:
+    path.write_bytes(fill * (16 * 1024 * 1024 // len(fill)))
+    return path
+
+
+def test_push_then_fetch_round_trips_and_a_second_push_is_a_no_op(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    wal = _segment(tmp_path / SEGMENT, os.urandom(4096))
+    assert run_cli("wal-push", "-c", str(config), "pitr", str(wal)).returncode == 0
+    entry = json.loads((tmp_path / "store/pitr/wal/00000001" / f"{SEGMENT}.json").read_text())
+    assert entry["raw_bytes"] == 16 * 1024 * 1024 and entry["key"] == f"{SEGMENT}.zst"
+    again = run_cli("wal-push", "-c", str(config), "pitr", str(wal))
+    assert again.returncode == 0, again.stderr
+    out = tmp_path / "restored"
+    got = run_cli("wal-fetch", "-c", str(config), "pitr", SEGMENT, str(out))
+    assert got.returncode == 0, got.stderr
+    assert out.read_bytes() == wal.read_bytes()
+
+
+def test_a_segment_is_never_overwritten_with_different_bytes(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    (tmp_path / "a").mkdir()
+    first = _segment(tmp_path / "a" / SEGMENT, b"A" * 512)
+    assert run_cli("wal-push", "-c", str(config), "pitr", str(first)).returncode == 0
+    (tmp_path / "b").mkdir()
+    other = _segment(tmp_path / "b" / SEGMENT, b"B" * 512)
+    refused = run_cli("wal-push", "-c", str(config), "pitr", str(other))
+    assert refused.returncode == 1
+    assert "refusing to overwrite" in refused.stderr
+    out = tmp_path / "restored"
+    assert run_cli("wal-fetch", "-c", str(config), "pitr", SEGMENT, str(out)).returncode == 0
+    assert out.read_bytes() == first.read_bytes()
+
+
+def test_fetch_of_a_missing_or_corrupted_segment_fails_and_writes_nothing(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    out = tmp_path / "restored"
+    missing = run_cli("wal-fetch", "-c", str(config), "pitr", SEGMENT, str(out))
+    assert missing.returncode == 1 and "not in the WAL archive" in missing.stderr
+    wal = _segment(tmp_path / SEGMENT, os.urandom(4096))
+    assert run_cli("wal-push", "-c", str(config), "pitr", str(wal)).returncode == 0
+    stored = tmp_path / "store/pitr/wal/00000001" / f"{SEGMENT}.zst"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stored.write_bytes(bytes(data))
+    bad = run_cli("wal-fetch", "-c", str(config), "pitr", SEGMENT, str(out))
+    assert bad.returncode == 1 and "does not match its index entry" in bad.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".restored*"))
+
+
+def test_encrypted_wal_needs_the_identity(tmp_path: Path) -> None:
+    secret, public = generate_identity()
+    config = _config(tmp_path, f'encryption = {{ recipients = ["{public}"] }}\n')
+    identity = tmp_path / "identity.txt"
+    identity.write_text(secret + "\n")
+    identity.chmod(0o600)
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/3000000\tno recovery target specified\n")
+    assert run_cli("wal-push", "-c", str(config), "pitr", str(history)).returncode == 0
+    assert (tmp_path / "store/pitr/wal/00000002/00000002.history.zst.age").exists()
+    out = tmp_path / "h"
+    without = run_cli("wal-fetch", "-c", str(config), "pitr", "00000002.history", str(out))
+    assert without.returncode == 1 and "--identity" in without.stderr
+    ok = run_cli(
+        "wal-fetch",
+        "-c",
+        str(config),
+        "pitr",
+        "00000002.history",
+        str(out),
+        "--identity",
+        str(identity),
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert out.read_bytes() == history.read_bytes()
