@@ -39,6 +39,7 @@ from backupd.runner import JobBusy, Run, Runner, StorePool
 from backupd.scheduler import Schedule, ScheduleLoop, SystemClock
 from backupd.systemd import Notifier as SystemdNotifier
 from backupd.systemd import watchdog_interval
+from backupd.walarchiver import Archivers
 
 log = structlog.get_logger("backupd.daemon")
 
@@ -157,6 +158,12 @@ class Daemon:
                 asyncio.create_task(self._watchdog(), name="watchdog"),
             ]
             stack.push_async_callback(_cancel_all, background)
+            # issue 16: continuous WAL archiving of physical jobs (backupd/walarchiver.py)
+            self.archivers = Archivers(
+                lambda job: self.pool.for_job(self.config, job), metrics=self.metrics
+            )
+            self.archivers.update(self.config.jobs, self.config.sources)
+            stack.push_async_callback(self._cleanup_log, "wal", self.archivers.aclose)
             self.systemd.ready(self._status_line())
             log.info(
                 "daemon_ready",
@@ -277,6 +284,7 @@ class Daemon:
                 self.metrics.forget_job(name)
             self.config = new
             self.runner.update_config(new)
+            self.archivers.update(new.jobs, new.sources)  # issue 16
             self.scheduler.replace(schedule_entries(new))
             self.metrics.jobs_configured(new.jobs)
             if new.notifiers != old.notifiers:

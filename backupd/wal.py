@@ -218,6 +218,26 @@ async def push(job: Job, stores: Mapping[str, Store], path: str | Path) -> PushR
     if not is_wal_name(name):
         raise UsageError(f"{name!r} is not the name of a WAL segment or history file")
     raw = await asyncio.to_thread(_read_wal_file, path, name)
+    return await push_bytes(job, stores, name, raw)
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def is_partial_name(name: str) -> bool:
+    return name.endswith(PARTIAL_SUFFIX) and bool(SEGMENT_RE.fullmatch(name[:-8]))
+
+
+async def push_bytes(
+    job: Job, stores: Mapping[str, Store], name: str, raw: bytes, *, replace: bool = False
+) -> PushResult:
+    """Store `raw` as WAL file `name` in every store; see `push`.
+
+    `replace` is for `{segment}.partial` only, the copy of a growing segment: a
+    newer copy holds the same WAL and more, so it replaces the older one.
+    """
+    if replace != is_partial_name(name):
+        raise UsageError(f"{name!r}: only a growing segment's copy is ever replaced")
     raw_sha = hashlib.sha256(raw).hexdigest()
     stored: list[str] = []
     present: list[str] = []
@@ -226,18 +246,22 @@ async def push(job: Job, stores: Mapping[str, Store], path: str | Path) -> PushR
     for store_name, store in stores.items():
         try:
             existing = await read_entry(store, job.name, name)
-        except NotFound:
+        except (NotFound, IntegrityError) as exc:
+            if isinstance(exc, IntegrityError) and not replace:
+                raise
             existing = None
         if existing is not None:
-            if existing.raw_sha256 != raw_sha or existing.raw_bytes != len(raw):
+            same = existing.raw_sha256 == raw_sha and existing.raw_bytes == len(raw)
+            if not same and not replace:
                 raise IntegrityError(
                     f"{name} is already archived in storage {store_name} with different "
                     "bytes: refusing to overwrite it (is another server archiving into job "
                     f"{job.name}'s archive?)"
                 )
-            present.append(store_name)
-            size = existing.size_bytes
-            continue
+            if same:
+                present.append(store_name)
+                size = existing.size_bytes
+                continue
         if data is None:
             data = await asyncio.to_thread(_encode, job, raw)
         ext = job.compression.extension + (".age" if job.encryption is not None else "")
@@ -252,12 +276,29 @@ async def push(job: Job, stores: Mapping[str, Store], path: str | Path) -> PushR
             encrypted=job.encryption is not None,
             archived_at=rfc3339(now_utc()),
         )
+        if existing is not None:  # a replaced partial copy: no entry while its data changes
+            await store.delete([index_key(job.name, name)])
         # The data first, the index entry last: without its entry a segment does not exist.
         await store.put_bytes(folder_of(job.name, name) + entry.key, data)
         await store.put_bytes(index_key(job.name, name), entry.to_json())
         stored.append(store_name)
         size = entry.size_bytes
     return PushResult(name, tuple(stored), tuple(present), size)
+
+
+async def delete_partial(store: Store, job: str, segment: str) -> None:
+    """Delete the copy of `segment` taken while it grew (the segment supersedes it)."""
+    name = segment + PARTIAL_SUFFIX
+    try:
+        entry = await read_entry(store, job, name)
+    except NotFound:
+        return
+    except IntegrityError:
+        entry = None
+    keys = [index_key(job, name)]
+    if entry is not None:
+        keys.append(folder_of(job, name) + entry.key)
+    await store.delete(keys)
 
 
 def _read_wal_file(path: Path, name: str) -> bytes:
@@ -325,9 +366,14 @@ async def fetch(
     if not is_wal_name(name):
         raise NotFound(f"{name!r} is not a WAL segment or history file backupd archives")
     errors: list[str] = []
-    for store in stores:
+    candidates = [(store, n) for n in (name, name + PARTIAL_SUFFIX) for store in stores]
+    if not SEGMENT_RE.fullmatch(name):
+        candidates = [(store, name) for store in stores]
+    for store, stored_name in candidates:
         try:
-            raw = await fetch_bytes(store, job, name, identity)
+            # A segment that was still growing when last stored: PostgreSQL replays
+            # its valid records and ends recovery at the first invalid one.
+            raw = await fetch_bytes(store, job, stored_name, identity)
         except NotFound:
             continue
         except (IntegrityError, StorageError) as exc:
@@ -364,6 +410,7 @@ class Archive:
     segments: dict[int, list[int]] = field(default_factory=dict)  # segno -> timelines
     histories: set[int] = field(default_factory=set)  # timelines with a .history file
     keys: dict[str, str] = field(default_factory=dict)  # WAL name -> its index key
+    partials: dict[int, str] = field(default_factory=dict)  # segno -> growing copy's name
     data_keys: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (name, size)
 
     @property
@@ -426,6 +473,9 @@ async def scan(store: Store, job: str) -> Archive:
                 archive.keys[name] = info.key
             elif BACKUP_LABEL_RE.fullmatch(name):
                 archive.keys[name] = info.key
+            elif is_partial_name(name):
+                archive.partials[segment_number(name[:24])[1]] = name
+                archive.keys[name] = info.key
         else:
             archive.data_keys[info.key] = (base, info.size)
     return archive
@@ -475,11 +525,14 @@ async def window(
         last = archive.chain_end(tli, start)
         if last is not None and last >= stop:
             if last not in times:
+                # the growing copy of the next segment, if any, reaches further
+                partial = archive.partials.get(last + 1)
+                name = partial if partial is not None else archive.name_of(last, tli)
                 try:
-                    entry = await read_entry(store, job, archive.name_of(last, tli))
+                    entry = await read_entry(store, job, name)
                     times[last] = (entry.archived, (last + 1) * SEGMENT_SIZE)
                 except (NotFound, IntegrityError, StorageError) as exc:
-                    log.warning("wal_entry_unreadable", segment=last, error=str(exc))
+                    log.warning("wal_entry_unreadable", segment=name, error=str(exc))
             if last in times:
                 reach = max(reach, times[last][0])
                 end_lsn = max(end_lsn, times[last][1])

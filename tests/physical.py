@@ -145,7 +145,7 @@ def make_physical_cluster(base: Path) -> PgCluster:
 
 
 def physical_setup(
-    pg: PgCluster, base: Path, *, extra_job: str = "", job: str = "pitr"
+    pg: PgCluster, base: Path, *, extra_job: str = "", job: str = "pitr", http_listen: str = ""
 ) -> PhysicalSetup:
     mkdir_owned(base)
     os.chmod(base, 0o755)
@@ -160,7 +160,7 @@ def physical_setup(
         textwrap.dedent(f"""\
         [daemon]
         socket = "{base}/run/control.sock"
-        http_listen = ""
+        http_listen = "{http_listen}"
 
         [source.main]
         type = "postgres"
@@ -226,3 +226,42 @@ def query(port: int, sql: str, host: str = "127.0.0.1") -> str:
         check=True,
     )
     return out.stdout.strip()
+
+
+class OwnedDaemon:
+    """`backupd run` as the cluster's owner; kill -9 and restart at will."""
+
+    def __init__(self, setup: PhysicalSetup) -> None:
+        self.setup = setup
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = setup.base / "daemon.log"
+
+    def start(self) -> OwnedDaemon:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["HOME"] = str(self.setup.base)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                as_owner([*backupd_argv(), "run", "-c", str(self.setup.config)]),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.setup.base,
+            )
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # setpriv execs: this is the daemon itself
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +150,116 @@ def test_restore_to_a_time_and_to_the_latest(setup: PhysicalSetup) -> None:
     assert early.returncode == 2
     assert "outside the restorable:" in early.stderr
     assert not (out_dir / "early").exists()
+
+
+def _stored(s: PhysicalSetup, name: str) -> Path:
+    return s.store / s.job / "wal" / name[:8] / f"{name}.json"
+
+
+@pytest.fixture
+def owned_base() -> Iterator[Path]:
+    yield from temp_base("backupd-physd-")
+
+
+def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
+    phys_pg: PgCluster, owned_base: Path
+) -> None:
+    import urllib.request
+
+    from tests.physical import OwnedDaemon
+
+    base = owned_base
+    port = free_port()
+    s = physical_setup(
+        phys_pg,
+        base / "job",
+        job="cont",
+        http_listen=f"127.0.0.1:{port}",
+        extra_job=f'wal = {{ slot = "backupd_test_cont", spool = "{base}/job/spool" }}\n',
+    )
+    pg = s.pg
+    daemon = OwnedDaemon(s).start()
+    try:
+        wait_for(
+            lambda: (
+                pg.psql(
+                    "SELECT count(*) FROM pg_replication_slots "
+                    "WHERE slot_name = 'backupd_test_cont' AND active"
+                )
+                == "1"
+            ),
+            60,
+            what=f"the slot streaming: {daemon.logs()[-2000:]}",
+        )
+        pg.psql("DROP TABLE IF EXISTS cont_rows; CREATE TABLE cont_rows (batch text)")
+        s.ok("backup", "-c", str(s.config), s.job)
+        pg.psql("INSERT INTO cont_rows SELECT 'A' FROM generate_series(1, 100)")
+        seg = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        pg.psql("SELECT pg_switch_wal()")
+        wait_for(lambda: _stored(s, seg).exists(), 60, what=f"{seg} stored by the daemon")
+
+        daemon.kill9()
+        pg.psql("INSERT INTO cont_rows SELECT 'C' FROM generate_series(1, 50)")
+        seg_c = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        pg.psql("SELECT pg_switch_wal()")
+        daemon = OwnedDaemon(s).start()
+        wait_for(lambda: _stored(s, seg_c).exists(), 60, what=f"{seg_c} after the restart")
+
+        # The growing segment is stored within seconds, without any segment switch.
+        pg.psql(
+            "SET synchronous_commit = on; "
+            "INSERT INTO cont_rows SELECT 'D-marker-7f3a' FROM generate_series(1, 25)"
+        )
+        committed = time.time()
+        seg_d = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        fetched = s.base / "fetched"
+
+        def marker_in_storage() -> float | None:
+            got = s.cli("wal-fetch", "-c", str(s.config), s.job, seg_d, str(fetched))
+            if got.returncode != 0 or b"D-marker-7f3a" not in fetched.read_bytes():
+                return None
+            return time.time()
+
+        try:
+            stored_at = wait_for(marker_in_storage, 60, what="the growing segment")
+        except TimeoutError:
+            raise AssertionError(f"not stored: {daemon.logs()[-3000:]}") from None
+        assert not _stored(s, seg_d).exists()  # not completed: its growing copy served
+        print(f"RPO: rows D in storage (and fetched) {stored_at - committed:.1f}s after commit")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        lag = [ln for ln in metrics.splitlines() if ln.startswith("backupd_wal_archive_lag")]
+        print(lag)
+        assert any('job="cont"' in ln for ln in lag)
+        assert "backupd_wal_archived_segments_total" in metrics
+    finally:
+        daemon.stop()
+
+    out = mkdir_owned(s.base / "restores")
+    rport = free_port()
+    t0 = time.monotonic()
+    restored = s.cli(
+        "restore",
+        "-c",
+        str(s.config),
+        s.job,
+        "--data-dir",
+        str(out / "latest"),
+        "--latest",
+        "--start",
+        "--port",
+        str(rport),
+    )
+    try:
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        print(f"restore --latest --start: {time.monotonic() - t0:.1f}s; {restored.stdout}")
+        assert (
+            query(
+                rport,
+                "SELECT string_agg(batch || count, ',') FROM "
+                "(SELECT batch, count(*) FROM cont_rows GROUP BY 1 ORDER BY 1) s",
+            )
+            == "A100,C50,D-marker-7f3a25"
+        )
+    finally:
+        stop_server(out / "latest")
+        pg.psql("SELECT pg_drop_replication_slot('backupd_test_cont')")
