@@ -253,12 +253,19 @@ async def list_(args: argparse.Namespace) -> int:
     jobs = [_job(config, args.job)] if args.job else list(config.jobs.values())
     found: list[tuple[str, Manifest]] = []
     skipped: list[tuple[str, str, str]] = []  # (storage, key, reason)
+    windows: list[str] = []  # physical jobs: "JOB: restorable: EARLIEST .. LATEST"
     now = now_utc()
     async with _pool() as pool:
         for job in jobs:
             store = await _store_for(pool, config, job, args.storage)
             listing = await scan_backups(store, job.name, now)
-            found += [(store.name, m) for m in listing.backups]
+            backups = listing.backups
+            if job.kind == "physical":  # issue 16: the window the WAL archive gives
+                from backupd.commands_physical import physical_listing
+
+                backups, line = await physical_listing(store, job, listing)
+                windows.append(line)
+            found += [(store.name, m) for m in backups]
             skipped += [(store.name, s.key, s.reason) for s in listing.invalid]
     found.sort(key=lambda item: (item[1].started_at, item[1].id), reverse=True)
     for storage, key, reason in skipped:
@@ -290,6 +297,8 @@ async def list_(args: argparse.Namespace) -> int:
             )
         )
     _print_table(rows)
+    for line in windows:
+        print(line)
     return EXIT_OK
 
 
@@ -358,6 +367,10 @@ async def verify(args: argparse.Namespace) -> int:
 
     async with _pool() as pool:
         config, job, store, manifest = await _open_backup(args, pool)
+        if job.kind == "physical":  # issue 16: the base backup and its WAL chain
+            from backupd.commands_physical import verify_physical
+
+            return await verify_physical(args, store, manifest)
         report = await verify_backup(
             config, job, store, manifest, identity=args.identity, restore=args.restore
         )

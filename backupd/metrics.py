@@ -167,28 +167,6 @@ class Metrics:
             ["job", "result"],
             registry=r,
         )
-        self._reloads = Counter(
-            "backupd_config_reload_total", "Config reloads, by result.", ["result"], registry=r
-        )
-        self._reload_ok = Gauge(
-            "backupd_config_last_reload_successful",
-            "1 if the last config reload was applied, 0 if it was rejected.",
-            registry=r,
-        )
-        self._notify_failures = Counter(
-            "backupd_notify_failures_total",
-            "Notifications given up on after their retries.",
-            ["notifier"],
-            registry=r,
-        )
-        build_info = Gauge(
-            "backupd_build_info", "Always 1; the version as a label.", ["version"], registry=r
-        )
-        build_info.labels(version).set(1)
-        for result in RELOAD_RESULTS:
-            self._reloads.labels(result)
-        self._reload_ok.set(1)
-        process = ProcessCollector(registry=r)
         # -- physical jobs (issue 16): the WAL archive and the restorable window --
         self._wal_segments = Counter(
             "backupd_wal_archived_segments_total",
@@ -215,6 +193,28 @@ class Metrics:
             ["job", "edge"],
             registry=r,
         )
+        self._reloads = Counter(
+            "backupd_config_reload_total", "Config reloads, by result.", ["result"], registry=r
+        )
+        self._reload_ok = Gauge(
+            "backupd_config_last_reload_successful",
+            "1 if the last config reload was applied, 0 if it was rejected.",
+            registry=r,
+        )
+        self._notify_failures = Counter(
+            "backupd_notify_failures_total",
+            "Notifications given up on after their retries.",
+            ["notifier"],
+            registry=r,
+        )
+        build_info = Gauge(
+            "backupd_build_info", "Always 1; the version as a label.", ["version"], registry=r
+        )
+        build_info.labels(version).set(1)
+        for result in RELOAD_RESULTS:
+            self._reloads.labels(result)
+        self._reload_ok.set(1)
+        process = ProcessCollector(registry=r)
         self._last_success_ts: dict[str, float] = {}
         # The metrics with a `job` label, in the order registered.
         self._per_job = (

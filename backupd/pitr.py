@@ -29,7 +29,7 @@ import structlog
 from backupd import wal
 from backupd.config import Config, Job
 from backupd.errors import BackupdError, NotFound, UsageError
-from backupd.manifest import Manifest, rfc3339, scan_backups
+from backupd.manifest import Manifest, ObjectEntry, rfc3339, scan_backups
 from backupd.restore import read_object
 from backupd.sources import postgres
 from backupd.storage.base import Store
@@ -283,33 +283,78 @@ def _extract_tar(fd: int, directory: Path) -> None:
 
 
 async def _extract(
-    store: Store, manifest: Manifest, entry: object, identity: str | None, directory: Path
+    store: Store, manifest: Manifest, entry: ObjectEntry, identity: str | None, directory: Path
 ) -> int:
-    from backupd.manifest import ObjectEntry
+    def extract(fd: int) -> int:
+        _extract_tar(fd, directory)
+        return 0
 
-    assert isinstance(entry, ObjectEntry)
+    read = await _pipe_through(store, manifest, entry, identity, extract, raw=True)
+    return read
+
+
+class _ConsumerGone(BackupdError):
+    """The thread reading the stream stopped before its end."""
+
+
+async def _pipe_through(
+    store: Store,
+    manifest: Manifest,
+    entry: ObjectEntry,
+    identity: str | None,
+    consume: Callable[[int], int],
+    raw: bool = False,
+) -> int:
+    """Stream the decoded object into `consume(fd)` running in a thread; its result
+    (or, with `raw`, the decoded byte count) once the object read back checked."""
     read_fd, write_fd = os.pipe()
-    extracting = asyncio.ensure_future(asyncio.to_thread(_extract_tar, read_fd, directory))
+    consuming = asyncio.ensure_future(asyncio.to_thread(consume, read_fd))
 
     async def sink(data: bytes) -> None:
         view = memoryview(data)
         while view:
-            if extracting.done():
-                raise BackupdError("extraction stopped early")
+            if consuming.done():
+                raise _ConsumerGone("the tar stream ended early")
             n = await asyncio.to_thread(os.write, write_fd, view)
             view = view[n:]
 
     try:
-        try:
-            result = await read_object(store, manifest, entry, identity, sink)
-        finally:
-            os.close(write_fd)
-        await extracting
-    except BaseException:
-        if extracting.done() and not extracting.cancelled() and extracting.exception():
-            raise extracting.exception() from None  # type: ignore[misc]
+        result = await read_object(store, manifest, entry, identity, sink)
+    except BaseException as exc:
+        os.close(write_fd)  # the consumer sees the end and stops
+        await asyncio.wait([consuming])
+        failed = None if consuming.cancelled() else consuming.exception()
+        if failed is not None and isinstance(exc, OSError | _ConsumerGone):
+            raise failed from None  # the consumer stopped first (a bad member): its reason
         raise
-    return result.raw_bytes
+    os.close(write_fd)
+    value = await consuming
+    return result.raw_bytes if raw else value
+
+
+def _count_tar(fd: int) -> int:
+    """Read a tar stream to its end, checking every member name; how many members."""
+    n = 0
+    try:
+        with (
+            os.fdopen(fd, "rb", buffering=1 << 20) as stream,
+            tarfile.open(fileobj=stream, mode="r|") as tar,
+        ):
+            for member in tar:
+                _safe_name(member.name)
+                n += 1
+            while stream.read(1 << 20):
+                pass
+    except tarfile.TarError as exc:
+        raise BackupdError(f"not a valid tar stream: {exc}") from None
+    return n
+
+
+async def check_tar(
+    store: Store, manifest: Manifest, entry: ObjectEntry, identity: str | None
+) -> int:
+    """Read the base backup back, decoded and checked (size, SHA-256), as a tar stream."""
+    return await _pipe_through(store, manifest, entry, identity, _count_tar)
 
 
 # -- --start ------------------------------------------------------------------------------

@@ -263,3 +263,56 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
     finally:
         stop_server(out / "latest")
         pg.psql("SELECT pg_drop_replication_slot('backupd_test_cont')")
+
+
+def test_list_verify_and_retention_follow_the_wal_chain(
+    phys_pg: PgCluster, owned_base: Path
+) -> None:
+    s = physical_setup(
+        phys_pg, owned_base / "job", job="chain", extra_job="retention = { keep_last = 1 }\n"
+    )
+    s.use_archive_command()
+    try:
+        s.ok("backup", "-c", str(s.config), s.job)
+        phys_pg.psql(
+            "CREATE TABLE IF NOT EXISTS chain_rows (i int); INSERT INTO chain_rows VALUES (1)"
+        )
+        s.switch_and_wait_archived()
+        [first] = _manifests(s)
+        s.ok("backup", "-c", str(s.config), s.job)  # keep_last = 1: the first one goes
+        [second] = _manifests(s)
+        assert second["id"] != first["id"]
+        phys_pg.psql("INSERT INTO chain_rows VALUES (2)")
+        s.switch_and_wait_archived()
+        phys_pg.psql("INSERT INTO chain_rows VALUES (3)")
+        newest = s.switch_and_wait_archived()
+
+        stored = sorted(
+            p.name[:24]
+            for p in (s.store / s.job / "wal/00000001").glob("*.json")
+            if len(p.name) == 29
+        )
+        start = second["wal"]["start_segment"]
+        assert stored and stored[0] == start, stored  # older WAL went with the first backup
+        assert stored[-1] == newest
+
+        listed = s.ok("list", "-c", str(s.config), s.job)
+        assert f"{s.job}: restorable: " in listed.stdout
+        [shown] = _manifests(s)
+        assert shown["restorable_until"] > shown["restorable_from"]
+        good = s.cli("verify", "-c", str(s.config), s.job)
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert "no gap" in good.stdout
+
+        gap = stored[1]
+        (s.store / s.job / "wal/00000001" / f"{gap}.json").unlink()
+        bad = s.cli("verify", "-c", str(s.config), s.job)
+        assert bad.returncode == 1
+        assert (
+            f"WAL chain broken: 1 segment(s) missing after the backup's start, the first {gap}"
+            in bad.stdout
+        )
+        assert "WAL chain broken" in s.ok("list", "-c", str(s.config), s.job).stdout
+    finally:
+        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
+        phys_pg.psql("SELECT pg_reload_conf()")
