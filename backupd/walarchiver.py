@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import os
 import re
 import time
@@ -41,8 +40,8 @@ import structlog
 
 from backupd import wal
 from backupd.config import Job, PostgresSource
-from backupd.errors import BackupdError, NotFound
-from backupd.manifest import now_utc, rfc3339
+from backupd.errors import BackupdError
+from backupd.manifest import scan_backups
 from backupd.sources import postgres
 from backupd.storage.base import Store
 
@@ -51,6 +50,7 @@ log = structlog.get_logger("backupd.walarchiver")
 POLL = 0.5  # seconds between looks at the spool
 PARTIAL_EVERY = 5.0  # seconds between copies of the growing segment
 LAG_EVERY = 5.0  # seconds between lag measurements
+WINDOW_EVERY = 60.0  # seconds between computations of the restorable window (a listing)
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 STABLE_AFTER = 60.0  # a receiver that ran this long resets the backoff
@@ -60,6 +60,7 @@ DEFAULT_STATE_DIR = "/var/lib/backupd"
 class WalMetrics(Protocol):
     def wal_archived(self, job: str, segments: int, ts: float) -> None: ...
     def wal_lag(self, job: str, seconds: float) -> None: ...
+    def restorable_window(self, job: str, earliest: float | None, latest: float | None) -> None: ...
 
 
 def slot_name(job: Job) -> str:
@@ -155,7 +156,8 @@ class WalArchiver:
     # -- the uploader --------------------------------------------------------------------
 
     async def _upload_forever(self) -> None:
-        last_lag = 0.0
+        last_lag = last_window = 0.0
+        await self._first_lag()
         while True:
             try:
                 await self.upload_ready()
@@ -164,7 +166,48 @@ class WalArchiver:
             if time.monotonic() - last_lag >= LAG_EVERY:
                 last_lag = time.monotonic()
                 await self._measure_lag()
+            if time.monotonic() - last_window >= WINDOW_EVERY:
+                last_window = time.monotonic()
+                await self._report_window()
             await asyncio.sleep(POLL)
+
+    async def _first_lag(self) -> None:
+        """Until the first upload, storage holds WAL up to its newest segment, archived when
+        its index says: the lag counts from there (the daemon may have been down)."""
+        try:
+            stores = await self._stores()
+            store = next(iter(stores.values()))
+            archive = await wal.scan(store, self.job.name)
+            newest = archive.newest
+            if newest is None:
+                return
+            segno, tli = newest
+            entry = await wal.read_entry(store, self.job.name, archive.name_of(segno, tli))
+            partial = archive.partials.get(segno + 1)
+            end = (segno + 1) * wal.SEGMENT_SIZE
+            if partial is not None:
+                entry = await wal.read_entry(store, self.job.name, partial)
+            self.stored_end = end
+            self.caught_up_at = entry.archived.timestamp()
+        except (BackupdError, StopIteration) as exc:
+            log.debug("first_lag_unknown", error=str(exc))
+
+    async def _report_window(self) -> None:
+        if self.metrics is None:
+            return
+        try:
+            stores = await self._stores()
+            store = next(iter(stores.values()))
+            listing = await scan_backups(store, self.job.name)
+            window = await wal.window(store, self.job.name, listing.current)
+        except (BackupdError, StopIteration) as exc:
+            log.warning("restorable_window_unknown", job=self.job.name, error=str(exc))
+            return
+        self.metrics.restorable_window(
+            self.job.name,
+            window.earliest.timestamp() if window.earliest else None,
+            window.latest.timestamp() if window.latest else None,
+        )
 
     def _ready(self) -> tuple[list[Path], Path | None]:
         done, partial = [], None
@@ -271,24 +314,7 @@ def _read_partial(path: Path) -> bytes | None:
         return None
 
 
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def newest_archived(store: Store, job: str) -> float | None:
-    """Unix time the newest WAL of `job` in `store` was archived (for the first lag)."""
-    archive = await wal.scan(store, job)
-    newest = archive.newest
-    if newest is None:
-        return None
-    try:
-        entry = await wal.read_entry(store, job, archive.name_of(newest[0], newest[1]))
-    except (NotFound, BackupdError):
-        return None
-    return entry.archived.timestamp()
-
-
-__all__ = ["WalArchiver", "newest_archived", "now_utc", "rfc3339", "slot_name", "spool_dir"]
+__all__ = ["Archivers", "WalArchiver", "slot_name", "spool_dir"]
 
 
 class Archivers:

@@ -231,6 +231,7 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
         print(lag)
         assert any('job="cont"' in ln for ln in lag)
         assert "backupd_wal_archived_segments_total" in metrics
+        assert 'backupd_restorable_window_seconds{edge="earliest",job="cont"}' in metrics
     finally:
         daemon.stop()
 
