@@ -187,6 +187,12 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        self._wal_max_lag = Gauge(
+            "backupd_wal_max_lag_seconds",
+            "The job's wal.max_lag: the archive lag above which the alert fires.",
+            ["job"],
+            registry=r,
+        )
         self._window = Gauge(
             "backupd_restorable_window_seconds",
             "Unix time of the earliest and latest moment the job can be restored to.",
@@ -237,6 +243,7 @@ class Metrics:
             self._wal_segments,
             self._wal_last,
             self._wal_lag,
+            self._wal_max_lag,
             self._window,
         )
         # Every collector above, in the order registered: /metrics renders them so.
@@ -374,6 +381,9 @@ class Metrics:
         if segments:
             self._wal_segments.labels(job).inc(segments)
         self._wal_last.labels(job).set(ts)
+
+    def wal_configured(self, job: str, max_lag: float) -> None:
+        self._wal_max_lag.labels(job).set(max_lag)
 
     def wal_lag(self, job: str, seconds: float) -> None:
         self._wal_lag.labels(job).set(max(0.0, seconds))

@@ -59,6 +59,7 @@ DEFAULT_STATE_DIR = "/var/lib/backupd"
 
 class WalMetrics(Protocol):
     def wal_archived(self, job: str, segments: int, ts: float) -> None: ...
+    def wal_configured(self, job: str, max_lag: float) -> None: ...
     def wal_lag(self, job: str, seconds: float) -> None: ...
     def restorable_window(self, job: str, earliest: float | None, latest: float | None) -> None: ...
 
@@ -101,6 +102,8 @@ class WalArchiver:
         """Archive until cancelled."""
         await asyncio.to_thread(self.spool.mkdir, mode=0o700, parents=True, exist_ok=True)
         log.info("wal_archiver_started", job=self.job.name, slot=self.slot, spool=str(self.spool))
+        if self.metrics is not None and self.job.wal is not None:
+            self.metrics.wal_configured(self.job.name, self.job.wal.max_lag)
         try:
             await asyncio.gather(self._receive_forever(), self._upload_forever())
         finally:
