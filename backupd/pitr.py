@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import shutil
 import stat
 import sys
 import tarfile
@@ -183,9 +184,14 @@ async def restore_to_dir(
     manifest = choose(backups, window, target, backup)
     announce(f"{window.describe()}; restoring {manifest.stem} to {target.describe()}")
     t0 = time.monotonic()
-    _check_empty(directory, create=True)
+    existed = await asyncio.to_thread(_check_empty, directory, True)
     entry = next(o for o in manifest.objects if o.kind == "base")
-    raw = await _extract(store, manifest, entry, identity, directory)
+    try:
+        raw = await _extract(store, manifest, entry, identity, directory)
+    except BaseException:
+        # DIR was absent or empty: leave it so, never half a data directory
+        await asyncio.shield(asyncio.to_thread(_clear, directory, existed))
+        raise
     extract_seconds = time.monotonic() - t0
     command = restore_command(config.path, job.name, store.name, identity)
     settings = recovery_settings(command, target, port if start else None, directory)
@@ -209,19 +215,32 @@ def _write_recovery(directory: Path, settings: list[tuple[str, str]]) -> None:
     (directory / "recovery.signal").touch(mode=0o600)
 
 
-def _check_empty(directory: Path, create: bool = False) -> None:
+def _clear(directory: Path, keep: bool) -> None:
+    if keep:
+        for child in directory.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _check_empty(directory: Path, create: bool = False) -> bool:
+    """Refuse a DIR that is not absent or empty; with `create`, make it. Whether it existed."""
     try:
         st = directory.lstat()
     except FileNotFoundError:
         if create:
             directory.mkdir(mode=0o700, parents=True)
-        return
+        return False
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"--data-dir {directory} exists and is not a directory")
     if any(directory.iterdir()):
         raise UsageError(f"--data-dir {directory} is not empty: refusing to write into it")
     if create:
         os.chmod(directory, 0o700)  # PostgreSQL refuses a data directory others can read
+    return True
 
 
 # -- the tar stream -----------------------------------------------------------------------

@@ -317,3 +317,56 @@ def test_list_verify_and_retention_follow_the_wal_chain(
     finally:
         phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
         phys_pg.psql("SELECT pg_reload_conf()")
+
+
+def test_encrypted_base_backup_and_wal_restore_with_the_identity(
+    phys_pg: PgCluster, owned_base: Path
+) -> None:
+    from backupd.crypto import generate_identity
+    from tests.physical import chown_owner
+
+    secret, public = generate_identity()
+    s = physical_setup(
+        phys_pg,
+        owned_base / "job",
+        job="sealed",
+        extra_job=f'encryption = {{ recipients = ["{public}"] }}\n',
+    )
+    identity = s.base / "identity.txt"
+    identity.write_text(secret + "\n")
+    identity.chmod(0o600)
+    chown_owner(identity)
+    s.use_archive_command()
+    try:
+        phys_pg.psql("DROP TABLE IF EXISTS sealed_rows; CREATE TABLE sealed_rows (i int)")
+        s.ok("backup", "-c", str(s.config), s.job)
+        phys_pg.psql("INSERT INTO sealed_rows SELECT generate_series(1, 321)")
+        newest = s.switch_and_wait_archived()
+    finally:
+        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
+        phys_pg.psql("SELECT pg_reload_conf()")
+    assert list((s.store / s.job / "wal/00000001").glob(f"{newest}.zst.age"))
+    out = mkdir_owned(s.base / "restores")
+    without = s.cli("restore", "-c", str(s.config), s.job, "--data-dir", str(out / "x"))
+    assert without.returncode == 1 and "--identity" in without.stderr
+    assert not (out / "x").exists()  # a failed restore leaves DIR as it found it
+    port = free_port()
+    restored = s.cli(
+        "restore",
+        "-c",
+        str(s.config),
+        s.job,
+        "--data-dir",
+        str(out / "latest"),
+        "--latest",
+        "--start",
+        "--port",
+        str(port),
+        "--identity",
+        str(identity),
+    )
+    try:
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert query(port, "SELECT count(*) FROM sealed_rows") == "321"
+    finally:
+        stop_server(out / "latest")
