@@ -226,6 +226,25 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
             raise AssertionError(f"not stored: {daemon.logs()[-3000:]}") from None
         assert not _stored(s, seg_d).exists()  # not completed: its growing copy served
         print(f"RPO: rows D in storage (and fetched) {stored_at - committed:.1f}s after commit")
+        # PostgreSQL restarted mid-stream: the receiver reconnects (with backoff) and
+        # the WAL written after the restart reaches storage too.
+        pg.restart()
+        pg.psql(
+            "SET synchronous_commit = on; "
+            "INSERT INTO cont_rows SELECT 'E-after-restart' FROM generate_series(1, 5)"
+        )
+        restarted = time.time()
+        seg_e = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+
+        def e_in_storage() -> bool:
+            got = s.cli("wal-fetch", "-c", str(s.config), s.job, seg_e, str(fetched))
+            return got.returncode == 0 and b"E-after-restart" in fetched.read_bytes()
+
+        try:
+            wait_for(e_in_storage, 90, what="WAL after the PostgreSQL restart")
+        except TimeoutError:
+            raise AssertionError(f"not stored: {daemon.logs()[-3000:]}") from None
+        print(f"after a PostgreSQL restart: rows E in storage {time.time() - restarted:.1f}s later")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         lag = [ln for ln in metrics.splitlines() if ln.startswith("backupd_wal_archive_lag")]
         print(lag)
@@ -259,7 +278,7 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
                 "SELECT string_agg(batch || count, ',') FROM "
                 "(SELECT batch, count(*) FROM cont_rows GROUP BY 1 ORDER BY 1) s",
             )
-            == "A100,C50,D-marker-7f3a25"
+            == "A100,C50,D-marker-7f3a25,E-after-restart5"
         )
     finally:
         stop_server(out / "latest")
