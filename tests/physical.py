@@ -100,8 +100,10 @@ class PhysicalSetup:
 
     def switch_and_wait_archived(self, timeout: float = 60) -> str:
         """Switch to a new WAL segment and wait until the old one is archived."""
-        segment = self.pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
-        self.pg.psql("SELECT pg_switch_wal()")
+        # pg_switch_wal() returns the end of the segment it closed: that segment's name.
+        # (pg_current_wal_lsn() is the *written* position: with synchronous_commit = off
+        # it can still be at the previous segment's end.)
+        segment = self.pg.psql("SELECT pg_walfile_name(pg_switch_wal())")
 
         def archived() -> bool:
             row = self.pg.psql(
@@ -109,7 +111,8 @@ class PhysicalSetup:
                 "coalesce(last_failed_wal, '') FROM pg_stat_archiver"
             )
             last = row.split("|")[0]
-            return bool(last) and last >= segment
+            # not "000000010000000000000002.00000028.backup": that one comes first
+            return last == segment or last[:24] > segment
 
         try:
             wait_for(archived, timeout, what=f"{segment} archived")

@@ -194,13 +194,13 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
         pg.psql("DROP TABLE IF EXISTS cont_rows; CREATE TABLE cont_rows (batch text)")
         s.ok("backup", "-c", str(s.config), s.job)
         pg.psql("INSERT INTO cont_rows SELECT 'A' FROM generate_series(1, 100)")
-        seg = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        seg = pg.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
         pg.psql("SELECT pg_switch_wal()")
         wait_for(lambda: _stored(s, seg).exists(), 60, what=f"{seg} stored by the daemon")
 
         daemon.kill9()
         pg.psql("INSERT INTO cont_rows SELECT 'C' FROM generate_series(1, 50)")
-        seg_c = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        seg_c = pg.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
         pg.psql("SELECT pg_switch_wal()")
         daemon = OwnedDaemon(s).start()
         wait_for(lambda: _stored(s, seg_c).exists(), 60, what=f"{seg_c} after the restart")
@@ -211,7 +211,7 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
             "INSERT INTO cont_rows SELECT 'D-marker-7f3a' FROM generate_series(1, 25)"
         )
         committed = time.time()
-        seg_d = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        seg_d = pg.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
         fetched = s.base / "fetched"
 
         def marker_in_storage() -> float | None:
@@ -234,7 +234,7 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
             "INSERT INTO cont_rows SELECT 'E-after-restart' FROM generate_series(1, 5)"
         )
         restarted = time.time()
-        seg_e = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        seg_e = pg.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
 
         def e_in_storage() -> bool:
             got = s.cli("wal-fetch", "-c", str(s.config), s.job, seg_e, str(fetched))
@@ -389,3 +389,99 @@ def test_encrypted_base_backup_and_wal_restore_with_the_identity(
         assert query(port, "SELECT count(*) FROM sealed_rows") == "321"
     finally:
         stop_server(out / "latest")
+
+
+def test_a_promoted_copy_keeps_archiving_on_the_next_timeline(
+    phys_pg: PgCluster, owned_base: Path
+) -> None:
+    from tests.physical import OwnedDaemon
+
+    s = physical_setup(phys_pg, owned_base / "job", job="tl")
+    s.use_archive_command()
+    try:
+        phys_pg.psql("DROP TABLE IF EXISTS tl_rows; CREATE TABLE tl_rows (batch text)")
+        s.ok("backup", "-c", str(s.config), s.job)
+        phys_pg.psql("INSERT INTO tl_rows SELECT 'A' FROM generate_series(1, 10)")
+        s.switch_and_wait_archived()
+    finally:
+        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
+        phys_pg.psql("SELECT pg_reload_conf()")
+    out = mkdir_owned(s.base / "restores")
+    port = free_port()
+    s.ok(
+        "restore",
+        "-c",
+        str(s.config),
+        s.job,
+        "--data-dir",
+        str(out / "primary2"),
+        "--latest",
+        "--start",
+        "--port",
+        str(port),
+    )
+    # The promoted copy becomes the source of the same job (a failover): the daemon
+    # creates the slot there and archives timeline 2 into the same archive.
+    promoted = physical_setup(
+        PgCluster(base=out, port=port),
+        owned_base / "job2",
+        job="tl",
+        extra_job=f'wal = {{ slot = "backupd_tl", spool = "{owned_base}/job2/spool" }}\n',
+    )
+    promoted.config.write_text(
+        promoted.config.read_text().replace(str(promoted.store), str(s.store))
+    )
+    daemon = OwnedDaemon(promoted).start()
+    try:
+        assert query(port, "SELECT timeline_id FROM pg_control_checkpoint()") == "2"
+        assert query(port, "SELECT count(*) FROM tl_rows") == "10", (
+            out / "primary2" / "backupd-restore.log"
+        ).read_text()[-3000:]
+        wait_for(
+            lambda: query(port, "SELECT count(*) FROM pg_replication_slots WHERE active") == "1",
+            60,
+            what="the slot streaming from the promoted copy",
+        )
+        query(port, "INSERT INTO tl_rows SELECT 'B' FROM generate_series(1, 20)")
+        seg = query(port, "SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
+        assert seg.startswith("00000002")
+        query(port, "SELECT pg_switch_wal()")
+        try:
+            wait_for(
+                lambda: _stored(s, seg).exists() and _stored(s, "00000002.history").exists(),
+                90,
+                what="timeline 2 archived",
+            )
+        except TimeoutError:
+            stored = sorted(p.name for p in (s.store / s.job / "wal").rglob("*.json"))
+            raise AssertionError(f"{stored}\n{daemon.logs()[-3000:]}") from None
+    finally:
+        daemon.stop()
+        stop_server(out / "primary2")
+
+    port3 = free_port()
+    again = s.cli(
+        "restore",
+        "-c",
+        str(s.config),
+        s.job,
+        "--data-dir",
+        str(out / "after"),
+        "--latest",
+        "--start",
+        "--port",
+        str(port3),
+    )
+    try:
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert (
+            query(
+                port3,
+                "SELECT string_agg(batch || count, ',') FROM "
+                "(SELECT batch, count(*) FROM tl_rows GROUP BY 1 ORDER BY 1) s",
+            )
+            == "A10,B20"
+        ), (out / "after" / "backupd-restore.log").read_text()[-3000:]
+        assert query(port3, "SELECT timeline_id FROM pg_control_checkpoint()") == "3"
+    finally:
+        stop_server(out / "after")
