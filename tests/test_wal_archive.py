@@ -6,6 +6,7 @@ import json
 import os
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from backupd.crypto import generate_identity
 from tests.helpers import run_cli
@@ -13,10 +14,23 @@ from tests.helpers import run_cli
 SEGMENT = "000000010000000000000007"
 
 
-def _config(tmp_path: Path, extra: str = "") -> Path:
+def _config(tmp_path: Path, extra: str = "", s3: tuple[str, str] | None = None) -> Path:
     (tmp_path / "pw").write_text("x\n")
     (tmp_path / "pw").chmod(0o600)
     config = tmp_path / "backupd.toml"
+    stores = '["local"]'
+    s3_block = ""
+    if s3 is not None:
+        stores = '["local", "offsite"]'
+        s3_block = textwrap.dedent(f"""\
+        [storage.offsite]
+        type = "s3"
+        bucket = "{s3[1]}"
+        prefix = "prod/"
+        endpoint_url = "{s3[0]}"
+        access_key_id = {{ env = "BACKUPD_TEST_AWS_KEY" }}
+        secret_access_key = {{ env = "BACKUPD_TEST_AWS_SECRET" }}
+        """)
     config.write_text(
         textwrap.dedent(f"""\
         [source.main]
@@ -28,10 +42,14 @@ def _config(tmp_path: Path, extra: str = "") -> Path:
         type = "filesystem"
         path = "{tmp_path}/store"
 
+        """)
+        + s3_block
+        + textwrap.dedent(f"""\
+
         [job.pitr]
         source = "main"
         kind = "physical"
-        storage = ["local"]
+        storage = {stores}
         """)
         + extra
     )
@@ -115,3 +133,28 @@ def test_encrypted_wal_needs_the_identity(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert out.read_bytes() == history.read_bytes()
+
+
+def test_on_s3_too_every_store_gets_the_segment_and_either_serves_it(
+    tmp_path: Path, s3_server: str, s3_bucket: str, s3_client: Any
+) -> None:
+    config = _config(tmp_path, s3=(s3_server, s3_bucket))
+    wal = _segment(tmp_path / SEGMENT, os.urandom(4096))
+    pushed = run_cli("wal-push", "-c", str(config), "pitr", str(wal))
+    assert pushed.returncode == 0, pushed.stderr
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert keys == {
+        f"prod/pitr/wal/00000001/{SEGMENT}.zst",
+        f"prod/pitr/wal/00000001/{SEGMENT}.json",
+    }
+    for storage in ("offsite", "local"):
+        out = tmp_path / f"from-{storage}"
+        got = run_cli(
+            "wal-fetch", "-c", str(config), "pitr", SEGMENT, str(out), "--storage", storage
+        )
+        assert got.returncode == 0, got.stderr
+        assert out.read_bytes() == wal.read_bytes()
+    (tmp_path / "b").mkdir()
+    other = _segment(tmp_path / "b" / SEGMENT, b"B" * 512)
+    refused = run_cli("wal-push", "-c", str(config), "pitr", str(other))
+    assert refused.returncode == 1 and "refusing to overwrite" in refused.stderr
