@@ -367,10 +367,6 @@ async def verify(args: argparse.Namespace) -> int:
 
     async with _pool() as pool:
         config, job, store, manifest = await _open_backup(args, pool)
-        if job.kind == "physical":  # issue 16: the base backup and its WAL chain
-            from backupd.commands_physical import verify_physical
-
-            return await verify_physical(args, store, manifest)
         report = await verify_backup(
             config, job, store, manifest, identity=args.identity, restore=args.restore
         )

@@ -193,6 +193,13 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        self._drill_rto = Gauge(
+            "backupd_restore_drill_rto_seconds",
+            "Physical jobs: how long the last restore drill took from the start of the "
+            "restore until the server was promoted (a measured RTO).",
+            ["job"],
+            registry=r,
+        )
         self._window = Gauge(
             "backupd_restorable_window_seconds",
             "Unix time of the earliest and latest moment the job can be restored to.",
@@ -244,6 +251,7 @@ class Metrics:
             self._wal_last,
             self._wal_lag,
             self._wal_max_lag,
+            self._drill_rto,
             self._window,
         )
         # Every collector above, in the order registered: /metrics renders them so.
@@ -387,6 +395,9 @@ class Metrics:
 
     def wal_lag(self, job: str, seconds: float) -> None:
         self._wal_lag.labels(job).set(max(0.0, seconds))
+
+    def restore_drill(self, job: str, rto_seconds: float) -> None:
+        self._drill_rto.labels(job).set(rto_seconds)
 
     def restorable_window(self, job: str, earliest: float | None, latest: float | None) -> None:
         for edge, value in (("earliest", earliest), ("latest", latest)):

@@ -58,6 +58,7 @@ def populated() -> Metrics:
     m.wal_archived("j", 2, 1_700_008_100.0)
     m.wal_lag("j", 4.5)
     m.restorable_window("j", 1_700_000_000.0, 1_700_008_100.0)
+    m.restore_drill("j", 12.5)
     return m
 
 

@@ -485,3 +485,32 @@ def test_a_promoted_copy_keeps_archiving_on_the_next_timeline(
         assert query(port3, "SELECT timeline_id FROM pg_control_checkpoint()") == "3"
     finally:
         stop_server(out / "after")
+
+
+def test_verify_restore_drills_into_a_throwaway_server_and_runs_pg_amcheck(
+    phys_pg: PgCluster, owned_base: Path
+) -> None:
+    s = physical_setup(
+        phys_pg,
+        owned_base / "job",
+        job="drill",
+        # no verify.target: a physical drill brings its own server
+        extra_job='verify = { schedule = "0 6 * * 0", restore = true }\n',
+    )
+    s.use_archive_command()
+    try:
+        phys_pg.psql("DROP TABLE IF EXISTS drill_rows; CREATE TABLE drill_rows (i int PRIMARY KEY)")
+        s.ok("backup", "-c", str(s.config), s.job)
+        phys_pg.psql("INSERT INTO drill_rows SELECT generate_series(1, 5000)")
+        s.switch_and_wait_archived()
+    finally:
+        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
+        phys_pg.psql("SELECT pg_reload_conf()")
+    t0 = time.monotonic()
+    out = s.cli("verify", "-c", str(s.config), s.job, "--restore", timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    print(f"verify --restore: {time.monotonic() - t0:.1f}s\n{out.stdout}")
+    assert "no gap" in out.stdout
+    assert "promoted in" in out.stdout
+    assert "pg_amcheck found no corruption in" in out.stdout
+    assert out.stdout.strip().endswith("verified: ok")
