@@ -180,6 +180,9 @@ class Manifest:
         """The data object of `database` (default: the only database dumped)."""
         dbs = [o for o in self.objects if o.kind == "database"]
         names = ", ".join(repr(o.database) for o in dbs) or "none"
+        base = [o for o in self.objects if o.kind == "base"]
+        if base and database is None:  # a physical backup: the cluster's tar (download)
+            return base[0]
         if database is None:
             if len(dbs) == 1:
                 return dbs[0]

@@ -183,6 +183,14 @@ async def restore_to_dir(
     window = await wal.window(store, job.name, backups)
     manifest = choose(backups, window, target, backup)
     announce(f"{window.describe()}; restoring {manifest.stem} to {target.describe()}")
+    if manifest.id in window.broken:
+        until = window.until.get(manifest.id)
+        announce(
+            f"warning: the WAL chain of {manifest.stem} is broken ({window.broken[manifest.id]}): "
+            f"recovery stops at the gap, "
+            f"{'around ' + rfc3339(until)[:19] + 'Z' if until else 'at the backup end'}; "
+            "the WAL after it cannot be replayed from this backup"
+        )
     t0 = time.monotonic()
     existed = await asyncio.to_thread(_check_empty, directory, True)
     entry = next(o for o in manifest.objects if o.kind == "base")

@@ -26,6 +26,7 @@ server but not in storage can be.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -49,7 +50,7 @@ log = structlog.get_logger("backupd.walarchiver")
 
 POLL = 0.5  # seconds between looks at the spool
 PARTIAL_EVERY = 5.0  # seconds between copies of the growing segment
-LAG_EVERY = 5.0  # seconds between lag measurements
+LAG_EVERY = 2.0  # seconds between lag measurements
 WINDOW_EVERY = 60.0  # seconds between computations of the restorable window (a listing)
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
@@ -97,6 +98,7 @@ class WalArchiver:
         self._partial_sent: tuple[str, int, float] | None = None  # name, size, mtime
         self._partial_at = 0.0
         self._conn: asyncpg.Connection | None = None
+        self._positions: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
 
     async def run(self) -> None:
         """Archive until cancelled."""
@@ -295,6 +297,15 @@ class WalArchiver:
         return wal.parse_lsn(value) if value else None
 
     async def _measure_lag(self) -> None:
+        """The lag: how old the oldest WAL on the server but not in storage can be.
+
+        Every measurement notes (time, the server's written position). Storage
+        holding WAL up to `stored_end` holds everything the server had written at
+        the latest noted time whose position is <= stored_end, so whatever is
+        missing was written after it: the lag is the time since then (0 when the
+        server's position now is stored). Under sustained writes the server is
+        never "caught up", yet the lag stays the few seconds storage trails by.
+        """
         try:
             conn = await self._sql()
             server = wal.parse_lsn(str(await conn.fetchval("SELECT pg_current_wal_lsn()::text")))
@@ -303,8 +314,11 @@ class WalArchiver:
             self._conn = None
             server = None
         now = time.time()
-        if server is not None and self.stored_end is not None and server <= self.stored_end:
-            self.caught_up_at = now
+        if server is not None:
+            self._positions.append((now, server))
+        if self.stored_end is not None:
+            while self._positions and self._positions[0][1] <= self.stored_end:
+                self.caught_up_at = max(self.caught_up_at, self._positions.popleft()[0])
         if self.metrics is not None:
             self.metrics.wal_lag(self.job.name, now - self.caught_up_at)
 

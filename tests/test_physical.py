@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,14 @@ def test_base_backup_is_one_streamed_object_with_its_wal_position(setup: Physica
     assert m["wal"]["timeline"] == 1
     assert m["wal"]["start_segment"] <= m["wal"]["stop_segment"]
     assert m["restorable_from"] == m["finished_at"]
+    # `download` gives the cluster's tar; pg_basebackup put its own manifest last in it
+    tar_path = setup.base / "base.tar"
+    setup.ok("download", "-c", str(setup.config), setup.job, "-o", str(tar_path))
+    with tarfile.open(tar_path) as tar:
+        names = tar.getnames()
+    assert "PG_VERSION" in names and "backup_label" in names
+    assert names[-1] == "backup_manifest"
+    assert any(n.startswith("pg_wal/0000000") for n in names)  # -X fetch: self-contained
 
 
 def test_check_connect_reports_a_role_without_replication(setup: PhysicalSetup) -> None:

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tests.bench.measure import run, shell
@@ -100,31 +100,6 @@ def main() -> int:
         )
         out = mkdir_owned(base / "out")
 
-        # 1. base backup vs the shell pipeline
-        ours, theirs = [], []
-        for i in range(args.repeat):
-            ours.append(
-                run(
-                    as_owner([*_env(s), *backupd_argv(), "backup", "-c", str(s.config), s.job]),
-                    log=base / f"ours-{i}.log",
-                )
-            )
-            pipeline = (
-                f"{PG_BIN}/pg_basebackup -d 'host=127.0.0.1 port={pg.port} user=postgres' "
-                f"-D - -Ft -X fetch --checkpoint=fast | zstd -q -3 > {out}/base-{i}.tar.zst"
-            )
-            theirs.append(run(shell(pipeline), log=base / f"theirs-{i}.log", env=env))
-        ours_wall = statistics.median(x.wall for x in ours)
-        theirs_wall = statistics.median(x.wall for x in theirs)
-        results["base_backup"] = {
-            "backupd_s": round(ours_wall, 2),
-            "pipeline_s": round(theirs_wall, 2),
-            "ratio": round(ours_wall / theirs_wall, 3),
-            "backupd_peak_rss_mb": round(max(x.max_rss_kb for x in ours) / 1024, 1),
-        }
-        print(results["base_backup"], flush=True)
-
-        # 2. pgbench at full speed while the daemon archives
         daemon = OwnedDaemon(s).start()
         lags: list[float] = []
         spools: list[int] = []
@@ -140,6 +115,31 @@ def main() -> int:
                 60,
                 what="the slot streaming",
             )
+            # 1. base backups, with the archiver streaming (as in production)
+            ours, theirs = [], []
+            for i in range(args.repeat):
+                ours.append(
+                    run(
+                        as_owner([*_env(s), *backupd_argv(), "backup", "-c", str(s.config), s.job]),
+                        log=base / f"ours-{i}.log",
+                    )
+                )
+                pipeline = (
+                    f"{PG_BIN}/pg_basebackup -d 'host=127.0.0.1 port={pg.port} user=postgres' "
+                    f"-D - -Ft -X fetch --checkpoint=fast | zstd -q -3 > {out}/base-{i}.tar.zst"
+                )
+                theirs.append(run(shell(pipeline), log=base / f"theirs-{i}.log", env=env))
+            ours_wall = statistics.median(x.wall for x in ours)
+            theirs_wall = statistics.median(x.wall for x in theirs)
+            results["base_backup"] = {
+                "backupd_s": round(ours_wall, 2),
+                "pipeline_s": round(theirs_wall, 2),
+                "ratio": round(ours_wall / theirs_wall, 3),
+                "backupd_peak_rss_mb": round(max(x.max_rss_kb for x in ours) / 1024, 1),
+            }
+            print(results["base_backup"], flush=True)
+
+            # 2. pgbench at full speed while the daemon archives
             assert daemon.proc is not None
             cpu0, t0 = _tree_cpu(daemon.proc.pid), time.monotonic()
             stop = threading.Event()
@@ -161,6 +161,7 @@ def main() -> int:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
+            bench_started = datetime.now(UTC)
             bench = subprocess.run(
                 [
                     str(PG_BIN / "pgbench"),
@@ -227,6 +228,32 @@ def main() -> int:
         )
         results["restore_latest_start_s"] = round(time.monotonic() - t0, 1)
         stop_server(out / "restored")
+        middle = bench_started + timedelta(seconds=args.duration / 2)
+        t0 = time.monotonic()
+        subprocess.run(
+            as_owner(
+                [
+                    *_env(s),
+                    *backupd_argv(),
+                    "restore",
+                    "-c",
+                    str(s.config),
+                    s.job,
+                    "--data-dir",
+                    str(out / "middle"),
+                    "--time",
+                    middle.isoformat(),
+                    "--start",
+                    "--port",
+                    str(free_port()),
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            cwd=s.base,
+        )
+        results["restore_to_time_mid_load_start_s"] = round(time.monotonic() - t0, 1)
+        stop_server(out / "middle")
         drill = subprocess.run(
             as_owner(
                 [*_env(s), *backupd_argv(), "verify", "-c", str(s.config), s.job, "--restore"]
