@@ -523,3 +523,50 @@ def test_verify_restore_drills_into_a_throwaway_server_and_runs_pg_amcheck(
     assert "promoted in" in out.stdout
     assert "pg_amcheck found no corruption in" in out.stdout
     assert out.stdout.strip().endswith("verified: ok")
+
+
+def test_on_s3_a_base_backup_and_its_wal_restore(
+    phys_pg: PgCluster, owned_base: Path, s3_server: str, s3_bucket: str
+) -> None:
+    s = physical_setup(phys_pg, owned_base / "job", job="ons3")
+    s.config.write_text(
+        s.config.read_text().replace('storage = ["local"]', 'storage = ["offsite"]')
+        + f"""
+[storage.offsite]
+type = "s3"
+bucket = "{s3_bucket}"
+prefix = "prod/"
+endpoint_url = "{s3_server}"
+access_key_id = {{ env = "BACKUPD_TEST_AWS_KEY" }}
+secret_access_key = {{ env = "BACKUPD_TEST_AWS_SECRET" }}
+"""
+    )
+    s.use_archive_command()
+    try:
+        phys_pg.psql("DROP TABLE IF EXISTS s3_rows; CREATE TABLE s3_rows (i int)")
+        s.ok("backup", "-c", str(s.config), s.job)
+        phys_pg.psql("INSERT INTO s3_rows SELECT generate_series(1, 77)")
+        s.switch_and_wait_archived()
+    finally:
+        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
+        phys_pg.psql("SELECT pg_reload_conf()")
+    assert not list(s.store.iterdir())  # everything went to S3
+    out = mkdir_owned(s.base / "restores")
+    port = free_port()
+    restored = s.cli(
+        "restore",
+        "-c",
+        str(s.config),
+        s.job,
+        "--data-dir",
+        str(out / "latest"),
+        "--latest",
+        "--start",
+        "--port",
+        str(port),
+    )
+    try:
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert query(port, "SELECT count(*) FROM s3_rows") == "77"
+    finally:
+        stop_server(out / "latest")
