@@ -106,12 +106,32 @@ class WalArchiver:
         log.info("wal_archiver_started", job=self.job.name, slot=self.slot, spool=str(self.spool))
         if self.metrics is not None and self.job.wal is not None:
             self.metrics.wal_configured(self.job.name, self.job.wal.max_lag)
+        await self._warn_if_unbounded()
         try:
             await asyncio.gather(self._receive_forever(), self._upload_forever())
         finally:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._conn.close(timeout=2))
+
+    async def _warn_if_unbounded(self) -> None:
+        """Say so when the slot may fill the server's disk while backupd is away."""
+        from backupd import physical
+
+        try:
+            password = self.source.password.resolve() if self.source.password else None
+            server = await physical.preflight(self.source, password)
+        except BackupdError as exc:
+            log.warning("wal_source_not_ready", job=self.job.name, error=str(exc))
+            return
+        if server.max_slot_wal_keep_size < 0:
+            log.warning(
+                "wal_slot_unbounded",
+                job=self.job.name,
+                slot=self.slot,
+                note="max_slot_wal_keep_size is unlimited: while backupd is down the slot "
+                "keeps WAL on the server until its disk fills; set a limit",
+            )
 
     # -- the receiver --------------------------------------------------------------------
 

@@ -260,6 +260,8 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
         assert any('job="cont"' in ln for ln in lag)
         assert "backupd_wal_archived_segments_total" in metrics
         assert 'backupd_restorable_window_seconds{edge="earliest",job="cont"}' in metrics
+        # the test cluster leaves max_slot_wal_keep_size unlimited: the daemon says so
+        assert '"event": "wal_slot_unbounded"' in daemon.logs()
     finally:
         daemon.stop()
 
