@@ -806,12 +806,8 @@ _VERIFY_SCHEMA: dict[str, _Parser[Any]] = {
 def _verify(value: object, ctx: _Ctx) -> VerifyPolicy:
     t = _Table(value, ctx)
     policy = VerifyPolicy(**t.read(_VERIFY_SCHEMA))
-    if policy.restore and "target" not in t:
-        ctx.child("target").error(
-            "required when restore = true (the server where scratch databases are created)"
-        )
     t.close()
-    return policy
+    return policy  # restore = true without a target: checked in _job, which knows the kind
 
 
 # -- physical jobs (issue 16) --
@@ -857,10 +853,6 @@ def _check_physical(t: _Table, values: dict[str, Any], own: Mapping[str, Any]) -
             t.ctx.child(key).error(
                 'a kind = "physical" job backs up the whole cluster: remove this key'
             )
-    # A physical drill restores into a throwaway server of its own: `_verify`'s
-    # "target required" does not apply (it cannot know the job's kind).
-    needless = f"{t.ctx.child('verify').child('target').path}: required when restore = true"
-    t.ctx.errors[:] = [e for e in t.ctx.errors if not e.startswith(needless)]
     values.setdefault("wal", WalPolicy())
 
 
@@ -1117,9 +1109,15 @@ def _job(
     values.setdefault("timezone", (daemon or DaemonConfig()).timezone)
     mark = t.ctx.mark()
     _check_physical(t, values, own)  # issue 16
+    verify = values.get("verify")
+    # A logical drill restores into `target`; a physical one brings its own server.
+    if isinstance(verify, VerifyPolicy) and verify.restore and verify.target is None:
+        if values.get("kind") != "physical":
+            t.ctx.child("verify").child("target").error(
+                "required when restore = true (the server where scratch databases are created)"
+            )
     if t.ctx.failed_since(mark):
         return None
-    verify = values.get("verify")
     if isinstance(verify, VerifyPolicy) and verify.restore and values.get("encryption"):
         t.ctx.child("verify").error(
             "restore = true cannot work on an encrypted job: the daemon holds no private key "
@@ -1247,7 +1245,7 @@ def _job_doc(j: Job) -> dict[str, Any]:
             "max_delay": format_duration(j.retry.max_delay),
             "multiplier": j.retry.multiplier,
         },
-        "wal": None  # kind = "physical" only (issue 16)
+        "wal": None  # kind = "physical" only (issue 16), which has no logical keys
         if j.wal is None
         else _without_none(
             {
@@ -1257,6 +1255,9 @@ def _job_doc(j: Job) -> dict[str, Any]:
             }
         ),
     }
+    if j.kind == "physical":
+        for key in _NOT_PHYSICAL:
+            doc.pop(key, None)
     return _without_none(doc)
 
 
