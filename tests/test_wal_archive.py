@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from backupd.crypto import generate_identity
 from tests.helpers import run_cli
 
@@ -158,3 +160,28 @@ def test_on_s3_too_every_store_gets_the_segment_and_either_serves_it(
     other = _segment(tmp_path / "b" / SEGMENT, b"B" * 512)
     refused = run_cli("wal-push", "-c", str(config), "pitr", str(other))
     assert refused.returncode == 1 and "refusing to overwrite" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"name": "000000010000000000000008"}, "names another segment"),
+        ({"key": "../../../etc/passwd"}, "its key is not its own"),
+        ({"compression": "rot13"}, "unknown compression"),
+        ({"raw_bytes": 5}, "wrong size"),
+        ({"sha256": "x" * 64}, "sha256 is not a digest"),
+        ({"archived_at": "yesterday"}, "invalid"),
+        ({"encrypted": "no"}, "encrypted is not a boolean"),
+    ],
+)
+def test_a_hostile_index_entry_is_refused(tmp_path: Path, change: dict[str, Any], why: str) -> None:
+    config = _config(tmp_path)
+    wal = _segment(tmp_path / SEGMENT, os.urandom(4096))
+    assert run_cli("wal-push", "-c", str(config), "pitr", str(wal)).returncode == 0
+    index = tmp_path / "store/pitr/wal/00000001" / f"{SEGMENT}.json"
+    index.write_text(json.dumps(json.loads(index.read_text()) | change))
+    out = tmp_path / "restored"
+    got = run_cli("wal-fetch", "-c", str(config), "pitr", SEGMENT, str(out))
+    assert got.returncode == 1
+    assert why in got.stderr
+    assert not out.exists()
