@@ -101,6 +101,11 @@ def _add_wal_commands(cmd: Callable[[str, Handler, str], argparse.ArgumentParser
     p.add_argument("path", help="where to write it (restore_command's %%p)")
     p.add_argument("--storage", metavar="NAME", help="only this storage (default: each in turn)")
     p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted WAL")
+    p.add_argument(
+        "--prefetch",
+        metavar="DIR",
+        help="also fetch the next segments into DIR (restore --data-dir sets this up)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,7 +80,10 @@ async def wal_fetch(args: argparse.Namespace) -> int:
     names = [args.storage] if args.storage else list(job.storage)
     async with _pool() as pool:
         stores = [await _store_for(pool, config, job, name) for name in names]
-        await wal.fetch(job.name, stores, args.segment, args.path, args.identity)
+        served = await wal.fetch(job.name, stores, args.segment, args.path, args.identity)
+        if args.prefetch:
+            store = next(s for s in stores if s.name == served)
+            await wal.prefetch(job.name, store, args.segment, Path(args.prefetch), args.identity)
     return EXIT_OK
 
 

@@ -117,19 +117,40 @@ def choose(
     return newest
 
 
-def restore_command(config_path: str, job: str, store: str | None, identity: str | None) -> str:
-    """`backupd wal-fetch` run by this interpreter, as restore_command (%f, %p)."""
+PREFETCH_DIR = "backupd-prefetch"  # in the data directory; deleted after --start
+
+
+def restore_command(
+    config_path: str,
+    job: str,
+    store: str | None,
+    identity: str | None,
+    prefetch: Path | None = None,
+) -> str:
+    """`backupd wal-fetch` run by this interpreter, as restore_command (%f, %p).
+
+    With `prefetch`, each wal-fetch also fetches (and checks) the next segments
+    into that directory, and the command first takes a segment from there with a
+    plain `mv`: a Python start-up per PREFETCH_COUNT segments, not per segment.
+    """
     argv = [sys.executable, "-m", "backupd", "wal-fetch", "-c", os.path.abspath(config_path)]
     if store is not None:
         argv += ["--storage", store]
     if identity is not None:
         argv += ["--identity", os.path.abspath(identity)]
+    if prefetch is not None:
+        argv += ["--prefetch", str(prefetch)]
     argv.append(job)
     prefix = []
     if os.environ.get("PYTHONPATH"):  # a source checkout: the server must import it too
         prefix = ["/usr/bin/env", f"PYTHONPATH={os.environ['PYTHONPATH']}"]
     quoted = " ".join(shlex.quote(a).replace("%", "%%") for a in prefix + argv)
-    return f"{quoted} %f %p"
+    fetch = f"{quoted} %f %p"
+    if prefetch is None:
+        return fetch
+    cached = shlex.quote(str(prefetch)).replace("%", "%%") + "/%f"
+    # %f is a WAL file name (hex digits, `.history`), %p a path under pg_wal: no quoting needed
+    return f"if [ -f {cached} ]; then mv -f {cached} %p; else {fetch}; fi"
 
 
 def _conf_quote(value: str) -> str:
@@ -201,13 +222,14 @@ async def restore_to_dir(
         await asyncio.shield(asyncio.to_thread(_clear, directory, existed))
         raise
     extract_seconds = time.monotonic() - t0
-    command = restore_command(config.path, job.name, store.name, identity)
+    command = restore_command(config.path, job.name, store.name, identity, directory / PREFETCH_DIR)
     settings = recovery_settings(command, target, port if start else None, directory)
     await asyncio.to_thread(_write_recovery, directory, settings)
     recovery_seconds = None
     if start:
         source = config.sources[job.source]
         recovery_seconds = await start_and_wait(directory, source.pg_bin_dir, manifest)
+        await asyncio.to_thread(shutil.rmtree, directory / PREFETCH_DIR, True)
     return PitrOutcome(manifest, target, window, directory, extract_seconds, recovery_seconds, raw)
 
 

@@ -386,6 +386,52 @@ async def fetch(
     raise NotFound(f"{name} is not in the WAL archive of job {job}")
 
 
+PREFETCH_COUNT = 16  # segments fetched ahead by one wal-fetch
+PREFETCH_PARALLEL = 4
+
+
+async def prefetch(job: str, store: Store, name: str, directory: Path, identity: str | None) -> int:
+    """Fetch the segments after `name` (same timeline) into `directory`, checked, each
+    written aside and renamed; stops at the first one the archive lacks. How many.
+
+    Only complete segments: a growing segment's copy is replaced as it grows, so it
+    is always fetched when asked for. Failures are logged, never raised: the
+    segment asked for is already delivered.
+    """
+    if not SEGMENT_RE.fullmatch(name):
+        return 0
+    tli, segno = segment_number(name)
+    names = [segment_of(tli, (segno + i) * SEGMENT_SIZE) for i in range(1, PREFETCH_COUNT + 1)]
+    try:
+        await asyncio.to_thread(directory.mkdir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        log.warning("prefetch_unavailable", directory=str(directory), error=exc.strerror)
+        return 0
+    gate = asyncio.Semaphore(PREFETCH_PARALLEL)
+    missing = asyncio.Event()
+
+    async def one(next_name: str) -> bool:
+        dest = directory / next_name
+        if await asyncio.to_thread(dest.exists):
+            return True
+        async with gate:
+            if missing.is_set():
+                return False
+            try:
+                raw = await fetch_bytes(store, job, next_name, identity)
+            except NotFound:
+                missing.set()
+                return False
+            except BackupdError as exc:
+                log.warning("prefetch_failed", segment=next_name, error=str(exc))
+                return False
+            await asyncio.to_thread(_write_aside, dest, raw)
+            return True
+
+    done = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+    return sum(1 for d in done if d is True)
+
+
 def _write_aside(dest: Path, raw: bytes) -> None:
     tmp = dest.with_name(f".{dest.name}.backupd-tmp")
     try:

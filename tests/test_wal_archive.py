@@ -185,3 +185,28 @@ def test_a_hostile_index_entry_is_refused(tmp_path: Path, change: dict[str, Any]
     assert got.returncode == 1
     assert why in got.stderr
     assert not out.exists()
+
+
+def test_fetch_prefetches_the_next_segments_checked(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    names = [f"0000000100000000000000{n:02X}" for n in (7, 8, 9)]
+    originals = {}
+    for name in names:
+        originals[name] = _segment(tmp_path / name, os.urandom(4096)).read_bytes()
+        assert run_cli("wal-push", "-c", str(config), "pitr", str(tmp_path / name)).returncode == 0
+    cache = tmp_path / "cache"
+    got = run_cli(
+        "wal-fetch",
+        "-c",
+        str(config),
+        "pitr",
+        names[0],
+        str(tmp_path / "first"),
+        "--prefetch",
+        str(cache),
+    )
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "first").read_bytes() == originals[names[0]]
+    assert sorted(p.name for p in cache.iterdir()) == names[1:]  # and no further
+    for name in names[1:]:
+        assert (cache / name).read_bytes() == originals[name]
