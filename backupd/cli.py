@@ -83,6 +83,60 @@ def _limit(text: str) -> int:
     return value
 
 
+# -- physical jobs (issue 16) --------------------------------------------------------------
+
+
+def _add_pitr_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("physical jobs (point-in-time recovery)")
+    g.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="write a PostgreSQL data directory here (absent or empty) from a base backup",
+    )
+    target = g.add_mutually_exclusive_group()
+    target.add_argument("--time", metavar="T", help="recover to this moment (RFC 3339)")
+    target.add_argument("--lsn", metavar="L", help="recover to this WAL position (like 0/3000028)")
+    target.add_argument(
+        "--latest", action="store_true", help="recover to the end of the WAL archive (default)"
+    )
+    g.add_argument(
+        "--start",
+        action="store_true",
+        help="start the server and wait until it reached the target and was promoted",
+    )
+    g.add_argument(
+        "--port", type=int, default=5432, metavar="P", help="port for --start (default 5432)"
+    )
+
+
+def _add_wal_commands(cmd: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    from backupd import commands_physical
+
+    p = cmd(
+        "wal-push",
+        commands_physical.wal_push,
+        "archive one WAL file of a physical job (for archive_command)",
+    )
+    p.add_argument("job", help="a physical job name from the config")
+    p.add_argument("path", help="the WAL file (archive_command's %%p)")
+
+    p = cmd(
+        "wal-fetch",
+        commands_physical.wal_fetch,
+        "fetch one WAL file of a physical job (for restore_command)",
+    )
+    p.add_argument("job", help="a physical job name from the config")
+    p.add_argument("segment", help="the WAL file name (restore_command's %%f)")
+    p.add_argument("path", help="where to write it (restore_command's %%p)")
+    p.add_argument("--storage", metavar="NAME", help="only this storage (default: each in turn)")
+    p.add_argument("--identity", metavar="FILE", help="age identity file for encrypted WAL")
+    p.add_argument(
+        "--prefetch",
+        metavar="DIR",
+        help="also fetch the next segments into DIR (restore --data-dir sets this up)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from backupd import commands, remote
 
@@ -173,11 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backup_choice(p)
     p.add_argument(
         "--to",
-        required=True,
         metavar="DSN",
         help="target database; the password comes from PGPASSWORD or ~/.pgpass, "
-        "never put it in the DSN",
+        "never put it in the DSN (logical jobs; physical jobs take --data-dir)",
     )
+    _add_pitr_options(p)  # issue 16
     p.add_argument(
         "--table",
         action="append",
@@ -273,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="also delete the job's only backup in that storage"
     )
+
+    _add_wal_commands(cmd)  # issue 16
 
     p = cmd("prune", commands.prune, "apply retention now")
     p.add_argument("job", nargs="?", help="only this job (default: every job)")

@@ -117,6 +117,11 @@ async def check(args: argparse.Namespace) -> int:
         source = config.sources[job.source]
         try:
             password = source.password.resolve() if source.password else None
+            if job.kind == "physical":  # issue 16: REPLICATION, wal_level, a free walsender
+                from backupd.commands_physical import check_physical
+
+                print(await check_physical(job, source, password))
+                continue
             info = await postgres.preflight(source, job, password)
             tool = postgres.find_tool("pg_dump", source.pg_bin_dir, info.major)
             print(
@@ -223,12 +228,19 @@ async def list_(args: argparse.Namespace) -> int:
     jobs = [_job(config, args.job)] if args.job else list(config.jobs.values())
     found: list[tuple[str, Manifest]] = []
     skipped: list[tuple[str, str, str]] = []  # (storage, key, reason)
+    windows: list[str] = []  # physical jobs: "JOB: restorable: EARLIEST .. LATEST"
     now = now_utc()
     async with _pool() as pool:
         for job in jobs:
             store = await _store_for(pool, config, job, args.storage)
             listing = await scan_backups(store, job.name, now)
-            found += [(store.name, m) for m in listing.backups]
+            backups = listing.backups
+            if job.kind == "physical":  # issue 16: the window the WAL archive gives
+                from backupd.commands_physical import physical_listing
+
+                backups, line = await physical_listing(store, job, listing)
+                windows.append(line)
+            found += [(store.name, m) for m in backups]
             skipped += [(store.name, s.key, s.reason) for s in listing.invalid]
     found.sort(key=lambda item: (item[1].started_at, item[1].id), reverse=True)
     for storage, key, reason in skipped:
@@ -260,6 +272,8 @@ async def list_(args: argparse.Namespace) -> int:
             )
         )
     print_table(rows)
+    for line in windows:
+        print(line)
     return EXIT_OK
 
 
@@ -311,7 +325,13 @@ async def _suggest_create(create: bool) -> AsyncIterator[None]:
 
 
 async def restore(args: argparse.Namespace) -> int:
+    from backupd.commands_physical import restore_data_dir, wants_data_dir
     from backupd.operations import restore as restoring
+
+    if wants_data_dir(args, _load(args)):  # a physical job: issue 16
+        return await restore_data_dir(args)
+    if not args.to:
+        raise UsageError("restore needs --to DSN (the target database)")
 
     def announce(line: str) -> None:
         print(f"backupd: {line}", file=sys.stderr)

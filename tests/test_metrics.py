@@ -54,6 +54,11 @@ def populated() -> Metrics:
     m.verified("j", "success", 1_700_008_000.0)
     m.config_reloaded("success")
     m.notify_failed("ops")
+    m.wal_configured("j", 300.0)  # physical jobs (issue 16)
+    m.wal_archived("j", 2, 1_700_008_100.0)
+    m.wal_lag("j", 4.5)
+    m.restorable_window("j", 1_700_000_000.0, 1_700_008_100.0)
+    m.restore_drill("j", 12.5)
     return m
 
 

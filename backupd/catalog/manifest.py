@@ -101,10 +101,12 @@ class ObjectEntry:
     raw_bytes: int
     sha256: str
     format: str = "custom"  # the globals object is always plain SQL
-    kind: str = "database"  # database | globals (roles and tablespaces)
+    kind: str = "database"  # database | globals (roles and tablespaces) | base (physical)
 
     @property
     def label(self) -> str:
+        if self.kind == "base":
+            return "(cluster)"
         return "(globals)" if self.kind == "globals" else self.database
 
 
@@ -131,6 +133,12 @@ class Manifest:
     node: str = ""  # the daemon that made it ([daemon] node)
     scheduled_for: str = ""  # RFC 3339 UTC: the slot a scheduled or catch-up run ran
     format_version: int = FORMAT_VERSION
+    # kind = "physical" only (issue 16): where the base backup sits in the WAL
+    # (timeline, start_lsn, stop_lsn, start_segment, stop_segment), and the window of
+    # time it can restore to; `list` extends restorable_until with the WAL archive.
+    wal: dict[str, Any] | None = None
+    restorable_from: str = ""
+    restorable_until: str = ""
 
     @property
     def stem(self) -> str:
@@ -174,6 +182,9 @@ class Manifest:
         """The data object of `database` (default: the only database dumped)."""
         dbs = [o for o in self.objects if o.kind == "database"]
         names = ", ".join(repr(o.database) for o in dbs) or "none"
+        base = [o for o in self.objects if o.kind == "base"]
+        if base and database is None:  # a physical backup: the cluster's tar (download)
+            return base[0]
         if database is None:
             if len(dbs) == 1:
                 return dbs[0]
@@ -208,6 +219,9 @@ class Manifest:
         data["failed"] = [asdict(f) for f in self.failed]
         order = ["format_version", "id", "job", "stem"]
         data["stem"] = self.stem
+        if self.wal is None:  # a logical backup: no physical fields
+            for key in ("wal", "restorable_from", "restorable_until"):
+                del data[key]
         return {k: data[k] for k in order} | {k: v for k, v in data.items() if k not in order}
 
     def to_json(self) -> bytes:
@@ -407,7 +421,40 @@ def _validate(data: dict[str, Any]) -> Manifest:
         failed=_failed(_list(_field(data, "failed", []), "failed")),
         node=_text(_field(data, "node", ""), "node", 64),
         scheduled_for=_timestamp(_field(data, "scheduled_for", ""), "scheduled_for", optional=True),
+        wal=_wal_position(_field(data, "wal", None)),
+        restorable_from=_timestamp(
+            _field(data, "restorable_from", ""), "restorable_from", optional=True
+        ),
+        restorable_until=_timestamp(
+            _field(data, "restorable_until", ""), "restorable_until", optional=True
+        ),
     )
+
+
+_LSN = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
+_SEGMENT = re.compile(r"[0-9A-F]{24}")
+
+
+def _wal_position(value: Any) -> dict[str, Any] | None:
+    """A physical backup's place in the WAL: every field checked, nothing else kept."""
+    data = _object(value, "wal", optional=True)
+    if data is None:
+        return None
+    timeline = _integer(_field(data, "timeline", where="wal."), "wal.timeline", 1)
+    if timeline > 0xFFFFFFFF:
+        raise InvalidManifest("wal.timeline is out of range")
+    out: dict[str, Any] = {"timeline": timeline}
+    for name in ("start_lsn", "stop_lsn"):
+        lsn = _text(_field(data, name, where="wal."), f"wal.{name}", 17)
+        if not _LSN.fullmatch(lsn):
+            raise InvalidManifest(f"wal.{name} is not an LSN")
+        out[name] = lsn
+    for name in ("start_segment", "stop_segment"):
+        seg = _text(_field(data, name, where="wal."), f"wal.{name}", 24)
+        if not _SEGMENT.fullmatch(seg):
+            raise InvalidManifest(f"wal.{name} is not a WAL segment name")
+        out[name] = seg
+    return out
 
 
 def _compression(value: Any) -> str:
@@ -439,12 +486,12 @@ def _objects(items: list[Any], stem: str) -> tuple[ObjectEntry, ...]:
         if not _FORMAT.fullmatch(fmt):
             raise InvalidManifest(f"{what}.format is not a format name")
         kind = _text(_field(entry, "kind", "database", f"{what}."), f"{what}.kind", 16)
-        if kind not in ("database", "globals"):
-            raise InvalidManifest(f"{what}.kind is neither database nor globals")
+        if kind not in ("database", "globals", "base"):
+            raise InvalidManifest(f"{what}.kind is not database, globals or base")
         database = _field(entry, "database", where=f"{what}.")
-        if kind == "globals":
+        if kind in ("globals", "base"):
             if database != "":
-                raise InvalidManifest(f'{what}.database of the globals object is not ""')
+                raise InvalidManifest(f'{what}.database of the {kind} object is not ""')
         else:
             database = _name(database, f"{what}.database")
         entries.append(

@@ -39,6 +39,7 @@ from backupd.config.keys import (
 from backupd.config.model import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_PATH,
+    NOT_PHYSICAL,
     NOTIFIER_TYPES,
     Config,
     DaemonConfig,
@@ -48,6 +49,7 @@ from backupd.config.model import (
     PostgresSource,
     S3Storage,
     Storage,
+    WalPolicy,
     parse_compression,
     sections,
 )
@@ -161,7 +163,14 @@ def config_to_toml(cfg: Config) -> str:
 
 def _entry_toml(entry: object) -> dict[str, Any]:
     kind = getattr(entry, "type", None)  # a typed entry's class comes from its `type`
-    return to_toml(entry) if kind is None else {"type": kind, **to_toml(entry)}
+    doc = to_toml(entry) if kind is None else {"type": kind, **to_toml(entry)}
+    if isinstance(entry, Job):
+        if entry.kind == "physical":
+            for key in NOT_PHYSICAL:  # a physical job has no logical keys to print back
+                doc.pop(key, None)
+        else:
+            doc.pop("wal", None)
+    return doc
 
 
 def _toml_syntax_error(path: str, exc: tomllib.TOMLDecodeError) -> str:
@@ -278,6 +287,11 @@ def _job(
     values = {**defaults.values, **own}
     if any(key not in values for key in required):
         return None
+    if values.get("kind") == "physical":  # logical keys from [defaults] do not apply to it
+        for key in NOT_PHYSICAL:
+            if key not in own:
+                values.pop(key, None)
+        values.setdefault("wal", WalPolicy())
     values.setdefault("timezone", (daemon or DaemonConfig()).timezone)
     if not check_rules(Job, values, t.data, t.ctx):
         return None

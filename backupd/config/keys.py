@@ -228,7 +228,10 @@ def check_rules(cls: type, values: Mapping[str, Any], given: Collection[str], ct
         return True
     ok = True
     for name, message in rules({**_defaults(cls), **values}, given):
-        ctx.child(name).error(message)
+        where = ctx
+        for part in name.split("."):  # "verify.target": a key of a table the model holds
+            where = where.child(part)
+        where.error(message)
         ok = False
     return ok
 

@@ -42,7 +42,7 @@ DEFAULT_CONFIG_PATH = "/etc/backupd/backupd.toml"
 DEFAULT_SOCKET_PATH = "/run/backupd/control.sock"
 CONFIG_ENV_VAR = "BACKUPD_CONFIG"
 
-JobKind = Literal["full", "schema-only", "data-only"]
+JobKind = Literal["full", "schema-only", "data-only", "physical"]
 DumpFormat = Literal["custom", "plain"]
 CompressionAlgorithm = Literal["none", "gzip", "zstd", "lz4"]
 LogFormat = Literal["json", "console"]
@@ -51,7 +51,7 @@ AddressingStyle = Literal["auto", "path", "virtual"]
 S3Checksum = Literal["crc32", "md5"]
 NotifierType = Literal["webhook", "slack", "healthchecks"]
 
-JOB_KINDS: tuple[JobKind, ...] = ("full", "schema-only", "data-only")
+JOB_KINDS: tuple[JobKind, ...] = ("full", "schema-only", "data-only", "physical")
 DUMP_FORMATS: tuple[DumpFormat, ...] = ("custom", "plain")
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
@@ -296,13 +296,21 @@ class VerifyPolicy:
     # DSN of a server where scratch databases are created
     target: str | None = key(v.dsn(_VERIFY_DSN_FIX), default=None)
 
-    @staticmethod
-    def rules(values: Mapping[str, Any], given: Collection[str]) -> Iterator[tuple[str, str]]:
-        if values["restore"] and "target" not in given:
-            yield (
-                "target",
-                "required when restore = true (the server where scratch databases are created)",
-            )
+    # restore = true without a target: a Job rule, since a physical job's drill brings its
+    # own server and needs none
+
+
+@model
+class WalPolicy:
+    """`wal = { slot, max_lag, spool }` of a `kind = "physical"` job (see operations/wal.py)."""
+
+    slot: str = key(v.slot_name, default="")  # physical replication slot; "" -> backupd_{job}
+    max_lag: float = key(v.positive_duration, default=300.0)  # archive lag above: an alert
+    spool: str = key(v.optional_absolute_path, default="")  # "" -> {state dir}/wal/{job}
+
+
+# Keys of logical dumps that mean nothing to a physical job (a whole cluster, by pg_basebackup).
+NOT_PHYSICAL = ("databases", "globals", "format", "tables", "exclude_tables", "exclude_table_data")
 
 
 @model
@@ -448,10 +456,26 @@ class Job:
     retry: RetryPolicy = key(table(RetryPolicy), default_factory=RetryPolicy)
     timeout: float = key(v.positive_duration, default=6 * 3600.0)
     compression: Compression = key(compression_spec, default_factory=Compression)
+    wal: WalPolicy | None = key(table(WalPolicy), default=None)  # kind = "physical" only
 
     @staticmethod
     def rules(values: Mapping[str, Any], given: Collection[str]) -> Iterator[tuple[str, str]]:
+        physical = values["kind"] == "physical"
+        if not physical and "wal" in given:
+            yield ("wal", 'only a kind = "physical" job archives WAL')
+        for key_name in NOT_PHYSICAL if physical else ():
+            if key_name in given:
+                yield (
+                    key_name,
+                    'a kind = "physical" job backs up the whole cluster: remove this key',
+                )
         verify = values["verify"]
+        # A logical drill restores into `target`; a physical one brings its own server.
+        if verify is not None and verify.restore and verify.target is None and not physical:
+            yield (
+                "verify.target",
+                "required when restore = true (the server where scratch databases are created)",
+            )
         if verify is not None and verify.restore and values["encryption"]:
             yield (
                 "verify",

@@ -369,6 +369,20 @@ def _socket_mode(value: object, ctx: Ctx) -> int:
 socket_mode = Parser(_socket_mode, show=lambda mode: f"{mode:04o}")
 
 
+_SLOT = re.compile(r"[a-z0-9_]{1,63}")
+
+
+@Parser
+def slot_name(value: object, ctx: Ctx) -> str:
+    """A physical replication slot's name, as PostgreSQL allows it."""
+    name = nonempty(value, ctx)
+    if not _SLOT.fullmatch(name):
+        raise Invalid(
+            f"a replication slot name is 1-63 lowercase letters, digits and _, got {describe(name)}"
+        )
+    return name
+
+
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

@@ -46,6 +46,7 @@ from backupd.observe.systemd import Notifier as SystemdNotifier
 from backupd.observe.systemd import watchdog_interval
 from backupd.operations.backup import Trigger
 from backupd.operations.prune import prune_after_success
+from backupd.operations.walarchiver import Archivers
 
 log = structlog.get_logger("backupd.daemon")
 
@@ -185,6 +186,12 @@ class Daemon:
             )
             self.tasks.spawn(self._watchdog(), "watchdog", long_lived=True)
             stack.push_async_callback(self.tasks.cancel_all)
+            # issue 16: continuous WAL archiving of physical jobs (operations/walarchiver.py)
+            self.archivers = Archivers(
+                lambda job: self.pool.for_job(self.config, job), metrics=self.metrics
+            )
+            self.archivers.update(self.config.jobs, self.config.sources)
+            stack.push_async_callback(self._cleanup_log, "wal", self.archivers.aclose)
             self.systemd.ready(self._status_line())
             log.info(
                 "daemon_ready",
@@ -360,6 +367,7 @@ class Daemon:
                 self.inventory.forget(name)
             self.config = new
             self.runner.update_config(new)
+            self.archivers.update(new.jobs, new.sources)  # issue 16
             self.scheduler.replace(schedule_entries(new))
             self.metrics.jobs_configured(new.jobs)
             if new.notifiers != old.notifiers:

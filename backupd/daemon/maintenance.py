@@ -52,6 +52,7 @@ SWEEP_INTERVAL = 3600.0
 
 class MaintenanceMetrics(PruneMetrics, Protocol):
     def verified(self, job: str, result: str, ts: float) -> None: ...
+    def restore_drill(self, job: str, rto_seconds: float) -> None: ...  # issue 16
 
 
 # Starts a catch-up run of (job, trigger, the missed slot); HA claims the slot first.
@@ -267,6 +268,8 @@ class Maintenance:
                 log.error("verify_crashed", storage=name, exc_info=True)
                 continue
             problems += [f"storage {name}: {line}" for line in report.failures]
+            if report.rto_seconds is not None:  # a physical drill (issue 16)
+                self.metrics.restore_drill(job.name, report.rto_seconds)
             log_fn = log.info if report.ok else log.error
             log_fn(
                 "verify_finished",

@@ -36,6 +36,7 @@ from backupd.config.model import Config, Job, Storage
 from backupd.errors import BackupdError, UsageError
 from backupd.observe.notify import Event
 from backupd.operations.backup import PartialBackup, Trigger, run_backup
+from backupd.operations.physical import run_base_backup
 from backupd.storage import RetrySettings, open_store
 from backupd.storage.base import CLEANUP_DEADLINE, Store
 
@@ -465,7 +466,9 @@ class Runner:
                 run.attempts = attempt.retry_state.attempt_number
                 run.bytes_done = 0
                 try:
-                    manifest = await run_backup(
+                    # kind = "physical": a base backup (issue 16, operations/physical.py)
+                    backup_fn = run_base_backup if job.kind == "physical" else run_backup
+                    manifest = await backup_fn(
                         job,
                         source,
                         stores,

@@ -174,6 +174,45 @@ class Metrics:
             ["job", "result"],
             registry=r,
         )
+        # -- physical jobs (issue 16): the WAL archive and the restorable window --
+        self._wal_segments = Counter(
+            "backupd_wal_archived_segments_total",
+            "WAL segments (and timeline history files) stored in every storage of the job.",
+            ["job"],
+            registry=r,
+        )
+        self._wal_last = Gauge(
+            "backupd_wal_last_archived_timestamp_seconds",
+            "When the newest WAL was stored (completed segments and the growing one).",
+            ["job"],
+            registry=r,
+        )
+        self._wal_lag = Gauge(
+            "backupd_wal_archive_lag_seconds",
+            "How far the newest WAL in storage is behind the server (live RPO); 0 when "
+            "everything the server wrote is stored.",
+            ["job"],
+            registry=r,
+        )
+        self._wal_max_lag = Gauge(
+            "backupd_wal_max_lag_seconds",
+            "The job's wal.max_lag: the archive lag above which the alert fires.",
+            ["job"],
+            registry=r,
+        )
+        self._drill_rto = Gauge(
+            "backupd_restore_drill_rto_seconds",
+            "Physical jobs: how long the last restore drill took from the start of the "
+            "restore until the server was promoted (a measured RTO).",
+            ["job"],
+            registry=r,
+        )
+        self._window = Gauge(
+            "backupd_restorable_window_seconds",
+            "Unix time of the earliest and latest moment the job can be restored to.",
+            ["job", "edge"],
+            registry=r,
+        )
         self._reloads = Counter(
             "backupd_config_reload_total", "Config reloads, by result.", ["result"], registry=r
         )
@@ -216,6 +255,12 @@ class Metrics:
             self._retention_deleted,
             self._retention_errors,
             self._last_verify,
+            self._wal_segments,
+            self._wal_last,
+            self._wal_lag,
+            self._wal_max_lag,
+            self._drill_rto,
+            self._window,
         )
         # Every collector above, in the order registered: /metrics renders them so.
         self._text = TextExposition(
@@ -349,6 +394,27 @@ class Metrics:
         self._last_verify.labels(job, _check(result, VERIFY_RESULTS, "verify result")).set(ts)
 
     # -- notifications -------------------------------------------------------------
+
+    # -- physical jobs (issue 16) ----------------------------------------------------
+
+    def wal_archived(self, job: str, segments: int, ts: float) -> None:
+        if segments:
+            self._wal_segments.labels(job).inc(segments)
+        self._wal_last.labels(job).set(ts)
+
+    def wal_configured(self, job: str, max_lag: float) -> None:
+        self._wal_max_lag.labels(job).set(max_lag)
+
+    def wal_lag(self, job: str, seconds: float) -> None:
+        self._wal_lag.labels(job).set(max(0.0, seconds))
+
+    def restore_drill(self, job: str, rto_seconds: float) -> None:
+        self._drill_rto.labels(job).set(rto_seconds)
+
+    def restorable_window(self, job: str, earliest: float | None, latest: float | None) -> None:
+        for edge, value in (("earliest", earliest), ("latest", latest)):
+            if value is not None:
+                self._window.labels(job, edge).set(value)
 
     def notify_failed(self, notifier: str) -> None:
         self._notify_failures.labels(notifier).inc()

@@ -35,6 +35,7 @@ from backupd.catalog.manifest import (
     scan_backups,
 )
 from backupd.config.model import Config, Job
+from backupd.operations.wal import prune_wal
 from backupd.storage.base import ObjectInfo, Store
 
 log = structlog.get_logger("backupd.retention")
@@ -73,6 +74,7 @@ class PruneOutcome:
     remaining: list[Manifest] = field(default_factory=list)
     invalid: list[SkippedManifest] = field(default_factory=list)  # skipped, never deleted
     future: list[str] = field(default_factory=list)  # stems dated ahead of the clock (kept)
+    wal_deleted: int = 0  # physical jobs: WAL objects no kept base backup needs (issue 16)
 
     @property
     def errors(self) -> int:
@@ -105,6 +107,11 @@ class PruneOutcome:
         ]
         if self.swept:
             lines.append(f"  swept {self.swept} data object(s) left by an earlier prune")
+        if self.wal_deleted:
+            verb = "would delete" if self.dry_run else "deleted"
+            lines.append(
+                f"  {verb} {self.wal_deleted} WAL object(s) older than every kept base backup"
+            )
         return lines
 
 
@@ -150,6 +157,9 @@ async def prune_job(
     if dry_run:
         outcome.deleted = list(plan.delete)
         outcome.remaining = backups
+        if job.kind == "physical":  # issue 16
+            kept = [m for m in backups if m.stem not in set(plan.delete)]
+            outcome.wal_deleted = len(await prune_wal(store, job.name, kept, dry_run=True))
         return outcome
     for stem in plan.delete:
         deleted_manifest, left = await delete_backup(store, by_stem[stem])
@@ -167,6 +177,8 @@ async def prune_job(
         outcome.swept = deleted
     gone = set(outcome.deleted)
     outcome.remaining = [m for m in backups if m.stem not in gone]
+    if job.kind == "physical" and not outcome.failed:  # issue 16: WAL goes with its backups
+        outcome.wal_deleted = len(await prune_wal(store, job.name, outcome.remaining))
     if outcome.deleted or outcome.errors or outcome.swept:
         log.info(
             "retention_applied",

@@ -43,6 +43,7 @@ log = structlog.get_logger("backupd.verify")
 class VerifyReport:
     ok: bool = True
     lines: list[str] = field(default_factory=list)
+    rto_seconds: float | None = None  # physical drills: restore until promoted (issue 16)
 
     def fail(self, line: str) -> None:
         self.ok = False
@@ -66,6 +67,10 @@ async def verify_backup(
 
     Raises UsageError when `restore` is asked of a job without `verify.target`.
     """
+    if job.kind == "physical":  # issue 16: base backup, WAL chain, drill (backupd/pitr_verify.py)
+        from backupd.operations.pitr_verify import verify_physical
+
+        return await verify_physical(config, job, store, manifest, identity, restore)
     target = job.verify.target if job.verify else None
     if restore and not target:
         raise UsageError(
