@@ -374,9 +374,9 @@ _SLOT = re.compile(r"[a-z0-9_]{1,63}")
 
 @Parser
 def slot_name(value: object, ctx: Ctx) -> str:
-    """A physical replication slot's name, as PostgreSQL allows it."""
-    name = nonempty(value, ctx)
-    if not _SLOT.fullmatch(name):
+    """A physical replication slot's name, as PostgreSQL allows it ("": backupd_{job})."""
+    name = string(value, ctx)
+    if name and not _SLOT.fullmatch(name):
         raise Invalid(
             f"a replication slot name is 1-63 lowercase letters, digits and _, got {describe(name)}"
         )
