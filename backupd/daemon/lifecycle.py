@@ -483,6 +483,11 @@ class Daemon:
         out = []
         for name in sorted(self.config.jobs):
             when = nexts.get(BACKUP + name)
+            wal = (
+                {"wal_lag_seconds": round(self.metrics.wal_lags[name], 1)}
+                if name in self.metrics.wal_lags
+                else {}
+            )
             last = self.runner.last_run(name)
             newest = self.inventory.latest(name)
             out.append(
@@ -494,6 +499,7 @@ class Daemon:
                     "last_backup": newest.to_dict(now) if newest else None,
                     "running": [r.to_dict() for r in self.runner.active() if r.job == name],
                 }
+                | wal
             )
         return out
 

@@ -71,6 +71,7 @@ class Metrics:
     """backupd's metrics in a registry of their own (a fresh one per instance)."""
 
     def __init__(self, version: str = __version__) -> None:
+        self.wal_lags: dict[str, float] = {}  # the last lag measured per physical job
         # No `*_created` series: they double the counters' exposition (a thousand jobs
         # make tens of thousands of lines) and nothing here uses them. The switch is
         # prometheus_client's, process-wide; backupd is the only user in its process.
@@ -301,6 +302,7 @@ class Metrics:
         for metric in self._per_job:
             metric.remove_by_labels({"job": job})
         self._last_success_ts.pop(job, None)
+        self.wal_lags.pop(job, None)
 
     def notifiers_configured(self, names: Iterable[str]) -> None:
         """Create each notifier's failure counter at 0."""
@@ -407,6 +409,7 @@ class Metrics:
 
     def wal_lag(self, job: str, seconds: float) -> None:
         self._wal_lag.labels(job).set(max(0.0, seconds))
+        self.wal_lags[job] = max(0.0, seconds)
 
     def restore_drill(self, job: str, rto_seconds: float) -> None:
         self._drill_rto.labels(job).set(rto_seconds)
