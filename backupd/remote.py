@@ -155,8 +155,6 @@ async def status(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"node": reply.get("node"), "jobs": jobs})
         return EXIT_OK
-    if reply.get("node"):  # which daemon answered; with HA, claims show each slot's holder
-        print(f"node {printable(str(reply['node']))}")
     if not jobs:
         print("no jobs configured")
         return EXIT_OK
@@ -200,6 +198,8 @@ async def status(args: argparse.Namespace) -> int:
             )
         )
     print_table(rows, details)
+    if reply.get("ha") and reply.get("node"):  # claims in RUNNING show each slot's holder
+        print(f"answered by node {printable(str(reply['node']))} (HA)")
     return EXIT_OK
 
 

@@ -95,7 +95,8 @@ def backups(cfg: Path) -> list[dict[str, Any]]:
 
 
 def downloaded(cfg: Path, tmp_path: Path, database: str, backup: str = "latest") -> str:
-    target = tmp_path / "download.sql"
+    target = tmp_path / f"download-{hashlib.sha256(database.encode()).hexdigest()[:12]}.sql"
+    target.unlink(missing_ok=True)
     out = run_cli(
         "download", "app", "-c", str(cfg), "--backup", backup, "--database", database,
         "-o", str(target),

@@ -419,7 +419,12 @@ class Daemon:
         if cmd == "ping":
             yield {"ok": True, "version": __version__}
         elif cmd == "status":
-            yield {"ok": True, "node": self.node, "jobs": await self._status_ha()}
+            yield {
+                "ok": True,
+                "node": self.node,
+                "ha": self.ha is not None,
+                "jobs": await self._status_ha(),
+            }
         elif cmd == "trigger":
             async for reply in self._trigger(request, peer):
                 yield reply
