@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemon_proc import DaemonProcess
 from tests.objstores import (
     ObjectStore,
     S3Target,
@@ -150,3 +151,22 @@ def swift_bucket(swift_server: ObjectStore) -> S3Target:
 @pytest.fixture
 def moto_bucket(s3_server: str, s3_bucket: str) -> S3Target:
     return S3Target("moto", s3_server, s3_bucket, "BACKUPD_TEST_AWS_KEY", "BACKUPD_TEST_AWS_SECRET")
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """`backupd run` subprocesses a test starts (append them): each is stopped at the end
+    (SIGTERM, then SIGKILL after 30 s), whether it still runs or already exited."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def no_backoff() -> Iterator[None]:
+    """Notification retries (stamina) happen, 3 attempts, without their backoff sleeps."""
+    import stamina
+
+    with stamina.set_testing(True, attempts=3):
+        yield

@@ -13,9 +13,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from backupd.catalog.manifest import FailedDatabase, Manifest, new_backup_id, rfc3339, stem_for
+from backupd.storage import RetrySettings
 from tests.pgcluster import PG_BIN, PgCluster
 
 BACKUPD = [sys.executable, "-m", "backupd"]
+
+
+def no_wait_retry(attempts: int = 3, timeout: float = 60.0) -> RetrySettings:
+    """The one way tests switch off storage backoff: the same retries, without their waits
+    (a test never sleeps for backoff). The runner's own waits: `Runner(sleep=...)`;
+    stamina's (notifications): the `no_backoff` fixture in conftest."""
+    return RetrySettings(
+        attempts=attempts, timeout=timeout, wait_initial=0.0, wait_max=0.0, wait_jitter=0.0
+    )
 
 
 def write_config(

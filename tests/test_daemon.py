@@ -8,10 +8,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from backupd.config.file import load_config
 from backupd.daemon.runner import Runner, StorePool
@@ -19,14 +16,6 @@ from backupd.operations.backup import Trigger
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def _backups(d: DaemonProcess, job: str = "app") -> list[dict]:  # type: ignore[type-arg]

@@ -36,7 +36,7 @@ from backupd.daemon.scheduler import ScheduleLoop
 from backupd.errors import StorageError
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger, run_backup
-from backupd.storage import RetrySettings, Store, open_store
+from backupd.storage import Store, open_store
 from tests.daemon_proc import DaemonProcess
 from tests.fakeclock import FakeClock
 from tests.faultproxy import (
@@ -48,15 +48,12 @@ from tests.faultproxy import (
     Rule,
     TruncateUpstream,
 )
-from tests.helpers import run_cli, wrapped_bin_dir, write_config
+from tests.helpers import no_wait_retry, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, wait_for
 
 MiB = 1024 * 1024
 
-# Retries without the production waits: a test must not sleep for backoff.
-FAST_RETRY = RetrySettings(
-    attempts=6, timeout=60.0, wait_initial=0.01, wait_max=0.05, wait_jitter=0
-)
+FAST_RETRY = no_wait_retry(attempts=6)
 
 # 200,000 rows of md5 text: about 21 MB as an uncompressed custom dump, five 5 MiB parts.
 BIG_SQL = """
@@ -84,14 +81,6 @@ def big_db(pg: PgCluster) -> Iterator[str]:
 def proxy(s3_server: str) -> Iterator[FaultProxy]:
     with FaultProxy(s3_server, seed=8) as fp:
         yield fp
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def proxied_config(
@@ -460,7 +449,7 @@ async def test_random_faults_never_half_publish(
     """40% of S3 requests fail, some of them for good (403), with only 2 tries per
     request and 2 attempts per run: runs succeed or fail, and either way no target
     is ever published alone, and the sweeper can clear whatever S3 kept."""
-    tight = RetrySettings(attempts=2, timeout=30.0, wait_initial=0.01, wait_max=0.02, wait_jitter=0)
+    tight = no_wait_retry(attempts=2, timeout=30.0)
     fs = tmp_path / "store"
     with FaultProxy(s3_server, seed=seed) as proxy:
         cfg = proxied_config(

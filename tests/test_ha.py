@@ -13,7 +13,6 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -268,17 +267,6 @@ async def test_conditional_writes_moto(s3_server: str, s3_bucket: str) -> None:
 
 
 # -- several real daemons ----------------------------------------------------------------
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop(10)
-        elif d.proc is not None:
-            d._log.close()
 
 
 def _node_config(

@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 
 from backupd.errors import TransientStorageError
-from backupd.storage import RetrySettings, open_store
+from backupd.storage import open_store
 from backupd.storage.base import CLEANUP_DEADLINE
 from tests.daemon_proc import DaemonProcess
 from tests.faultproxy import Delay, FaultProxy, Rule
+from tests.helpers import no_wait_retry
 from tests.pgcluster import PgCluster, wait_for
 from tests.test_faults import BIG_SQL, listed, proxied_config, uploads
 from tests.test_storage_contract import s3_config
@@ -49,14 +50,6 @@ def big_db(pg: PgCluster) -> Iterator[str]:
 def proxy(s3_server: str) -> Iterator[FaultProxy]:
     with FaultProxy(s3_server, seed=12) as fp:
         yield fp
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def hung_daemon(
@@ -156,9 +149,7 @@ async def test_a_store_that_stops_answering_fails_each_request_after_read_timeou
     cfg = s3_config(
         proxy.url, s3_bucket, addressing_style="path", part_size=32 * MiB, read_timeout=1.0
     )
-    store = await open_store(
-        cfg, s3_retry=RetrySettings(attempts=2, wait_initial=0, wait_max=0, wait_jitter=0)
-    )
+    store = await open_store(cfg, s3_retry=no_wait_retry(attempts=2))
     proxy.add(rule)
     t0 = time.monotonic()
     try:

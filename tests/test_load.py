@@ -12,7 +12,7 @@ import json
 import os
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,6 @@ from tests.daemon_proc import DaemonProcess
 from tests.fakeclock import FakeClock
 from tests.helpers import wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def proc_status(pid: int, field: str) -> int:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-import stamina
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
@@ -53,10 +52,8 @@ class Endpoint:
 
 
 @pytest.fixture(autouse=True)
-def no_backoff() -> Iterator[None]:
-    """Retries happen (3 attempts) without their backoff sleeps."""
-    with stamina.set_testing(True, attempts=3):
-        yield
+def _no_backoff(no_backoff: None) -> None:
+    """Every test here retries notifications without their waits."""
 
 
 @pytest.fixture

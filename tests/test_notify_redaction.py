@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import stamina
 import structlog
 
 from backupd.config import model as config
@@ -51,9 +50,8 @@ FAILURE = RunEvent(
 
 
 @pytest.fixture(autouse=True)
-def no_backoff() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=3):
-        yield
+def _no_backoff(no_backoff: None) -> None:
+    """Every test here retries notifications without their waits."""
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from backupd.config.model import S3Storage
-from backupd.storage import RetrySettings, open_store
+from backupd.storage import open_store
 from tests.faultproxy import ErrorReply, FaultProxy, Rule
-from tests.helpers import BIG_TABLE_SQL, run_cli, write_config
+from tests.helpers import BIG_TABLE_SQL, no_wait_retry, run_cli, write_config
 from tests.objstores import S3Target, make_ca_and_server_cert
 from tests.pgcluster import PgCluster, wait_for
 from tests.test_storage_contract import MULTIPART_SIZE, read_object, target_config, write_object
@@ -37,7 +37,7 @@ BUCKETS = {
     "swift": "swift_bucket",
 }
 CRASHED = "app/2020/01/01/app-20200101T000000Z-0badc0de/main.dump"  # backupd's layout
-ONE_TRY = RetrySettings(attempts=1, wait_initial=0.0, wait_max=0.0, wait_jitter=0.0)
+ONE_TRY = no_wait_retry(attempts=1)
 
 
 @pytest.fixture

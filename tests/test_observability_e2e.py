@@ -40,14 +40,6 @@ PROMTOOL = Path("/usr/bin/promtool")
 NO_RETRY_WAIT = 'retry = { max_attempts = 2, initial_delay = "0s", max_delay = "0s" }'
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 def _config(
     tmp_path: Path,
     pg: PgCluster,

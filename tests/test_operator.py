@@ -17,14 +17,6 @@ from tests.helpers import BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, wait_for
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 def gated_bin_dir(base: Path) -> tuple[Path, Path]:
     """A pg_dump that writes its dump, then holds its stdout open until `gate` exists
     (at most 60 s): the run stays in progress with its bytes already counted."""

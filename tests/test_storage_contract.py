@@ -22,13 +22,14 @@ import pytest
 
 from backupd.config.model import FilesystemStorage, S3Storage, Secret
 from backupd.errors import NotFound, StorageError
-from backupd.storage import RetrySettings, Store, open_store
+from backupd.storage import Store, open_store
+from tests.helpers import no_wait_retry
 from tests.objstores import S3Target
 
 MiB = 1024 * 1024
 PART_SIZE = 5 * MiB
 MULTIPART_SIZE = 12 * MiB + 12345  # three parts of 5 MiB
-NO_WAIT_RETRY = RetrySettings(attempts=3, wait_initial=0.0, wait_max=0.0, wait_jitter=0.0)
+NO_WAIT_RETRY = no_wait_retry()
 
 
 def s3_config(
