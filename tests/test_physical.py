@@ -262,6 +262,9 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
         assert 'backupd_restorable_window_seconds{edge="earliest",job="cont"}' in metrics
         # the test cluster leaves max_slot_wal_keep_size unlimited: the daemon says so
         assert '"event": "wal_slot_unbounded"' in daemon.logs()
+        # the status page shows the job's WAL lag (issue 18)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
+        assert "WAL lag" in page and 'data-job="cont"' in page
     finally:
         daemon.stop()
 
