@@ -153,15 +153,20 @@ def test_start_up_scan_catches_up_and_reports_no_future_success(
 
             from prometheus_client.parser import text_string_to_metric_families
 
+            # listed first, scraped after: the scrape that ends the wait sees the gauge
+            # as the finished catch-up run left it
+            stems = [m["stem"] for m in json.loads(daemon.cli("list", "app", "--json").stdout)]
             url = f"http://127.0.0.1:{port}/metrics"
             with urllib.request.urlopen(url, timeout=5) as resp:
                 text = resp.read().decode()
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.name == "backupd_job_last_success_timestamp_seconds":
-                        seen.append(s.value)
-            stems = [m["stem"] for m in json.loads(daemon.cli("list", "app", "--json").stdout)]
-            return len(stems) == 2
+            values = [
+                s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "backupd_job_last_success_timestamp_seconds"
+            ]
+            seen.extend(values)
+            return len(stems) == 2 and bool(values)
 
         wait_for(caught_up, 60, what="the catch-up run")
         record_testsuite_property("catch_up_seconds", round(time.monotonic() - began, 2))
