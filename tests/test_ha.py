@@ -342,6 +342,7 @@ def _rfc3339(slot: str) -> str:
     return datetime.strptime(slot, "%Y%m%dT%H%M%SZ").strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["moto", "filesystem"])
 def test_three_daemons_one_backup_per_slot(
     kind: str,
@@ -411,6 +412,7 @@ def test_three_daemons_one_backup_per_slot(
     assert won >= len(per_slot) and lost >= len(per_slot)
 
 
+@pytest.mark.slow
 def test_kill_holder_another_node_publishes_the_slot(
     tmp_path: Path,
     pg: PgCluster,
@@ -514,6 +516,7 @@ def test_store_ignoring_conditional_writes_fails_ha_startup(
     assert "storage offsite" in str(failed.value)
 
 
+@pytest.mark.slow
 def test_delayed_renewals_old_holder_stops_before_new_one_publishes(
     tmp_path: Path,
     pg: PgCluster,

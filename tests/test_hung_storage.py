@@ -174,6 +174,7 @@ async def test_a_store_that_stops_answering_fails_each_request_after_read_timeou
     record_testsuite_property(f"read_timeout_1s_{where.replace(' ', '_')}_seconds", round(took, 1))
 
 
+@pytest.mark.slow
 def test_job_timeout_on_a_hung_store_fails_the_run_in_bounded_time(
     tmp_path: Path,
     pg: PgCluster,
@@ -224,6 +225,7 @@ def test_job_timeout_on_a_hung_store_fails_the_run_in_bounded_time(
     assert len(listed(cfg)) == 1
 
 
+@pytest.mark.slow
 def test_cancel_on_a_hung_store_ends_the_run_in_bounded_time(
     tmp_path: Path,
     pg: PgCluster,
@@ -251,6 +253,7 @@ def test_cancel_on_a_hung_store_ends_the_run_in_bounded_time(
     record_testsuite_property("hung_cancel_seconds", round(took, 1))
 
 
+@pytest.mark.slow
 def test_sigterm_on_a_hung_store_exits_after_the_grace_and_records_a_failure(
     tmp_path: Path,
     pg: PgCluster,

@@ -266,6 +266,7 @@ def _samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+@pytest.mark.slow
 def test_hostile_manifests_next_to_good_backups_break_no_command(
     tmp_path: Path,
     pg: PgCluster,

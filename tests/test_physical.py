@@ -170,6 +170,7 @@ def owned_base() -> Iterator[Path]:
     yield from temp_base("backupd-physd-")
 
 
+@pytest.mark.slow
 def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
     phys_pg: PgCluster, owned_base: Path
 ) -> None:
@@ -299,6 +300,7 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
         pg.psql("SELECT pg_drop_replication_slot('backupd_test_cont')")
 
 
+@pytest.mark.slow
 def test_list_verify_and_retention_follow_the_wal_chain(
     phys_pg: PgCluster, owned_base: Path
 ) -> None:
@@ -356,6 +358,7 @@ def test_list_verify_and_retention_follow_the_wal_chain(
         phys_pg.psql("SELECT pg_reload_conf()")
 
 
+@pytest.mark.slow
 def test_encrypted_base_backup_and_wal_restore_with_the_identity(
     phys_pg: PgCluster, owned_base: Path
 ) -> None:
@@ -409,6 +412,7 @@ def test_encrypted_base_backup_and_wal_restore_with_the_identity(
         stop_server(out / "latest")
 
 
+@pytest.mark.slow
 def test_a_promoted_copy_keeps_archiving_on_the_next_timeline(
     phys_pg: PgCluster, owned_base: Path
 ) -> None:
@@ -505,6 +509,7 @@ def test_a_promoted_copy_keeps_archiving_on_the_next_timeline(
         stop_server(out / "after")
 
 
+@pytest.mark.slow
 def test_verify_restore_drills_into_a_throwaway_server_and_runs_pg_amcheck(
     phys_pg: PgCluster, owned_base: Path
 ) -> None:
@@ -534,6 +539,7 @@ def test_verify_restore_drills_into_a_throwaway_server_and_runs_pg_amcheck(
     assert out.stdout.strip().endswith("verified: ok")
 
 
+@pytest.mark.slow
 def test_on_s3_a_base_backup_and_its_wal_restore(
     phys_pg: PgCluster, owned_base: Path, s3_server: str, s3_bucket: str
 ) -> None:
