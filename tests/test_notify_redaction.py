@@ -224,6 +224,7 @@ async def test_an_unreachable_or_invalid_secret_url_is_named_but_never_logged(
     assert said in failed["error"]
 
 
+@pytest.mark.slow
 def test_a_daemon_at_debug_level_never_logs_its_secret_notifier_urls(
     tmp_path: Path,
     pg: PgCluster,

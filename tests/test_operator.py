@@ -168,6 +168,7 @@ def _listed(cfg: Path, storage: str) -> list[dict]:  # type: ignore[type-arg]
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_delete_one_backup_manifest_first_and_never_the_only_one_by_accident(
     tmp_path: Path,
     pg: PgCluster,
