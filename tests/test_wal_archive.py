@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import textwrap
@@ -10,6 +11,10 @@ from typing import Any
 
 import pytest
 
+from backupd.config.model import FilesystemStorage
+from backupd.errors import NotFound
+from backupd.operations.wal import prefetch
+from backupd.storage.filesystem import FilesystemStore
 from backupd.stream.age import generate_identity
 from tests.helpers import run_cli
 
@@ -210,3 +215,31 @@ def test_fetch_prefetches_the_next_segments_checked(tmp_path: Path) -> None:
     assert sorted(p.name for p in cache.iterdir()) == names[1:]  # and no further
     for name in names[1:]:
         assert (cache / name).read_bytes() == originals[name]
+
+
+async def test_prefetch_keeps_segments_before_a_gap_in_any_task_order(tmp_path: Path) -> None:
+    """The archive lacks 0A: 08 and 09 are fetched even when 0A's miss is seen first."""
+    config = _config(tmp_path)
+    names = [f"0000000100000000000000{n:02X}" for n in (7, 8, 9)]
+    for name in names:
+        _segment(tmp_path / name, os.urandom(4096))
+        assert run_cli("wal-push", "-c", str(config), "pitr", str(tmp_path / name)).returncode == 0
+    missed = asyncio.Event()
+
+    class MissFirst(FilesystemStore):
+        """Reads of archived segments wait until a read has found a gap."""
+
+        async def read_bytes(self, key: str) -> bytes:
+            if any(n in key for n in names) and not missed.is_set():
+                await asyncio.wait_for(missed.wait(), 10)
+            try:
+                return await super().read_bytes(key)
+            except NotFound:
+                missed.set()
+                raise
+
+    store = MissFirst(FilesystemStorage(name="local", path=str(tmp_path / "store")))
+    await store.open()
+    cache = tmp_path / "cache"
+    assert await prefetch("pitr", store, names[0], cache, None) == 2
+    assert sorted(p.name for p in cache.iterdir()) == names[1:]

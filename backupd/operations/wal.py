@@ -408,19 +408,22 @@ async def prefetch(job: str, store: Store, name: str, directory: Path, identity:
         log.warning("prefetch_unavailable", directory=str(directory), error=exc.strerror)
         return 0
     gate = asyncio.Semaphore(PREFETCH_PARALLEL)
-    missing = asyncio.Event()
+    # The first position the archive lacks: later segments are not fetched (replay
+    # stops there anyway), earlier ones still are, whatever order the tasks run in.
+    first_missing = len(names)
 
-    async def one(next_name: str) -> bool:
+    async def one(position: int, next_name: str) -> bool:
+        nonlocal first_missing
         dest = directory / next_name
         if await asyncio.to_thread(dest.exists):
             return True
         async with gate:
-            if missing.is_set():
+            if position > first_missing:
                 return False
             try:
                 raw = await fetch_bytes(store, job, next_name, identity)
             except NotFound:
-                missing.set()
+                first_missing = min(first_missing, position)
                 return False
             except BackupdError as exc:
                 log.warning("prefetch_failed", segment=next_name, error=str(exc))
@@ -428,7 +431,7 @@ async def prefetch(job: str, store: Store, name: str, directory: Path, identity:
             await asyncio.to_thread(_write_aside, dest, raw)
             return True
 
-    done = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+    done = await asyncio.gather(*(one(i, n) for i, n in enumerate(names)), return_exceptions=True)
     return sum(1 for d in done if d is True)
 
 
