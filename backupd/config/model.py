@@ -386,7 +386,8 @@ class S3Storage:
     region: str = key(v.nonempty, default="us-east-1")
     access_key_id: Secret | None = key(secret_reference, default=None, secret=True)
     secret_access_key: Secret | None = key(secret_reference, default=None, secret=True)
-    part_size: int = key(v.size(MIN_PART_SIZE, MAX_PART_SIZE), default=16 * 1024 * 1024)
+    # The first parts' size; parts double every 1,000 (storage/s3.py): small by default.
+    part_size: int = key(v.size(MIN_PART_SIZE, MAX_PART_SIZE), default=MIN_PART_SIZE)
     upload_concurrency: int = key(v.integer(1, 64), default=4)
     storage_class: str = key(v.string, default="")
     addressing_style: AddressingStyle = key(v.choice(ADDRESSING_STYLES), default="auto")

@@ -37,10 +37,9 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
 import stamina
 import structlog
 
@@ -48,6 +47,9 @@ from backupd import __version__
 from backupd.config import model as config
 from backupd.errors import BackupdError, TransientError
 from backupd.observe.metrics import Metrics
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = structlog.get_logger(__name__)
 
@@ -185,6 +187,8 @@ def _redact(exc: Exception, timeout: float) -> BackupdError:
     what it retries: nothing of them may leave `_post`. Only the kind of
     failure is kept; the caller's log line adds the notifier's name.
     """
+    import aiohttp  # imported with the first webhook: a run that sends none does not pay
+
     if isinstance(exc, BackupdError):
         return exc
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -317,6 +321,8 @@ class Notifications:
         README, Notifications). The aiohttp exception is converted outside its
         `except` block, so it is not even kept as the new error's context.
         """
+        import aiohttp
+
         if self._session is None:
             # trust_env: honour HTTPS_PROXY/NO_PROXY from the service's environment.
             self._session = aiohttp.ClientSession(

@@ -2,9 +2,10 @@
 
 Small objects are one PutObject; larger ones a multipart upload whose parts go
 up in background tasks, at most `upload_concurrency` at a time, so memory
-stays near `(upload_concurrency + 1) * part_size` however large the object
-(parts double in size every 1,000 parts, so any object S3 allows fits in its
-10,000 parts; memory grows only for objects over 16 GB at the default 16 MiB).
+stays near `(upload_concurrency + 1) * part_size`. Parts start at `part_size`
+(5 MiB, S3's smallest, by default) and double every 1,000 parts, so any object
+S3 allows fits in its 10,000 parts without configuration, a small dump never
+pays for large buffers, and memory grows only past ~5 GB at the default.
 botocore's own retries are off: every request, and every part on its own, is
 retried here on transient errors (stamina), so one bad part never restarts
 the upload. Every request has a connect timeout and a read timeout (no
@@ -102,8 +103,9 @@ class S3Store(BaseStore):
         self.prefix = cfg.prefix
         self.part_size = cfg.part_size
         self.upload_concurrency = cfg.upload_concurrency
-        # An object that reaches this size is uploaded in parts (smaller: one PutObject).
-        self.early_create = max(self.MIN_PART_SIZE, cfg.part_size // 2)
+        # An object that reaches this size is uploaded in parts (smaller: one PutObject);
+        # half a part, so the upload's creation overlaps filling the first part.
+        self.early_create = cfg.part_size // 2
         self.storage_class = cfg.storage_class
         self.checksum = cfg.checksum
         self._client = client
