@@ -75,10 +75,10 @@ class FakeAttempt:
                 raise
         progress({"event": "database", "database": "app"})
         on_bytes(job.storage[0], 100)
-        return _manifest(job.name, run.attempts)
+        return fake_manifest(job.name, run.attempts)
 
 
-def _manifest(job: str, attempts: int) -> Manifest:
+def fake_manifest(job: str, attempts: int) -> Manifest:
     started = now_utc()
     return Manifest(
         id="ab12cd34",
