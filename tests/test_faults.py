@@ -801,9 +801,7 @@ class SimulatedRunner:
         self._ends: list[tuple[float, Run]] = []  # monotonic end of each run, in start order
         self._release: dict[str, asyncio.Event] = {}
 
-    async def _attempt(
-        self, job: Any, source: Any, stores: Any, run: Run, **hooks: Any
-    ) -> Manifest:
+    async def _attempt(self, job: Any, source: Any, stores: Any, run: Run, hooks: Any) -> Manifest:
         await self._release[run.run_id].wait()
         return fake_manifest(job.name, run.attempts)
 

@@ -23,7 +23,7 @@ from backupd.catalog.manifest import Manifest, ObjectEntry, now_utc, rfc3339
 from backupd.config.file import parse_config
 from backupd.config.model import Config, Job, Source
 from backupd.daemon.events import RunChange, notification
-from backupd.daemon.runner import JobBusy, Run, Runner, StorePool
+from backupd.daemon.runner import AttemptHooks, JobBusy, Run, Runner, StorePool
 from backupd.errors import BackupdError, TransientError
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger
@@ -54,14 +54,7 @@ class FakeAttempt:
     cancelled: int = 0
 
     async def __call__(
-        self,
-        job: Job,
-        source: Source,
-        stores: Mapping[str, Store],
-        run: Run,
-        *,
-        on_bytes: Callable[[str, int], None],
-        progress: Callable[[dict[str, Any]], None],
+        self, job: Job, source: Source, stores: Mapping[str, Store], run: Run, hooks: AttemptHooks
     ) -> Manifest:
         outcome = self.outcomes.pop(0) if self.outcomes else None
         self.entered.put_nowait(job.name)
@@ -73,8 +66,8 @@ class FakeAttempt:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
-        progress({"event": "database", "database": "app"})
-        on_bytes(job.storage[0], 100)
+        hooks.progress({"event": "database", "database": "app"})
+        hooks.on_bytes(job.storage[0], 100)
         return fake_manifest(job.name, run.attempts)
 
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import structlog
 import tenacity
@@ -187,34 +187,22 @@ def is_transient(exc: BaseException) -> bool:
 PostRun = Callable[[Config, Job, Manifest, Mapping[str, Store]], Awaitable[object]]
 
 
-class Attempt(Protocol):
-    """One attempt of a run: makes and publishes a backup of `job`, or raises.
+@dataclass(frozen=True, slots=True)
+class AttemptHooks:
+    """What an attempt reports as it goes: bytes reaching a storage, and the events
+    a `trigger --wait` client sees."""
 
-    `on_bytes(storage, n)` as bytes reach a storage; `progress(event)` for the
-    events a `trigger --wait` client sees. The runner counts, retries, times out
-    and cancels attempts; tests give it a fake one (no PostgreSQL).
-    """
+    on_bytes: Callable[[str, int], None]
+    progress: Callable[[dict[str, Any]], None]
 
-    async def __call__(
-        self,
-        job: Job,
-        source: Source,
-        stores: Mapping[str, Store],
-        run: Run,
-        *,
-        on_bytes: Callable[[str, int], None],
-        progress: Callable[[dict[str, Any]], None],
-    ) -> Manifest: ...
+
+Attempt = Callable[[Job, Source, Mapping[str, Store], Run, AttemptHooks], Awaitable[Manifest]]
+"""One attempt of a run: makes and publishes a backup of the job, or raises. The
+runner counts, retries, times out and cancels attempts; tests give it a fake one."""
 
 
 async def backup_attempt(
-    job: Job,
-    source: Source,
-    stores: Mapping[str, Store],
-    run: Run,
-    *,
-    on_bytes: Callable[[str, int], None],
-    progress: Callable[[dict[str, Any]], None],
+    job: Job, source: Source, stores: Mapping[str, Store], run: Run, hooks: AttemptHooks
 ) -> Manifest:
     """The real attempt: a logical backup, or a base backup for `kind = "physical"` (issue 16)."""
     backup_fn = run_base_backup if job.kind == "physical" else run_backup
@@ -223,11 +211,11 @@ async def backup_attempt(
         source,
         stores,
         trigger=run.trigger,
-        attempt=run.attempts,
-        on_bytes=on_bytes,
-        progress=progress,
-        node=run.node,
         scheduled_for=slot_time(run.scheduled_for),
+        attempt=run.attempts,
+        on_bytes=hooks.on_bytes,
+        progress=hooks.progress,
+        node=run.node,
         before_publish=run.claim.confirm if run.claim is not None else None,
     )
 
@@ -490,6 +478,8 @@ class Runner:
         def progress(event: dict[str, Any]) -> None:
             self._publish(RunChange("progress", job, run, detail=event))
 
+        hooks = AttemptHooks(on_bytes, progress)
+
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(job.retry.max_attempts),
             wait=tenacity.wait_random_exponential(
@@ -507,9 +497,7 @@ class Runner:
                 run.attempts = attempt.retry_state.attempt_number
                 run.bytes_done = 0
                 try:
-                    manifest = await self._attempt(
-                        job, source, stores, run, on_bytes=on_bytes, progress=progress
-                    )
+                    manifest = await self._attempt(job, source, stores, run, hooks)
                 except asyncio.CancelledError:
                     self._attempt_ended("attempt_cancelled", job, run)
                     raise
