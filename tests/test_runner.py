@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import tomllib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from backupd.catalog.manifest import Manifest, ObjectEntry, now_utc, rfc3339
 from backupd.config.file import parse_config
 from backupd.config.model import Config, Job, Source
-from backupd.daemon.events import RunChange, notification
+from backupd.daemon.events import Observer, RunChange, notification
 from backupd.daemon.runner import AttemptHooks, JobBusy, Run, Runner, StorePool
 from backupd.errors import BackupdError, TransientError
 from backupd.observe.metrics import Metrics
@@ -121,7 +121,9 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Harness]]:
     playing `outcomes`, real Metrics and a recording observer; closes their stores."""
     pools: list[StorePool] = []
 
-    def build(*outcomes: BaseException | str | None, **config: Any) -> Harness:
+    def build(
+        *outcomes: BaseException | str | None, observers: Sequence[Observer] = (), **config: Any
+    ) -> Harness:
         attempt = FakeAttempt(list(outcomes))
         metrics, delays, changes = Metrics(), list[float](), list[RunChange]()
 
@@ -133,7 +135,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Harness]]:
             runner_config(tmp_path, **config),
             pools[-1],
             metrics=metrics,
-            observers=[changes.append],
+            observers=[*observers, changes.append],
             attempt=attempt,
             sleep=no_backoff,
         )
@@ -325,12 +327,10 @@ async def test_shutdown_interrupts_runs_past_the_grace_as_failures(
 async def test_an_observer_that_raises_does_not_stop_the_run_or_the_others(
     make: Callable[..., Harness],
 ) -> None:
-    h = make()
-
     def broken(change: RunChange) -> None:
         raise RuntimeError("observer bug")
 
-    h.runner._observers.insert(0, broken)
+    h = make(observers=[broken])
     run, queue = h.submit()
     with capture_logs() as logs:
         await h.runner.wait(run)

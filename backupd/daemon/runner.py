@@ -13,6 +13,11 @@ stuck its storage is: its attempt is cancelled, gets `CLEANUP_DEADLINE` to
 abort its uploads, and the run is recorded (failure "timed out after ...",
 cancelled, or failure "interrupted by daemon shutdown") when the attempt has
 ended or the deadline has passed, whichever comes first.
+
+The runner decides; what it decides is published once, as a `RunChange`
+(`events.py`), to the log, the metrics, the socket listeners and the
+notifications. The attempt itself is injected (`backup_attempt` by default),
+so these rules are tested with a fake one (tests/test_runner.py).
 """
 
 from __future__ import annotations
