@@ -31,7 +31,7 @@ from backupd.config.file import load_config, parse_config
 from backupd.config.model import Config
 from backupd.daemon.lifecycle import schedule_entries
 from backupd.daemon.maintenance import sweep
-from backupd.daemon.runner import Run, Runner, StorePool
+from backupd.daemon.runner import JobBusy, Run, Runner, StorePool
 from backupd.daemon.scheduler import ScheduleLoop
 from backupd.errors import StorageError
 from backupd.observe.metrics import Metrics
@@ -50,6 +50,7 @@ from tests.faultproxy import (
 )
 from tests.helpers import no_wait_retry, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, wait_for
+from tests.test_runner import fake_manifest
 
 MiB = 1024 * 1024
 
@@ -758,49 +759,76 @@ async def test_full_filesystem_fails_the_run_and_publishes_no_other_target(
 # -- the clock ---------------------------------------------------------------------------------
 
 CLOCK_CONFIG = """
+[daemon]
+max_concurrent_jobs = 10
 [source.main]
 type = "postgres"
 dsn = "postgresql://backup@db1/app"
+max_concurrent = 10
 [storage.local]
 type = "filesystem"
-path = "/var/backups/backupd"
+path = "{root}"
 {jobs}
 """
 
 
-def clock_config(**jobs: tuple[str, str]) -> Config:
+def clock_config(root: Path, **jobs: tuple[str, str]) -> Config:
     text = CLOCK_CONFIG.format(
+        root=root,
         jobs="".join(
             f'[job.{name}]\nsource = "main"\nstorage = ["local"]\n'
             f'schedule = ["{expr}"]\ntimezone = "{tz}"\n'
             for name, (expr, tz) in jobs.items()
-        )
+        ),
     )
     return parse_config(tomllib.loads(text))
 
 
 class SimulatedRunner:
-    """Stands in for the runner's bookkeeping on the fake clock: each run lasts
-    `duration` seconds and a fire while the job runs is skipped (the runner's overlap rule)."""
+    """The real Runner on the fake clock: each run lasts `duration` seconds of it (its
+    fake attempt waits until `end_runs` releases it), and a fire while the job runs
+    is skipped by the runner's own overlap rule (JobBusy)."""
 
-    def __init__(self, clock: FakeClock, duration: float) -> None:
+    def __init__(self, clock: FakeClock, config: Config, duration: float) -> None:
         self.clock = clock
         self.duration = duration
         self.fired: dict[str, list[datetime]] = {}
         self.started: dict[str, list[datetime]] = {}
         self.overlaps: dict[str, int] = {}
         self.missed: dict[str, int] = {}
-        self._busy_until: dict[str, float] = {}
+        self.pool = StorePool()
+        self.runner = Runner(config, self.pool, attempt=self._attempt)
+        self._ends: list[tuple[float, Run]] = []  # monotonic end of each run, in start order
+        self._release: dict[str, asyncio.Event] = {}
+
+    async def _attempt(self, job: Any, source: Any, stores: Any, run: Run, hooks: Any) -> Manifest:
+        await self._release[run.run_id].wait()
+        return fake_manifest(job.name, run.attempts)
 
     async def fire(self, key: str, slot: datetime) -> None:
         job = key.split(":", 1)[1]
         assert self.clock.now() >= slot, "a slot fired early"
         self.fired.setdefault(job, []).append(slot)
-        if self._busy_until.get(job, 0.0) > self.clock.monotonic():
+        try:
+            run = self.runner.submit(job, Trigger("schedule"), scheduled_for=slot)
+        except JobBusy:
             self.overlaps[job] = self.overlaps.get(job, 0) + 1
             return
-        self._busy_until[job] = self.clock.monotonic() + self.duration
+        self._release[run.run_id] = asyncio.Event()
+        self._ends.append((self.clock.monotonic() + self.duration, run))
         self.started.setdefault(job, []).append(slot)
+
+    async def end_runs(self) -> None:
+        """Ends each run `duration` after its fire; always back asleep on the clock."""
+        while True:
+            if not self._ends:  # idle: look again a (fake) second later
+                await self.clock.sleep(1.0)
+            elif (wait := self._ends[0][0] - self.clock.monotonic()) > 0:
+                await self.clock.sleep(wait)
+            else:
+                run = self._ends.pop(0)[1]
+                self._release[run.run_id].set()
+                await self.runner.wait(run)
 
     def skipped(self, key: str, reason: str, count: int) -> None:
         assert reason == "missed"
@@ -808,41 +836,44 @@ class SimulatedRunner:
         self.missed[job] = self.missed.get(job, 0) + count
 
     def running(self) -> list[str]:
-        now = self.clock.monotonic()
-        return sorted(job for job, until in self._busy_until.items() if until > now)
+        return sorted(run.job for run in self.runner.active())
 
 
 def utc(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
-async def test_reload_while_jobs_run_and_clock_jumps_fire_every_slot_once() -> None:
+async def test_reload_while_jobs_run_and_clock_jumps_fire_every_slot_once(tmp_path: Path) -> None:
     """Berlin's fall-back night: a reload in the repeated hour while two jobs run (one
     of them removed by it), then the wall clock stepped forward 20 minutes and back 10.
     The entries are built by the daemon's own `schedule_entries` from parsed configs."""
     start = utc("2026-10-25 00:40")  # 02:40 CEST; clocks go back at 01:00 UTC
     clock = FakeClock(start)
-    sim = SimulatedRunner(clock, duration=150.0)
     before = clock_config(
+        tmp_path,
         tenmin=("*/10 * * * *", "Europe/Berlin"),
         fixed=("45 2 * * *", "Europe/Berlin"),
         minutely=("* * * * *", "UTC"),
         dropped=("*/5 * * * *", "UTC"),
     )
     after = clock_config(
+        tmp_path,
         tenmin=("*/10 * * * *", "Europe/Berlin"),  # unchanged: keeps its pending slot
         fixed=("45 2 * * *", "Europe/Berlin"),
         minutely=("*/2 * * * *", "UTC"),  # changed: recomputed, never before its last fire
         added=("*/15 * * * *", "Asia/Kolkata"),  # +05:30: quarter hours fall on UTC ones
     )
+    sim = SimulatedRunner(clock, before, duration=150.0)
     loop = ScheduleLoop(clock, schedule_entries(before), sim.fire, skipped=sim.skipped)
     task = asyncio.create_task(loop.run())
-    await clock.wait_for_sleepers()
+    ender = asyncio.create_task(sim.end_runs())
+    await clock.wait_for_sleepers(2)
     try:
         await clock.advance(25 * 60 + 30)  # 01:05:30 UTC = 02:05:30 CET, the second 02:xx
         assert sim.running() == ["dropped", "minutely"]
+        sim.runner.update_config(after)  # as the daemon's reload does
         loop.replace(schedule_entries(after))
-        await clock.wait_for_sleepers()
+        await clock.wait_for_sleepers(2)
         await clock.advance(14 * 60 + 30)  # 01:20
         clock.jump(20 * 60)  # NTP steps the wall clock to 01:40
         await clock.advance(20 * 60)  # 02:00
@@ -850,8 +881,11 @@ async def test_reload_while_jobs_run_and_clock_jumps_fire_every_slot_once() -> N
         await clock.advance(20 * 60)  # 02:10
     finally:
         task.cancel()
+        ender.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await sim.runner.shutdown(0.0)
+        await sim.pool.aclose()
 
     def at(first: str, last: str | None = None, step: int = 1) -> list[datetime]:
         begin = utc(f"2026-10-25 {first}")

@@ -31,6 +31,7 @@ from backupd.catalog.manifest import now_utc, rfc3339
 from backupd.config.file import load_config
 from backupd.config.model import Config, Job, node_name
 from backupd.daemon.control import CommandError, ControlServer, Peer
+from backupd.daemon.events import RunChange, notification
 from backupd.daemon.ha import Claim, Coordinator, slot_of
 from backupd.daemon.http import HttpServer
 from backupd.daemon.maintenance import Maintenance
@@ -40,7 +41,7 @@ from backupd.daemon.supervise import Supervisor
 from backupd.errors import BackupdError, ConfigError
 from backupd.observe import logs
 from backupd.observe.metrics import Metrics
-from backupd.observe.notify import Event, Notifications, RunEvent
+from backupd.observe.notify import Notifications, RunEvent
 from backupd.observe.overview import Inventory, one_line
 from backupd.observe.systemd import Notifier as SystemdNotifier
 from backupd.observe.systemd import watchdog_interval
@@ -55,13 +56,18 @@ PROGRESS_INTERVAL = 1.0  # seconds without an event before `trigger --wait` gets
 
 
 class _Notify:
-    """Adapts runner events to notifications (the notifier set changes on reload)."""
+    """Observes the runner's changes and sends their notifications (the notifier set
+    changes on reload)."""
 
     def __init__(self, notifications: Notifications, inventory: Inventory) -> None:
         self.notifications = notifications
         self.inventory = inventory
 
-    def run_event(self, event: Event, job: Job, run: Run) -> None:
+    def __call__(self, change: RunChange) -> None:
+        event = notification(change)
+        if event is None:
+            return
+        job, run = change.job, change.run
         if event == "failure" and run.manifest is not None:  # a partial backup was published
             self.inventory.record_backup(job.name, job.storage[0], run.manifest)
         self.notifications.notify(
@@ -140,7 +146,7 @@ class Daemon:
                 self.config,
                 self.pool,
                 metrics=self.metrics,
-                notifier=self._notify,
+                observers=[self._notify],
                 after_success=self._after_success,
                 node=self.node,
             )

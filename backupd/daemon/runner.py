@@ -13,6 +13,11 @@ stuck its storage is: its attempt is cancelled, gets `CLEANUP_DEADLINE` to
 abort its uploads, and the run is recorded (failure "timed out after ...",
 cancelled, or failure "interrupted by daemon shutdown") when the attempt has
 ended or the deadline has passed, whichever comes first.
+
+The runner decides; what it decides is published once, as a `RunChange`
+(`events.py`), to the log, the metrics, the socket listeners and the
+notifications. The attempt itself is injected (`backup_attempt` by default),
+so these rules are tested with a fake one (tests/test_runner.py).
 """
 
 from __future__ import annotations
@@ -23,18 +28,26 @@ import contextlib
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import structlog
 import tenacity
 
 from backupd.catalog.manifest import Manifest, now_utc, rfc3339
-from backupd.config.model import Config, Job, Storage
+from backupd.config.model import Config, Job, Source, Storage
+from backupd.daemon.events import (
+    ChangeKind,
+    Observer,
+    RunChange,
+    RunMetrics,
+    log_change,
+    metrics_observer,
+    to_listeners,
+)
 from backupd.errors import BackupdError, UsageError
-from backupd.observe.notify import Event
 from backupd.operations.backup import PartialBackup, Trigger, run_backup
 from backupd.operations.physical import run_base_backup
 from backupd.storage import RetrySettings, open_store
@@ -48,20 +61,6 @@ HISTORY_SIZE = 200  # runs kept for `status` and `history`
 STOP_DEADLINE = CLEANUP_DEADLINE + 2.0
 """Seconds from a timeout or cancel to the run being recorded and its job free again."""
 NODE = socket.gethostname()  # the node a run ran on, in `history`
-
-
-class RunMetrics(Protocol):
-    def run_started(self, job: str) -> None: ...
-    def run_finished(
-        self, job: str, result: str, duration: float, size_bytes: int | None, finished_at: float
-    ) -> None: ...
-    def attempt(self, job: str, result: str) -> None: ...
-    def bytes_written(self, job: str, storage: str, n: int) -> None: ...
-    def skipped(self, job: str, reason: str, n: int = 1) -> None: ...
-
-
-class RunNotifier(Protocol):
-    def run_event(self, event: Event, job: Job, run: Run) -> None: ...
 
 
 class StorePool:
@@ -161,7 +160,7 @@ class Run:
             "scheduled_for": slot_time(self.scheduled_for) or None,
         }
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: Mapping[str, Any]) -> None:
         payload = {"run_id": self.run_id, "job": self.job, **event}
         for queue in self.listeners:
             queue.put_nowait(payload)
@@ -193,14 +192,54 @@ def is_transient(exc: BaseException) -> bool:
 PostRun = Callable[[Config, Job, Manifest, Mapping[str, Store]], Awaitable[object]]
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptHooks:
+    """What an attempt reports as it goes: bytes reaching a storage, and the events
+    a `trigger --wait` client sees."""
+
+    on_bytes: Callable[[str, int], None]
+    progress: Callable[[dict[str, Any]], None]
+
+
+Attempt = Callable[[Job, Source, Mapping[str, Store], Run, AttemptHooks], Awaitable[Manifest]]
+"""One attempt of a run: makes and publishes a backup of the job, or raises. The
+runner counts, retries, times out and cancels attempts; tests give it a fake one."""
+
+
+async def backup_attempt(
+    job: Job, source: Source, stores: Mapping[str, Store], run: Run, hooks: AttemptHooks
+) -> Manifest:
+    """The real attempt: a logical backup, or a base backup for `kind = "physical"` (issue 16)."""
+    backup_fn = run_base_backup if job.kind == "physical" else run_backup
+    return await backup_fn(
+        job,
+        source,
+        stores,
+        trigger=run.trigger,
+        scheduled_for=slot_time(run.scheduled_for),
+        attempt=run.attempts,
+        on_bytes=hooks.on_bytes,
+        progress=hooks.progress,
+        node=run.node,
+        before_publish=run.claim.confirm if run.claim is not None else None,
+    )
+
+
 class Runner:
+    """Runs jobs and publishes what happens to each run as `RunChange`s.
+
+    The log and the socket listeners always observe them; `metrics` (when given)
+    and `observers` (the daemon's notifications) too, in that order.
+    """
+
     def __init__(
         self,
         config: Config,
         stores: StorePool,
         *,
         metrics: RunMetrics | None = None,
-        notifier: RunNotifier | None = None,
+        observers: Sequence[Observer] = (),
+        attempt: Attempt = backup_attempt,
         after_success: PostRun | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         node: str = "",
@@ -208,10 +247,15 @@ class Runner:
         self.node = node or NODE
         self.config = config
         self.stores = stores
-        self.metrics = metrics
-        self.notifier = notifier
         self.after_success = after_success
+        self._attempt = attempt
         self._sleep = sleep
+        self._observers: list[Observer] = [
+            log_change,
+            *([metrics_observer(metrics)] if metrics is not None else []),
+            *observers,
+            to_listeners,
+        ]
         self._global = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self._sources: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._active: dict[str, Run] = {}  # job -> its queued or running run
@@ -265,15 +309,7 @@ class Runner:
             raise UsageError(f"unknown job {job_name!r}")
         busy = self._active.get(job_name)
         if busy is not None:
-            if self.metrics is not None:
-                self.metrics.skipped(job_name, "overlap")
-            log.info(
-                "run_skipped",
-                job=job_name,
-                reason="overlap",
-                running=busy.run_id,
-                trigger=trigger.kind,
-            )
+            self._publish(RunChange("skipped", job, busy, trigger=trigger))
             raise JobBusy(busy)
         run = Run(
             run_id=run_id or secrets.token_hex(6),
@@ -341,16 +377,13 @@ class Runner:
         t0 = time.monotonic()
         # Counted from submission, like `status` and the duration: `_finish` always
         # reports the run, so a run cancelled while queued must have been counted.
-        if self.metrics is not None:
-            self.metrics.run_started(job.name)
+        self._publish(RunChange("queued", job, run))
         keeper = self._keep_claim(run)
         try:
             async with self._source_slot(config, job), self._global:
                 run.state = "running"
                 run.started_at = now_utc()
-                log.info("run_started", trigger=run.trigger.kind, triggered_by=run.trigger.who())
-                run.emit({"event": "running"})
-                self._notify("start", job, run)
+                self._publish(RunChange("started", job, run))
                 manifest = await self._within_timeout(job, run, self._attempts(config, job, run))
             run.backup, run.size_bytes = manifest.stem, manifest.size_bytes
             run.manifest = manifest
@@ -440,14 +473,17 @@ class Runner:
     async def _attempts(self, config: Config, job: Job, run: Run) -> Manifest:
         stores = await self.stores.for_job(config, job)
         source = config.sources[job.source]
-
         first = job.storage[0]
 
         def on_bytes(storage: str, n: int) -> None:
-            if self.metrics is not None:
-                self.metrics.bytes_written(job.name, storage, n)
             if storage == first:
                 run.bytes_done += n
+            self._publish(RunChange("bytes", job, run, storage=storage, n=n))
+
+        def progress(event: dict[str, Any]) -> None:
+            self._publish(RunChange("progress", job, run, detail=event))
+
+        hooks = AttemptHooks(on_bytes, progress)
 
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(job.retry.max_attempts),
@@ -466,54 +502,35 @@ class Runner:
                 run.attempts = attempt.retry_state.attempt_number
                 run.bytes_done = 0
                 try:
-                    # kind = "physical": a base backup (issue 16, operations/physical.py)
-                    backup_fn = run_base_backup if job.kind == "physical" else run_backup
-                    manifest = await backup_fn(
-                        job,
-                        source,
-                        stores,
-                        trigger=run.trigger,
-                        attempt=run.attempts,
-                        on_bytes=on_bytes,
-                        progress=run.emit,
-                        node=run.node,
-                        scheduled_for=slot_time(run.scheduled_for),
-                        before_publish=run.claim.confirm if run.claim is not None else None,
-                    )
+                    manifest = await self._attempt(job, source, stores, run, hooks)
                 except asyncio.CancelledError:
-                    self._count_attempt(job, "cancelled")
+                    self._attempt_ended("attempt_cancelled", job, run)
                     raise
                 except Exception as exc:
-                    again = is_transient(exc) and run.attempts < job.retry.max_attempts
-                    self._count_attempt(job, "retry" if again else "failure")
-                    log.warning(
-                        "attempt_failed",
-                        attempt=run.attempts,
-                        error=str(exc),
-                        transient=is_transient(exc),
-                    )
-                    run.emit(
-                        {
-                            "event": "attempt_failed",
-                            "attempt": run.attempts,
-                            "error": str(exc),
-                            "retrying": again,
-                        }
+                    self._publish(
+                        RunChange(
+                            "attempt_failed",
+                            job,
+                            run,
+                            attempt=run.attempts,
+                            error=str(exc),
+                            transient=is_transient(exc),
+                            retrying=is_transient(exc) and run.attempts < job.retry.max_attempts,
+                        )
                     )
                     raise
-                self._count_attempt(job, "success")
+                self._attempt_ended("attempt_succeeded", job, run)
                 return manifest
         raise AssertionError("unreachable: tenacity reraises the last error")
 
-    def _count_attempt(self, job: Job, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.attempt(job.name, result)
+    def _attempt_ended(self, kind: ChangeKind, job: Job, run: Run) -> None:
+        self._publish(RunChange(kind, job, run, attempt=run.attempts))
 
     def _before_sleep(self, job: Job, run: Run, state: tenacity.RetryCallState) -> None:
         delay = state.next_action.sleep if state.next_action else 0.0
-        log.info("retry_scheduled", attempt=state.attempt_number, delay_seconds=round(delay, 3))
-        run.emit({"event": "retry", "attempt": state.attempt_number, "delay_seconds": delay})
-        self._notify("retry", job, run)
+        self._publish(
+            RunChange("retrying", job, run, attempt=state.attempt_number, delay_seconds=delay)
+        )
 
     def _finish(self, job: Job, run: Run, duration: float) -> None:
         run.finished_at = now_utc()
@@ -523,35 +540,22 @@ class Runner:
         if len(self._runs) > HISTORY_SIZE * 2:
             keep = {r.run_id for r in self._history} | {r.run_id for r in self._active.values()}
             self._runs = {k: v for k, v in self._runs.items() if k in keep}
-        if self.metrics is not None:
-            self.metrics.run_finished(
-                job.name, run.state, duration, run.size_bytes, run.finished_at.timestamp()
-            )
         previous = self._last_result.get(job.name)
         self._last_result[job.name] = run.state
-        log_fn = log.info if run.state == "success" else log.error
-        log_fn(
-            "run_finished",
-            result=run.state,
-            attempts=run.attempts,
-            error=run.error,
-            backup=run.backup,
-            size_bytes=run.size_bytes,
-            duration_seconds=run.duration_seconds,
-        )
-        if run.state == "success":
-            self._notify(
-                "recovered" if previous in ("failure", "cancelled") else "success", job, run
-            )
-        elif run.state == "failure":
-            self._notify("failure", job, run)
-        final = {"ok": run.state == "success", "run": run.to_dict()}
-        for queue in run.listeners:
-            queue.put_nowait(final)
+        recovered = run.state == "success" and previous in ("failure", "cancelled")
+        self._publish(RunChange("finished", job, run, duration=duration, recovered=recovered))
 
-    def _notify(self, event: Event, job: Job, run: Run) -> None:
-        if self.notifier is not None:
-            self.notifier.run_event(event, job, run)
+    def _publish(self, change: RunChange) -> None:
+        """The one place a run's changes go out: to each observer, in order.
+
+        An observer that raises is a bug in it: logged, and the others still hear
+        the change; the run goes on.
+        """
+        for observer in self._observers:
+            try:
+                observer(change)
+            except Exception:
+                log.exception("run_observer_failed", change=change.kind)
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
