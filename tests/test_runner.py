@@ -310,6 +310,26 @@ async def test_a_cancelled_run_is_recorded_as_cancelled_and_notifies_nobody(
     assert run.state == "success" and h.notifications() == ["start", "start", "recovered"]
 
 
+async def test_a_run_cancelled_in_the_turn_it_was_submitted_ends_and_frees_its_job(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(None, None)
+    run, queue = h.submit()
+    h.runner.cancel(run.run_id)  # before its task took a step
+    await h.runner.wait(run)
+    assert (run.state, run.error, run.attempts) == ("cancelled", "cancelled", 0)
+    assert drain(queue)[-1] == {"ok": False, "run": run.to_dict()}
+    assert value(h.metrics, "backupd_job_runs_total", job="j0", result="cancelled") == 1
+    assert value(h.metrics, "backupd_job_running", job="j0") == 0
+    assert not h.runner.busy("j0") and h.runner.history("j0")[0] is run
+
+    interrupted, _ = h.submit()
+    h.runner.interrupt("interrupted by daemon shutdown")
+    await h.runner.wait(interrupted)
+    assert (interrupted.state, interrupted.error) == ("failure", "interrupted by daemon shutdown")
+    assert await h.runner.wait(h.runner.submit("j0", Trigger())) and not h.runner.busy("j0")
+
+
 async def test_shutdown_interrupts_runs_past_the_grace_as_failures(
     make: Callable[..., Harness],
 ) -> None:

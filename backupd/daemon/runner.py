@@ -323,7 +323,22 @@ class Runner:
         self._active[job_name] = run
         self._runs[run.run_id] = run
         run.task = asyncio.create_task(self._run(self.config, job, run), name=f"run-{run.run_id}")
+        run.task.add_done_callback(lambda _: self._if_never_started(job, run))
         return run
+
+    def _if_never_started(self, job: Job, run: Run) -> None:
+        """A run cancelled in the same loop turn as its submission ends without `_run`
+        taking a step, so nothing of it ran: record it here as `_run` would have
+        (queued, then cancelled or interrupted), so its job is free again and its
+        listeners hear the end. A run whose `_run` started is already done here."""
+        if run.done:
+            return
+        self._publish(RunChange("queued", job, run))
+        if run.interrupted is not None:
+            run.state, run.error = "failure", run.interrupted
+        else:
+            run.state, run.error = "cancelled", "cancelled"
+        self._finish(job, run, 0.0)
 
     def cancel(self, run_id: str) -> Run:
         run = self._runs.get(run_id)
