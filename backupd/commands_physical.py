@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from backupd.catalog.manifest import Listing, Manifest
+from backupd.catalog.listing import Listing
+from backupd.catalog.manifest import Manifest
 from backupd.commands import _job, _load, _pool, _store_for
 from backupd.config.model import Config, Job, PostgresSource
 from backupd.errors import EXIT_OK, UsageError

@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 
 import structlog
 
-from backupd.catalog.manifest import Manifest, ObjectEntry, rfc3339, scan_backups
+from backupd.catalog.listing import scan_backups
+from backupd.catalog.manifest import Manifest, ObjectEntry, rfc3339
 from backupd.config.model import Config, Job
 from backupd.errors import BackupdError, NotFound, UsageError
 from backupd.operations import wal

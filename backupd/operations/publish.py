@@ -21,14 +21,8 @@ from typing import Any
 
 import structlog
 
-from backupd.catalog.manifest import (
-    Manifest,
-    folder_for,
-    new_backup_id,
-    now_utc,
-    stem_for,
-    write_manifest,
-)
+from backupd.catalog.listing import write_manifest
+from backupd.catalog.manifest import Manifest, folder_for, new_backup_id, now_utc, stem_for
 from backupd.config.model import Job, PostgresSource
 from backupd.errors import BackupdError, DumpFailed
 from backupd.sources import postgres

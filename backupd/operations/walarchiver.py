@@ -39,7 +39,7 @@ from typing import Protocol
 import asyncpg
 import structlog
 
-from backupd.catalog.manifest import scan_backups
+from backupd.catalog.listing import scan_backups
 from backupd.config.model import Job, PostgresSource
 from backupd.errors import BackupdError
 from backupd.operations import wal
