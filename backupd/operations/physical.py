@@ -21,12 +21,8 @@ import asyncpg
 import structlog
 
 from backupd import __version__
-from backupd.catalog.manifest import (
-    Manifest,
-    ObjectEntry,
-    now_utc,
-    rfc3339,
-)
+from backupd.catalog.manifest import Manifest, ObjectEntry, now_utc, rfc3339
+from backupd.catalog.walindex import SEGMENT_SIZE, format_lsn, parse_lsn, segment_of
 from backupd.config.dsn import dsn_host, redact_dsn
 from backupd.config.model import Job, PostgresSource
 from backupd.errors import DumpFailed, SourceError, SourceUnavailable
@@ -42,7 +38,6 @@ from backupd.operations.publish import (
     source_field,
     stream_to_stores,
 )
-from backupd.operations.wal import SEGMENT_SIZE, format_lsn, parse_lsn, segment_of
 from backupd.sources import postgres
 from backupd.storage.base import Store
 from backupd.stream.age import AgeEncryptor

@@ -29,7 +29,7 @@ from backupd.catalog import retention
 from backupd.catalog.listing import Listing, SkippedManifest, scan_backups
 from backupd.catalog.manifest import MANIFEST_SUFFIX, Manifest, now_utc
 from backupd.config.model import Config, Job
-from backupd.operations.wal import prune_wal
+from backupd.operations.walchain import prune_wal
 from backupd.storage.base import ObjectInfo, Store
 
 log = structlog.get_logger("backupd.retention")
