@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Required, TypedDict, Unpack
 
 import structlog
 
@@ -66,6 +66,21 @@ class Trigger:
         return {"uid": self.uid, "user": self.user}
 
 
+class RunOptions(TypedDict, total=False):
+    """How the runner calls one attempt of a job, logical (`run_backup`) or physical
+    (`physical.run_base_backup`): only `trigger` is required."""
+
+    trigger: Required[Trigger]
+    attempt: int  # 1, 2, ... within the run (default 1)
+    on_bytes: Callable[[str, int], None] | None  # (storage name, bytes) as they are written
+    progress: Progress | None  # events for `backupd run --progress` and the control socket
+    node: str  # HA: the node that ran it, recorded in the manifest
+    scheduled_for: str  # the schedule slot it ran for, recorded in the manifest
+    # HA: confirm the run's claim; runs just before the manifest is written, and if it
+    # raises, nothing is published and the attempt's objects are removed
+    before_publish: Callable[[], Awaitable[None]] | None
+
+
 @dataclass(frozen=True, slots=True)
 class _Dump:
     name: str  # database name, or "globals"
@@ -78,20 +93,11 @@ async def run_backup(
     job: Job,
     source: PostgresSource,
     stores: Mapping[str, Store],
-    *,
-    trigger: Trigger,
-    attempt: int = 1,
-    on_bytes: Callable[[str, int], None] | None = None,
-    progress: Progress | None = None,
-    node: str = "",
-    scheduled_for: str = "",
-    before_publish: Callable[[], Awaitable[None]] | None = None,
+    **run: Unpack[RunOptions],
 ) -> Manifest:
-    """Run one attempt of `job`; returns the published manifest or raises.
-
-    `before_publish` (HA: confirm the run's claim) runs just before the manifest is
-    written; if it raises, nothing is published and the attempt's objects are removed.
-    """
+    """Run one attempt of `job`; returns the published manifest or raises."""
+    trigger, attempt = run["trigger"], run.get("attempt", 1)
+    on_bytes, progress = run.get("on_bytes"), run.get("progress")
     password = source.password.resolve() if source.password else None
     server = await postgres.preflight(source, job, password)
     pg_dump = postgres.find_tool("pg_dump", source.pg_bin_dir, server.major)
@@ -199,10 +205,10 @@ async def run_backup(
             backupd_version=__version__,
             tables=tables,
             failed=tuple(failed),
-            node=node,
-            scheduled_for=scheduled_for,
+            node=run.get("node", ""),
+            scheduled_for=run.get("scheduled_for", ""),
         )
-        await publish(stores, manifest, cleanup, before_publish)
+        await publish(stores, manifest, cleanup, run.get("before_publish"))
     except BaseException:
         await cleanup.run("delete the objects of the failed attempt", discard(stores, completed))
         raise

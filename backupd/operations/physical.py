@@ -14,8 +14,9 @@ timeline), which restore and WAL retention need.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Unpack
 
 import asyncpg
 import structlog
@@ -26,11 +27,10 @@ from backupd.catalog.walindex import SEGMENT_SIZE, format_lsn, parse_lsn, segmen
 from backupd.config.dsn import dsn_host, redact_dsn
 from backupd.config.model import Job, PostgresSource
 from backupd.errors import DumpFailed, SourceError, SourceUnavailable
-from backupd.operations.backup import Trigger
+from backupd.operations.backup import RunOptions
 from backupd.operations.publish import (
     Cleanup,
     NewBackup,
-    Progress,
     discard,
     emit,
     encryption_field,
@@ -140,19 +140,10 @@ async def run_base_backup(
     job: Job,
     source: PostgresSource,
     stores: Mapping[str, Store],
-    *,
-    trigger: Trigger,
-    attempt: int = 1,
-    on_bytes: Callable[[str, int], None] | None = None,
-    progress: Progress | None = None,
-    node: str = "",
-    scheduled_for: str = "",
-    before_publish: Callable[[], Awaitable[None]] | None = None,
+    **run: Unpack[RunOptions],
 ) -> Manifest:
-    """One attempt of a physical job: a base backup to every store, manifest last.
-
-    `node`, `scheduled_for` and `before_publish` (HA: confirm the run's claim) as
-    for `backup.run_backup`."""
+    """One attempt of a physical job: a base backup to every store, manifest last."""
+    attempt, on_bytes, progress = run.get("attempt", 1), run.get("on_bytes"), run.get("progress")
     cleanup = Cleanup()
     password = source.password.resolve() if source.password else None
     server = await preflight(source, password)
@@ -203,18 +194,18 @@ async def run_base_backup(
                     kind="base",
                 ),
             ),
-            trigger=trigger.kind,
-            triggered_by=trigger.who(),
+            trigger=run["trigger"].kind,
+            triggered_by=run["trigger"].who(),
             attempts=attempt,
             backupd_version=__version__,
-            node=node,
-            scheduled_for=scheduled_for,
+            node=run.get("node", ""),
+            scheduled_for=run.get("scheduled_for", ""),
             wal=position,
             # consistent once pg_basebackup ended; the WAL archive extends the window
             restorable_from=rfc3339(finished),
             restorable_until=rfc3339(finished),
         )
-        await publish(stores, manifest, cleanup, before_publish)
+        await publish(stores, manifest, cleanup, run.get("before_publish"))
     except BaseException:
         await cleanup.run("delete the objects of the failed attempt", discard(stores, completed))
         raise
