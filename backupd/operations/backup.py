@@ -32,17 +32,8 @@ from backupd.catalog.manifest import (
 )
 from backupd.config.model import Job, PostgresSource
 from backupd.errors import DumpFailed, SourceError
-from backupd.operations.publish import (
-    Cleanup,
-    NewBackup,
-    Progress,
-    discard,
-    emit,
-    encryption_field,
-    publish,
-    source_field,
-    stream_to_stores,
-)
+from backupd.operations import publish
+from backupd.operations.publish import Progress
 from backupd.sources import postgres
 from backupd.storage.base import Store
 from backupd.stream.age import AgeEncryptor
@@ -126,13 +117,13 @@ async def run_backup(
             )
         )
 
-    new = NewBackup.start(job.name)
+    new = publish.NewBackup.start(job.name)
     folder, stem = new.folder, new.stem
     log.info("backup_started", stem=stem, databases=list(server.databases), attempt=attempt)
-    emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
+    publish.emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
 
     completed: dict[str, list[str]] = {name: [] for name in stores}
-    cleanup = Cleanup()
+    cleanup = publish.Cleanup()
     objects: list[ObjectEntry] = []
     tables: dict[str, dict[str, int]] = {}
     failed: list[FailedDatabase] = [FailedDatabase(name, why) for name, why in server.unusable]
@@ -161,13 +152,14 @@ async def run_backup(
                     # This database cannot be dumped; the others still can.
                     log.error("database_failed", database=dump.name, error=str(exc))
                     failed.append(FailedDatabase(dump.name, str(exc)))
-                    emit(progress, {"event": "database_failed", "database": dump.name})
-                    cleanup = Cleanup()  # its aborts are done: a later failure gets a whole budget
+                    publish.emit(progress, {"event": "database_failed", "database": dump.name})
+                    # its aborts are done: a later failure gets a whole budget
+                    cleanup = publish.Cleanup()
                     continue
                 objects.append(entry)
                 if counts is not None:
                     tables[dump.name] = counts
-                emit(
+                publish.emit(
                     progress,
                     {"event": "object", "database": dump.name, "size_bytes": entry.size_bytes},
                 )
@@ -190,8 +182,8 @@ async def run_backup(
             kind=job.kind,
             format=job.format,
             compression=job.compression.spec,
-            encryption=encryption_field(job),
-            source=source_field(source, server.host, server.version),
+            encryption=publish.encryption_field(job),
+            source=publish.source_field(source, server.host, server.version),
             tool={"name": "pg_dump", "version": pg_dump.version, "path": str(pg_dump.path)}
             # the row counts in `tables` were taken in the snapshot pg_dump dumped
             | ({"snapshot": "exported"} if tables else {}),
@@ -208,9 +200,11 @@ async def run_backup(
             node=run.get("node", ""),
             scheduled_for=run.get("scheduled_for", ""),
         )
-        await publish(stores, manifest, cleanup, run.get("before_publish"))
+        await publish.publish(stores, manifest, cleanup, run.get("before_publish"))
     except BaseException:
-        await cleanup.run("delete the objects of the failed attempt", discard(stores, completed))
+        await cleanup.run(
+            "delete the objects of the failed attempt", publish.discard(stores, completed)
+        )
         raise
     if failed:
         log.error(
@@ -251,7 +245,7 @@ async def _dump_database(
     stem: str,
     folder: str,
     completed: dict[str, list[str]],
-    cleanup: Cleanup,
+    cleanup: publish.Cleanup,
     on_bytes: Callable[[str, int], None] | None,
     password: str | None,
 ) -> tuple[ObjectEntry, dict[str, int] | None]:
@@ -271,9 +265,9 @@ async def _dump_database(
     floor = job.min_size if dump.tool == "pg_dump" and job.databases != ("*",) else 1
     if result.raw_bytes < floor:
         # The attempt goes on: this discard gets its own deadline, not the attempt's.
-        await Cleanup().run(
+        await publish.Cleanup().run(
             f"delete {key} (below min_size)",
-            discard(stores, {name: [folder + key] for name in stores}, completed),
+            publish.discard(stores, {name: [folder + key] for name in stores}, completed),
         )
         raise DumpFailed(
             f"{dump.tool} output for {dump.name} is {result.raw_bytes} bytes, below "
@@ -337,11 +331,11 @@ async def _dump_one(
     stores: Mapping[str, Store],
     key: str,
     completed: dict[str, list[str]],
-    cleanup: Cleanup,
+    cleanup: publish.Cleanup,
     on_bytes: Callable[[str, int], None] | None,
 ) -> StreamResult:
     """Dump one database into one new object on every store; completes them only on success."""
-    result, _ = await stream_to_stores(
+    result, _ = await publish.stream_to_stores(
         dump.argv, env, dump.tool, _encoders(job, dump), stores, key, completed, cleanup, on_bytes
     )
     return result
