@@ -36,8 +36,6 @@ from backupd.operations import publish
 from backupd.operations.publish import Progress
 from backupd.sources import postgres
 from backupd.storage.base import Store
-from backupd.stream.age import AgeEncryptor
-from backupd.stream.codecs import Encoder, compressor
 from backupd.stream.pipeline import StreamResult
 
 log = structlog.get_logger("backupd.backup")
@@ -336,13 +334,14 @@ async def _dump_one(
 ) -> StreamResult:
     """Dump one database into one new object on every store; completes them only on success."""
     result, _ = await publish.stream_to_stores(
-        dump.argv, env, dump.tool, _encoders(job, dump), stores, key, completed, cleanup, on_bytes
+        dump.argv,
+        env,
+        dump.tool,
+        publish.job_encoders(job),
+        stores,
+        key,
+        completed,
+        cleanup,
+        on_bytes,
     )
     return result
-
-
-def _encoders(job: Job, dump: _Dump) -> list[Encoder]:
-    encoders: list[Encoder] = [compressor(job.compression)]
-    if job.encryption is not None:
-        encoders.append(AgeEncryptor(job.encryption.recipients))
-    return encoders

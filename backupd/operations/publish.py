@@ -27,7 +27,8 @@ from backupd.config.model import Job, PostgresSource
 from backupd.errors import BackupdError, DumpFailed
 from backupd.sources import postgres
 from backupd.storage.base import CLEANUP_DEADLINE, Store, Upload
-from backupd.stream.codecs import Encoder
+from backupd.stream.age import AgeEncryptor
+from backupd.stream.codecs import Encoder, compressor
 from backupd.stream.pipeline import StreamResult, abort_all, make_pipe, stream_fd
 
 log = structlog.get_logger("backupd.backup")
@@ -68,6 +69,14 @@ def encryption_field(job: Job) -> dict[str, Any] | None:
 def source_field(source: PostgresSource, host: str, server_version: str) -> dict[str, Any]:
     """The manifest's `source`: the server a backup was taken from."""
     return {"type": "postgres", "name": source.name, "host": host, "server_version": server_version}
+
+
+def job_encoders(job: Job) -> list[Encoder]:
+    """What a job's data goes through before storage: its compression, then age if set."""
+    encoders: list[Encoder] = [compressor(job.compression)]
+    if job.encryption is not None:
+        encoders.append(AgeEncryptor(job.encryption.recipients))
+    return encoders
 
 
 def emit(progress: Progress | None, event: dict[str, Any]) -> None:

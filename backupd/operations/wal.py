@@ -39,25 +39,19 @@ from backupd.catalog.walindex import (
 )
 from backupd.config.model import Job
 from backupd.errors import BackupdError, IntegrityError, NotFound, StorageError, UsageError
+from backupd.operations.publish import job_encoders
 from backupd.storage.base import Store
-from backupd.stream.age import AgeDecryptor, AgeEncryptor, DecryptionError, load_identities
-from backupd.stream.codecs import Encoder, algorithm_of, compressor, decompressor
+from backupd.stream.age import AgeDecryptor, DecryptionError, load_identities
+from backupd.stream.codecs import Encoder, algorithm_of, decompressor
 
 log = structlog.get_logger("backupd.wal")
 
 # -- push ---------------------------------------------------------------------------------
 
 
-def _encoders(job: Job) -> list[Encoder]:
-    encoders: list[Encoder] = [compressor(job.compression)]
-    if job.encryption is not None:
-        encoders.append(AgeEncryptor(job.encryption.recipients))
-    return encoders
-
-
 def _encode(job: Job, raw: bytes) -> bytes:
     data = raw
-    for enc in _encoders(job):
+    for enc in job_encoders(job):
         data = enc.update(data) + enc.finish()
     return data
 
