@@ -11,7 +11,8 @@ import re
 import sys
 from collections.abc import AsyncIterator
 
-from backupd.catalog.manifest import Manifest, find_backup, list_backups, now_utc, scan_backups
+from backupd.catalog.listing import find_backup, list_backups, scan_backups
+from backupd.catalog.manifest import Manifest, now_utc
 from backupd.config.file import config_path, config_to_toml, format_duration, load_config
 from backupd.config.model import Config, Job, secret_references
 from backupd.daemon.runner import Runner, StorePool

@@ -11,11 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-from backupd.catalog.manifest import Listing, Manifest
+from backupd.catalog import walindex
+from backupd.catalog.listing import Listing
+from backupd.catalog.manifest import Manifest
 from backupd.commands import _job, _load, _pool, _store_for
 from backupd.config.model import Config, Job, PostgresSource
 from backupd.errors import EXIT_OK, UsageError
-from backupd.operations import wal
+from backupd.operations import wal, walchain
 from backupd.storage.base import Store
 
 
@@ -97,7 +99,7 @@ async def restore_data_dir(args: argparse.Namespace) -> int:
     job = _physical(config, args.job)
     target = pitr.Target(
         time=pitr.parse_time(args.time) if args.time else None,
-        lsn=wal.parse_lsn(args.lsn) if args.lsn else None,
+        lsn=walindex.parse_lsn(args.lsn) if args.lsn else None,
     )
     if args.start and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a port")
@@ -135,7 +137,7 @@ async def restore_data_dir(args: argparse.Namespace) -> int:
 async def physical_listing(store: Store, job: Job, listing: Listing) -> tuple[list[Manifest], str]:
     """A physical job's backups with `restorable_until` as far as the WAL archive reaches
     now, and its `list` line `JOB: restorable: EARLIEST .. LATEST`."""
-    window = await wal.window(store, job.name, listing.current)
+    window = await walchain.window(store, job.name, listing.current)
     backups = [with_window(m, window) for m in listing.backups]
     line = f"{job.name}: {window.describe()}"
     for backup_id, why in window.broken.items():
@@ -143,7 +145,7 @@ async def physical_listing(store: Store, job: Job, listing: Listing) -> tuple[li
     return backups, line
 
 
-def with_window(manifest: Manifest, window: wal.Window) -> Manifest:
+def with_window(manifest: Manifest, window: walchain.Window) -> Manifest:
     """`manifest` with `restorable_until` as far as the WAL archive reaches now."""
     from dataclasses import replace
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from backupd.catalog.manifest import list_backups
+from backupd.catalog.listing import list_backups
 from backupd.config.file import load_config
 from backupd.daemon.runner import StorePool
 from backupd.operations.backup import Trigger, run_backup

@@ -18,11 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from backupd.catalog.manifest import (
-    Manifest,
-    find_backup,
-    list_backups,
-)
+from backupd.catalog.listing import find_backup, list_backups
+from backupd.catalog.manifest import Manifest
 from backupd.catalog.retention import FUTURE_TOLERANCE
 from backupd.config.file import load_config
 from backupd.config.model import Config, Job

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from backupd.catalog.listing import scan_backups
 from backupd.catalog.manifest import (
     MANIFEST_SUFFIX,
     MAX_MANIFEST_BYTES,
@@ -29,7 +30,6 @@ from backupd.catalog.manifest import (
     ObjectEntry,
     folder_for,
     rfc3339,
-    scan_backups,
     stem_for,
 )
 from backupd.storage.filesystem import FilesystemStore

@@ -16,13 +16,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from backupd.catalog.manifest import (
-    MANIFEST_SUFFIX,
-    FailedDatabase,
-    Manifest,
-    list_backups,
-    now_utc,
-)
+from backupd.catalog.listing import list_backups
+from backupd.catalog.manifest import MANIFEST_SUFFIX, FailedDatabase, Manifest, now_utc
 from backupd.config.file import load_config
 from backupd.config.model import Config, FilesystemStorage, Job
 from backupd.daemon.maintenance import sweep

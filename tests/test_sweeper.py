@@ -12,7 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from backupd.catalog.manifest import list_backups, now_utc
+from backupd.catalog.listing import list_backups
+from backupd.catalog.manifest import now_utc
 from backupd.config.file import load_config
 from backupd.daemon.maintenance import Maintenance, sweep
 from backupd.daemon.runner import Runner, StorePool

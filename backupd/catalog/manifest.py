@@ -1,4 +1,4 @@
-"""The manifest: what a backup is, and how backups are found in storage.
+"""The manifest: what a backup is, and the validation of one read from storage.
 
 Layout (SPEC "Storage layout"), keys relative to the storage root:
     {job}/{YYYY}/{MM}/{DD}/{stem}.manifest.json
@@ -12,7 +12,8 @@ field it uses, and a listing skips what fails with a warning naming the key and
 a short reason (never the content). A skipped manifest is not a backup: it
 counts toward no retention rule and retention never deletes it or its data.
 A manifest is read only up to MAX_MANIFEST_BYTES, and must sit under the key
-its own job, start time and id give (`manifest_key`).
+its own job, start time and id give (`manifest_key`). Reading, writing and
+listing manifests in a store is `listing.py`.
 """
 
 from __future__ import annotations
@@ -21,25 +22,20 @@ import json
 import math
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-import structlog
-
 from backupd.catalog.retention import FUTURE_TOLERANCE
 from backupd.errors import AmbiguousDatabase, NoSuchDatabase, NotFound, StorageError
-from backupd.storage.base import Store, check_key
+from backupd.storage.base import check_key
 
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # a real manifest is a few KiB; 1 MiB holds ~5,000 databases
 MAX_DEPTH = 32  # nesting of JSON containers; a real manifest has 4
-_READ_CHUNK = 64 * 1024
-
-log = structlog.get_logger("backupd.manifest")
 
 
 class InvalidManifest(ValueError):
@@ -546,51 +542,6 @@ def _failed(items: list[Any]) -> tuple[FailedDatabase, ...]:
     return tuple(failed)
 
 
-# -- listing ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SkippedManifest:
-    """A manifest a listing could not use: its key, and why (never its content)."""
-
-    key: str
-    reason: str
-
-    @property
-    def stem(self) -> str:
-        return self.key.rsplit("/", 1)[-1].removesuffix(MANIFEST_SUFFIX)
-
-
-@dataclass(frozen=True, slots=True)
-class Listing:
-    """What one listing of one storage found."""
-
-    backups: list[Manifest]  # valid manifests, newest first (by started_at, then id)
-    invalid: list[SkippedManifest]
-    now: datetime  # what "in the future" was measured against
-
-    @property
-    def future(self) -> list[Manifest]:
-        """Backups dated ahead of the clock (beyond FUTURE_TOLERANCE), newest first."""
-        return [m for m in self.backups if m.in_future(self.now)]
-
-    @property
-    def current(self) -> list[Manifest]:
-        """Backups not dated in the future, newest first: the ones that count as newest."""
-        return [m for m in self.backups if not m.in_future(self.now)]
-
-    @property
-    def newest(self) -> Manifest | None:
-        """The newest backup not dated in the future."""
-        return next((m for m in self.backups if not m.in_future(self.now)), None)
-
-    @property
-    def newest_complete(self) -> Manifest | None:
-        """The newest backup not dated in the future that lacks no database: the last
-        success (a partial backup's run failed)."""
-        return next((m for m in self.backups if not m.in_future(self.now) and not m.failed), None)
-
-
 def _legacy_globals(objects: list[ObjectEntry]) -> tuple[ObjectEntry, ...]:
     """Manifests before `kind` named the roles dump database "globals": it is the last
     plain object of that name (backupd wrote it after every database)."""
@@ -612,110 +563,6 @@ def globals_name(databases: Iterable[str], fmt: str) -> str:
         n += 1
         name = f"globals-{n}"
     return name
-
-
-async def write_manifest(store: Store, manifest: Manifest) -> None:
-    await store.put_bytes(manifest.manifest_key, manifest.to_json())
-
-
-async def read_manifest(store: Store, key: str) -> Manifest:
-    """Read and validate the manifest at `key` (at most MAX_MANIFEST_BYTES of it).
-
-    Raises NotFound if it is gone, InvalidManifest if it is not a valid manifest
-    of that key, StorageError if the storage fails.
-    """
-    chunks: list[bytes] = []
-    total = 0
-    stream = store.open_read(key, _READ_CHUNK)
-    try:
-        async for chunk in stream:
-            total += len(chunk)
-            if total > MAX_MANIFEST_BYTES:
-                raise InvalidManifest(f"larger than {MAX_MANIFEST_BYTES} bytes")
-            chunks.append(chunk)
-    finally:
-        await _aclose(stream)
-    return Manifest.from_json(b"".join(chunks), key)
-
-
-async def _aclose(stream: AsyncIterator[bytes]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-async def scan_backups(
-    store: Store, job: str | None = None, now: datetime | None = None
-) -> Listing:
-    """Every backup in `store` (of `job`, or of all jobs), newest first, and what was skipped.
-
-    A manifest that is invalid, too large or unreadable is logged (its key and
-    a short reason) and skipped, never guessed at. Backups dated in the future
-    are listed, and logged.
-    """
-    now = now or now_utc()
-    prefix = f"{job}/" if job else ""
-    manifests = []
-    invalid = []
-    for info in await store.list(prefix):
-        if not info.key.endswith(MANIFEST_SUFFIX):
-            continue
-        try:
-            if info.size > MAX_MANIFEST_BYTES:
-                raise InvalidManifest(f"larger than {MAX_MANIFEST_BYTES} bytes")
-            manifest = await read_manifest(store, info.key)
-        except NotFound:
-            continue  # deleted between list and read (prune)
-        except InvalidManifest as exc:
-            reason = str(exc)
-        except StorageError as exc:
-            reason = f"cannot be read: {exc}"
-        else:
-            manifests.append(manifest)
-            continue
-        log.warning("manifest_invalid", storage=store.name, key=info.key, reason=reason)
-        invalid.append(SkippedManifest(info.key, reason))
-    manifests.sort(key=lambda m: (m.started_at, m.id), reverse=True)
-    listing = Listing(manifests, invalid, now)
-    for m in listing.future:
-        log.warning(
-            "backup_in_future",
-            storage=store.name,
-            backup=m.stem,
-            started_at=m.started_at,
-            ahead_seconds=round((m.started - now).total_seconds()),
-        )
-    return listing
-
-
-async def list_backups(store: Store, job: str | None = None) -> list[Manifest]:
-    """Every valid backup in `store` (of `job`, or of all jobs), newest first."""
-    return (await scan_backups(store, job)).backups
-
-
-async def find_backup(store: Store, job: str, which: str | None) -> Manifest:
-    """`--backup` resolution: an id, a stem, or `latest` (the default).
-
-    `latest` is the newest backup not dated in the future, or the newest
-    one if every backup is.
-    """
-    listing = await scan_backups(store, job)
-    backups = listing.backups
-    if which in (None, "", "latest"):
-        newest = listing.newest or (backups[0] if backups else None)
-        if newest is None:
-            raise NotFound(f"no backups of job {job!r} in storage {store.name!r}")
-        return newest
-    for m in backups:
-        if which in (m.id, m.stem, m.stem + MANIFEST_SUFFIX):
-            return m
-    for skipped in listing.invalid:
-        if which in (skipped.stem, skipped.stem.rsplit("-", 1)[-1], skipped.stem + MANIFEST_SUFFIX):
-            raise NotFound(
-                f"backup {which!r} of job {job!r} in storage {store.name!r} is not usable: "
-                f"its manifest {skipped.key} is invalid: {skipped.reason}"
-            )
-    raise NotFound(f"no backup {which!r} of job {job!r} in storage {store.name!r}")
 
 
 def now_utc() -> datetime:

@@ -41,7 +41,7 @@ from backupd.errors import (
     PreconditionFailed,
     StorageError,
 )
-from backupd.storage.base import Store, Versioned
+from backupd.storage.base import ObjectInfo, Store, Versioned
 
 log = structlog.get_logger("backupd.ha")
 
@@ -416,6 +416,17 @@ class Coordinator:
                 await keeper
             await claim.finish("released")
 
+    async def _slot_claims(
+        self, config: Config
+    ) -> AsyncIterator[tuple[Store, list[ObjectInfo], ObjectInfo]]:
+        """Per storage that holds claims: the store, its slot claims and the newest of them
+        (whose store clock dates the others); storages without a slot claim are passed."""
+        for name in sorted({storage_for(config, job) for job in config.jobs.values()}):
+            store = await self.pool.get(config.storages[name])
+            listed = [i for i in await store.list(PREFIX) if _slot_claim(config, i.key)]
+            if listed:
+                yield store, listed, max(listed, key=lambda i: i.modified)
+
     async def live_claims(self, config: Config) -> list[ClaimRecord]:
         """Claims of runs in progress on any node (for `status` and the sweeper).
 
@@ -424,12 +435,7 @@ class Coordinator:
         """
         out: list[ClaimRecord] = []
         lease = config.daemon.ha.lease
-        for name in sorted({storage_for(config, job) for job in config.jobs.values()}):
-            store = await self.pool.get(config.storages[name])
-            listed = [i for i in await store.list(PREFIX) if _slot_claim(config, i.key)]
-            if not listed:
-                continue
-            newest = max(listed, key=lambda i: i.modified)
+        async for store, listed, newest in self._slot_claims(config):
             try:
                 now = (await store.read_versioned(newest.key)).store_now
             except StorageError:
@@ -451,12 +457,7 @@ class Coordinator:
         """Delete slot claims last written more than CLAIM_KEEP ago (store clock); under
         the sweeper's claim. Catch-up looks at manifests, never at old claims."""
         deleted = 0
-        for name in sorted({storage_for(config, job) for job in config.jobs.values()}):
-            store = await self.pool.get(config.storages[name])
-            listed = [i for i in await store.list(PREFIX) if _slot_claim(config, i.key)]
-            if not listed:
-                continue
-            newest = max(listed, key=lambda i: i.modified)
+        async for store, listed, newest in self._slot_claims(config):
             now = (await store.read_versioned(newest.key)).store_now
             old = [i.key for i in listed if i.modified < now - timedelta(seconds=CLAIM_KEEP)]
             if old:

@@ -26,7 +26,8 @@ from typing import Protocol
 
 import structlog
 
-from backupd.catalog.manifest import Manifest, find_backup, now_utc, scan_backups
+from backupd.catalog.listing import find_backup, scan_backups
+from backupd.catalog.manifest import Manifest, now_utc
 from backupd.config.model import Config, Job
 from backupd.daemon.ha import Coordinator
 from backupd.daemon.runner import JobBusy, Runner, StorePool

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from backupd.catalog.manifest import Listing, Manifest, now_utc, rfc3339
+from backupd.catalog.listing import Listing
+from backupd.catalog.manifest import Manifest, now_utc, rfc3339
 
 RECENT = 20
 """Backups kept per job for the status page's table and chart."""

@@ -6,18 +6,17 @@ Any failure (cancellation included) aborts open uploads and deletes the data
 objects this attempt already completed, so nothing is half-published and
 nothing is left for the sweeper in the common case. That cleanup takes at most
 `CLEANUP_DEADLINE` in all (a hung store cannot hold a cancelled run): what it
-could not remove by then is logged and left to the sweeper.
+could not remove by then is logged and left to the sweeper. The publishing
+steps, shared with physical base backups, are in `publish.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Required, TypedDict, Unpack
 
 import structlog
 
@@ -27,26 +26,19 @@ from backupd.catalog.manifest import (
     Manifest,
     ObjectEntry,
     data_name,
-    folder_for,
     globals_name,
-    new_backup_id,
     now_utc,
     rfc3339,
-    stem_for,
-    write_manifest,
 )
 from backupd.config.model import Job, PostgresSource
-from backupd.errors import BackupdError, DumpFailed, SourceError
+from backupd.errors import DumpFailed, SourceError
+from backupd.operations import publish
+from backupd.operations.publish import Progress
 from backupd.sources import postgres
-from backupd.storage.base import CLEANUP_DEADLINE, Store, Upload
-from backupd.stream.age import AgeEncryptor
-from backupd.stream.codecs import Encoder, compressor
-from backupd.stream.pipeline import StreamResult, abort_all, make_pipe, stream_fd
+from backupd.storage.base import Store
+from backupd.stream.pipeline import StreamResult
 
 log = structlog.get_logger("backupd.backup")
-
-Progress = Callable[[dict[str, Any]], None]
-
 
 TriggerKind = Literal["schedule", "manual", "catch-up"]
 
@@ -63,40 +55,19 @@ class Trigger:
         return {"uid": self.uid, "user": self.user}
 
 
-class _Cleanup:
-    """The cleanup of one failed attempt: every step of it within one `CLEANUP_DEADLINE`,
-    counted from the first step.
+class RunOptions(TypedDict, total=False):
+    """How the runner calls one attempt of a job, logical (`run_backup`) or physical
+    (`physical.run_base_backup`): only `trigger` is required."""
 
-    Each step runs in its own task, so a caller cancelled once more (a second
-    `cancel`, a second SIGTERM) stops waiting at once, and the deadline cancels
-    the step whoever still waits for it. Failures are logged, never raised.
-    """
-
-    def __init__(self) -> None:
-        self._until: float | None = None
-
-    async def run(self, what: str, step: Awaitable[Any]) -> None:
-        loop = asyncio.get_running_loop()
-        if self._until is None:
-            self._until = loop.time() + CLEANUP_DEADLINE
-        task = asyncio.ensure_future(step)
-        timer = loop.call_at(self._until, task.cancel)
-
-        def done(task: asyncio.Future[Any]) -> None:
-            timer.cancel()
-            if task.cancelled():
-                log.warning(
-                    "cleanup_abandoned",
-                    what=what,
-                    deadline_seconds=CLEANUP_DEADLINE,
-                    note="the store did not answer in time; the sweeper removes what is "
-                    "left after abandoned_upload_grace",
-                )
-            elif (exc := task.exception()) is not None:
-                log.warning("cleanup_failed", what=what, error=str(exc))
-
-        task.add_done_callback(done)
-        await asyncio.wait([task])
+    trigger: Required[Trigger]
+    attempt: int  # 1, 2, ... within the run (default 1)
+    on_bytes: Callable[[str, int], None] | None  # (storage name, bytes) as they are written
+    progress: Progress | None  # events for `backupd run --progress` and the control socket
+    node: str  # HA: the node that ran it, recorded in the manifest
+    scheduled_for: str  # the schedule slot it ran for, recorded in the manifest
+    # HA: confirm the run's claim; runs just before the manifest is written, and if it
+    # raises, nothing is published and the attempt's objects are removed
+    before_publish: Callable[[], Awaitable[None]] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,20 +82,11 @@ async def run_backup(
     job: Job,
     source: PostgresSource,
     stores: Mapping[str, Store],
-    *,
-    trigger: Trigger,
-    attempt: int = 1,
-    on_bytes: Callable[[str, int], None] | None = None,
-    progress: Progress | None = None,
-    node: str = "",
-    scheduled_for: str = "",
-    before_publish: Callable[[], Awaitable[None]] | None = None,
+    **run: Unpack[RunOptions],
 ) -> Manifest:
-    """Run one attempt of `job`; returns the published manifest or raises.
-
-    `before_publish` (HA: confirm the run's claim) runs just before the manifest is
-    written; if it raises, nothing is published and the attempt's objects are removed.
-    """
+    """Run one attempt of `job`; returns the published manifest or raises."""
+    trigger, attempt = run["trigger"], run.get("attempt", 1)
+    on_bytes, progress = run.get("on_bytes"), run.get("progress")
     password = source.password.resolve() if source.password else None
     server = await postgres.preflight(source, job, password)
     pg_dump = postgres.find_tool("pg_dump", source.pg_bin_dir, server.major)
@@ -153,16 +115,13 @@ async def run_backup(
             )
         )
 
-    started = now_utc()
-    t0 = time.monotonic()
-    backup_id = new_backup_id()
-    folder = folder_for(job.name, started)
-    stem = stem_for(job.name, started, backup_id)
+    new = publish.NewBackup.start(job.name)
+    folder, stem = new.folder, new.stem
     log.info("backup_started", stem=stem, databases=list(server.databases), attempt=attempt)
-    _emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
+    publish.emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
 
     completed: dict[str, list[str]] = {name: [] for name in stores}
-    cleanup = _Cleanup()
+    cleanup = publish.Cleanup()
     objects: list[ObjectEntry] = []
     tables: dict[str, dict[str, int]] = {}
     failed: list[FailedDatabase] = [FailedDatabase(name, why) for name, why in server.unusable]
@@ -191,13 +150,14 @@ async def run_backup(
                     # This database cannot be dumped; the others still can.
                     log.error("database_failed", database=dump.name, error=str(exc))
                     failed.append(FailedDatabase(dump.name, str(exc)))
-                    _emit(progress, {"event": "database_failed", "database": dump.name})
-                    cleanup = _Cleanup()  # its aborts are done: a later failure gets a whole budget
+                    publish.emit(progress, {"event": "database_failed", "database": dump.name})
+                    # its aborts are done: a later failure gets a whole budget
+                    cleanup = publish.Cleanup()
                     continue
                 objects.append(entry)
                 if counts is not None:
                     tables[dump.name] = counts
-                _emit(
+                publish.emit(
                     progress,
                     {"event": "object", "database": dump.name, "size_bytes": entry.size_bytes},
                 )
@@ -215,26 +175,19 @@ async def run_backup(
                 )
         finished = now_utc()
         manifest = Manifest(
-            id=backup_id,
+            id=new.id,
             job=job.name,
             kind=job.kind,
             format=job.format,
             compression=job.compression.spec,
-            encryption={"type": "age", "recipients": list(job.encryption.recipients)}
-            if job.encryption
-            else None,
-            source={
-                "type": "postgres",
-                "name": source.name,
-                "host": server.host,
-                "server_version": server.version,
-            },
+            encryption=publish.encryption_field(job),
+            source=publish.source_field(source, server.host, server.version),
             tool={"name": "pg_dump", "version": pg_dump.version, "path": str(pg_dump.path)}
             # the row counts in `tables` were taken in the snapshot pg_dump dumped
             | ({"snapshot": "exported"} if tables else {}),
-            started_at=rfc3339(started),
+            started_at=rfc3339(new.started),
             finished_at=rfc3339(finished),
-            duration_seconds=round(time.monotonic() - t0, 3),
+            duration_seconds=new.duration(),
             objects=tuple(objects),
             trigger=trigger.kind,
             triggered_by=trigger.who(),
@@ -242,14 +195,14 @@ async def run_backup(
             backupd_version=__version__,
             tables=tables,
             failed=tuple(failed),
-            node=node,
-            scheduled_for=scheduled_for,
+            node=run.get("node", ""),
+            scheduled_for=run.get("scheduled_for", ""),
         )
-        if before_publish is not None:
-            await before_publish()
-        await _publish(stores, manifest, cleanup)
+        await publish.publish(stores, manifest, cleanup, run.get("before_publish"))
     except BaseException:
-        await cleanup.run("delete the objects of the failed attempt", _discard(stores, completed))
+        await cleanup.run(
+            "delete the objects of the failed attempt", publish.discard(stores, completed)
+        )
         raise
     if failed:
         log.error(
@@ -290,7 +243,7 @@ async def _dump_database(
     stem: str,
     folder: str,
     completed: dict[str, list[str]],
-    cleanup: _Cleanup,
+    cleanup: publish.Cleanup,
     on_bytes: Callable[[str, int], None] | None,
     password: str | None,
 ) -> tuple[ObjectEntry, dict[str, int] | None]:
@@ -310,9 +263,9 @@ async def _dump_database(
     floor = job.min_size if dump.tool == "pg_dump" and job.databases != ("*",) else 1
     if result.raw_bytes < floor:
         # The attempt goes on: this discard gets its own deadline, not the attempt's.
-        await _Cleanup().run(
+        await publish.Cleanup().run(
             f"delete {key} (below min_size)",
-            _discard(stores, {name: [folder + key] for name in stores}, completed),
+            publish.discard(stores, {name: [folder + key] for name in stores}, completed),
         )
         raise DumpFailed(
             f"{dump.tool} output for {dump.name} is {result.raw_bytes} bytes, below "
@@ -376,103 +329,19 @@ async def _dump_one(
     stores: Mapping[str, Store],
     key: str,
     completed: dict[str, list[str]],
-    cleanup: _Cleanup,
+    cleanup: publish.Cleanup,
     on_bytes: Callable[[str, int], None] | None,
 ) -> StreamResult:
     """Dump one database into one new object on every store; completes them only on success."""
-    uploads: dict[str, Upload] = {}
-
-    def counted(n: int) -> None:
-        if on_bytes is not None:
-            for name in stores:
-                on_bytes(name, n)
-
-    try:
-        for name, store in stores.items():
-            uploads[name] = await store.open_upload(key)
-        read_fd, write_fd = make_pipe()
-        try:
-            # spawn() always closes write_fd; stream_fd() owns read_fd once called.
-            async with postgres.spawn(dump.argv, env, write_fd, dump.tool) as proc:
-                fd, read_fd = read_fd, -1
-                result = await stream_fd(fd, _encoders(job, dump), list(uploads.values()), counted)
-                rc = await proc.wait()
-                if rc != 0:
-                    err = DumpFailed(postgres.exit_error(proc, rc))
-                    err.transient = postgres.is_transient_failure(proc.stderr)
-                    raise err
-        finally:
-            if read_fd >= 0:
-                os.close(read_fd)
-
-        async def complete(name: str, upload: Upload) -> None:
-            size = await upload.complete()
-            # Noted at once, not after every target: if another target fails now,
-            # this finished object must be deleted (abort() no longer reaches it).
-            completed[name].append(key)
-            if size != result.size_bytes:
-                raise BackupdError(
-                    f"storage {name} stored {size} bytes of {key}, expected {result.size_bytes}"
-                )
-
-        await asyncio.gather(*(complete(name, upload) for name, upload in uploads.items()))
-        return result
-    except BaseException:
-        await cleanup.run(f"abort the uploads of {key}", abort_all(uploads))
-        raise
-
-
-def _encoders(job: Job, dump: _Dump) -> list[Encoder]:
-    encoders: list[Encoder] = [compressor(job.compression)]
-    if job.encryption is not None:
-        encoders.append(AgeEncryptor(job.encryption.recipients))
-    return encoders
-
-
-async def _publish(stores: Mapping[str, Store], manifest: Manifest, cleanup: _Cleanup) -> None:
-    """Write the manifest to every store; if one fails, take back the others."""
-    written: list[Store] = []
-    try:
-        for store in stores.values():
-            await write_manifest(store, manifest)
-            written.append(store)
-    except BaseException:
-        if written:
-            await cleanup.run(
-                f"take back the manifest {manifest.manifest_key}",
-                asyncio.gather(
-                    *(s.delete([manifest.manifest_key]) for s in written), return_exceptions=True
-                ),
-            )
-        raise
-
-
-async def _discard(
-    stores: Mapping[str, Store],
-    completed: dict[str, list[str]],
-    noted: dict[str, list[str]] | None = None,
-) -> None:
-    """Delete data objects of a failed attempt or database (no manifest names them, so
-    they are not backups); the keys are also struck from `noted`, the attempt's record."""
-
-    async def one(name: str) -> None:
-        keys = completed.get(name) or []
-        if noted is not None:
-            noted[name] = [k for k in noted.get(name, []) if k not in keys]
-        if not keys:
-            return
-        failed = await stores[name].delete(keys)
-        if failed:
-            log.warning(
-                "discard_incomplete",
-                storage=name,
-                keys=failed,
-                note="the sweeper removes them after abandoned_upload_grace",
-            )
-
-    await asyncio.gather(*(one(name) for name in stores), return_exceptions=True)
-
-
-def _emit(progress: Progress | None, event: dict[str, Any]) -> None:
-    if progress is not None:
-        progress(event)
+    result, _ = await publish.stream_to_stores(
+        dump.argv,
+        env,
+        dump.tool,
+        publish.job_encoders(job),
+        stores,
+        key,
+        completed,
+        cleanup,
+        on_bytes,
+    )
+    return result

@@ -13,36 +13,35 @@ timeline), which restore and WAL retention need.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Unpack
 
 import asyncpg
 import structlog
 
 from backupd import __version__
-from backupd.catalog.manifest import (
-    Manifest,
-    ObjectEntry,
-    folder_for,
-    new_backup_id,
-    now_utc,
-    rfc3339,
-    stem_for,
-)
+from backupd.catalog.manifest import Manifest, ObjectEntry, now_utc, rfc3339
+from backupd.catalog.walindex import SEGMENT_SIZE, format_lsn, parse_lsn, segment_of
 from backupd.config.dsn import dsn_host, redact_dsn
 from backupd.config.model import Job, PostgresSource
-from backupd.errors import BackupdError, DumpFailed, SourceError, SourceUnavailable
-from backupd.operations.backup import Progress, Trigger, _Cleanup, _discard, _emit, _publish
-from backupd.operations.wal import SEGMENT_SIZE, format_lsn, parse_lsn, segment_of
+from backupd.errors import DumpFailed, SourceError, SourceUnavailable
+from backupd.operations.backup import RunOptions
+from backupd.operations.publish import (
+    Cleanup,
+    NewBackup,
+    discard,
+    emit,
+    encryption_field,
+    publish,
+    source_field,
+    stream_to_stores,
+)
 from backupd.sources import postgres
-from backupd.storage.base import Store, Upload
+from backupd.storage.base import Store
 from backupd.stream.age import AgeEncryptor
 from backupd.stream.codecs import Encoder, compressor
-from backupd.stream.pipeline import abort_all, make_pipe, stream_fd
 
 log = structlog.get_logger("backupd.physical")
 
@@ -141,90 +140,49 @@ async def run_base_backup(
     job: Job,
     source: PostgresSource,
     stores: Mapping[str, Store],
-    *,
-    trigger: Trigger,
-    attempt: int = 1,
-    on_bytes: Callable[[str, int], None] | None = None,
-    progress: Progress | None = None,
-    node: str = "",
-    scheduled_for: str = "",
-    before_publish: Callable[[], Awaitable[None]] | None = None,
+    **run: Unpack[RunOptions],
 ) -> Manifest:
-    """One attempt of a physical job: a base backup to every store, manifest last.
-
-    `node`, `scheduled_for` and `before_publish` (HA: confirm the run's claim) as
-    for `backup.run_backup`."""
-    cleanup = _Cleanup()
+    """One attempt of a physical job: a base backup to every store, manifest last."""
+    attempt, on_bytes, progress = run.get("attempt", 1), run.get("on_bytes"), run.get("progress")
+    cleanup = Cleanup()
     password = source.password.resolve() if source.password else None
     server = await preflight(source, password)
     tool = postgres.find_tool("pg_basebackup", source.pg_bin_dir, server.major)
     argv = basebackup_argv(tool, source.dsn)
-    started = now_utc()
-    t0 = time.monotonic()
-    backup_id = new_backup_id()
-    folder = folder_for(job.name, started)
-    stem = stem_for(job.name, started, backup_id)
+    new = NewBackup.start(job.name)
+    folder, stem = new.folder, new.stem
     encrypted = job.encryption is not None
     key = f"{stem}/base.tar{job.compression.extension}{'.age' if encrypted else ''}"
     log.info("base_backup_started", stem=stem, attempt=attempt)
-    _emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
+    emit(progress, {"event": "started", "stem": stem, "attempt": attempt})
     completed: dict[str, list[str]] = {name: [] for name in stores}
-    uploads: dict[str, Upload] = {}
-
-    def counted(n: int) -> None:
-        if on_bytes is not None:
-            for name in stores:
-                on_bytes(name, n)
-
     try:
         with postgres.passfile_env(password, source.dsn) as env:
-            for name, store in stores.items():
-                uploads[name] = await store.open_upload(folder + key)
-            read_fd, write_fd = make_pipe()
-            try:
-                async with postgres.spawn(argv, env, write_fd, "pg_basebackup") as proc:
-                    fd, read_fd = read_fd, -1
-                    result = await stream_fd(fd, _encoders(job), list(uploads.values()), counted)
-                    rc = await proc.wait()
-                    if rc != 0:
-                        err = DumpFailed(postgres.exit_error(proc, rc))
-                        err.transient = postgres.is_transient_failure(proc.stderr)
-                        raise err
-                    stderr = proc.stderr
-            finally:
-                if read_fd >= 0:
-                    os.close(read_fd)
-
-        async def complete(name: str, upload: Upload) -> None:
-            size = await upload.complete()
-            completed[name].append(folder + key)
-            if size != result.size_bytes:
-                raise BackupdError(
-                    f"storage {name} stored {size} bytes of {key}, expected {result.size_bytes}"
-                )
-
-        await asyncio.gather(*(complete(name, u) for name, u in uploads.items()))
+            result, stderr = await stream_to_stores(
+                argv,
+                env,
+                "pg_basebackup",
+                _encoders(job),
+                stores,
+                folder + key,
+                completed,
+                cleanup,
+                on_bytes,
+            )
         position = wal_position(stderr)
         finished = now_utc()
         manifest = Manifest(
-            id=backup_id,
+            id=new.id,
             job=job.name,
             kind="physical",
             format="tar",
             compression=job.compression.spec,
-            encryption={"type": "age", "recipients": list(job.encryption.recipients)}
-            if job.encryption
-            else None,
-            source={
-                "type": "postgres",
-                "name": source.name,
-                "host": server.host,
-                "server_version": server.version,
-            },
+            encryption=encryption_field(job),
+            source=source_field(source, server.host, server.version),
             tool={"name": "pg_basebackup", "version": tool.version, "path": str(tool.path)},
-            started_at=rfc3339(started),
+            started_at=rfc3339(new.started),
             finished_at=rfc3339(finished),
-            duration_seconds=round(time.monotonic() - t0, 3),
+            duration_seconds=new.duration(),
             objects=(
                 ObjectEntry(
                     database="",
@@ -236,23 +194,20 @@ async def run_base_backup(
                     kind="base",
                 ),
             ),
-            trigger=trigger.kind,
-            triggered_by=trigger.who(),
+            trigger=run["trigger"].kind,
+            triggered_by=run["trigger"].who(),
             attempts=attempt,
             backupd_version=__version__,
-            node=node,
-            scheduled_for=scheduled_for,
+            node=run.get("node", ""),
+            scheduled_for=run.get("scheduled_for", ""),
             wal=position,
             # consistent once pg_basebackup ended; the WAL archive extends the window
             restorable_from=rfc3339(finished),
             restorable_until=rfc3339(finished),
         )
-        if before_publish is not None:
-            await before_publish()
-        await _publish(stores, manifest, cleanup)
+        await publish(stores, manifest, cleanup, run.get("before_publish"))
     except BaseException:
-        await cleanup.run("abort the base backup's uploads", abort_all(uploads))
-        await cleanup.run("delete the objects of the failed attempt", _discard(stores, completed))
+        await cleanup.run("delete the objects of the failed attempt", discard(stores, completed))
         raise
     log.info(
         "backup_published",

@@ -27,10 +27,12 @@ from pathlib import Path, PurePosixPath
 
 import structlog
 
-from backupd.catalog.manifest import Manifest, ObjectEntry, rfc3339, scan_backups
+from backupd.catalog import walindex
+from backupd.catalog.listing import scan_backups
+from backupd.catalog.manifest import Manifest, ObjectEntry, rfc3339
 from backupd.config.model import Config, Job
 from backupd.errors import BackupdError, NotFound, UsageError
-from backupd.operations import wal
+from backupd.operations import walchain
 from backupd.operations.readback import read_back as read_object
 from backupd.sources import postgres
 from backupd.storage.base import Store
@@ -50,7 +52,7 @@ class Target:
         if self.time is not None:
             return rfc3339(self.time)[:23] + "Z"
         if self.lsn is not None:
-            return f"LSN {wal.format_lsn(self.lsn)}"
+            return f"LSN {walindex.format_lsn(self.lsn)}"
         return "the end of the WAL archive"
 
 
@@ -58,7 +60,7 @@ class Target:
 class PitrOutcome:
     backup: Manifest
     target: Target
-    window: wal.Window
+    window: walchain.Window
     data_dir: Path
     extract_seconds: float
     recovery_seconds: float | None  # with --start: until promoted
@@ -76,7 +78,7 @@ def parse_time(text: str) -> datetime:
 
 
 def choose(
-    backups: list[Manifest], window: wal.Window, target: Target, which: str | None
+    backups: list[Manifest], window: walchain.Window, target: Target, which: str | None
 ) -> Manifest:
     """The base backup to restore from: `which`, else the newest one before the target.
 
@@ -103,13 +105,13 @@ def choose(
     if target.lsn is not None:
         for m in physical:
             assert m.wal is not None
-            if wal.parse_lsn(m.wal["stop_lsn"]) <= target.lsn:
+            if walindex.parse_lsn(m.wal["stop_lsn"]) <= target.lsn:
                 if window.latest_lsn is not None and target.lsn > window.latest_lsn:
                     break
                 return m
         raise UsageError(
             f"target {target.describe()} {outside} (WAL up to LSN "
-            f"{wal.format_lsn(window.latest_lsn or 0)})"
+            f"{walindex.format_lsn(window.latest_lsn or 0)})"
         )
     newest = physical[0]
     if newest.id in window.broken:
@@ -167,7 +169,7 @@ def recovery_settings(
             ("recovery_target_time", f"{target.time.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}+00:00")
         )
     elif target.lsn is not None:
-        settings.append(("recovery_target_lsn", wal.format_lsn(target.lsn)))
+        settings.append(("recovery_target_lsn", walindex.format_lsn(target.lsn)))
     settings += [
         ("recovery_target_action", "promote"),
         ("recovery_target_timeline", "latest"),
@@ -201,7 +203,7 @@ async def restore_to_dir(
     _check_empty(directory)
     listing = await scan_backups(store, job.name)
     backups = [m for m in listing.current if m.wal is not None]
-    window = await wal.window(store, job.name, backups)
+    window = await walchain.window(store, job.name, backups)
     manifest = choose(backups, window, target, backup)
     announce(f"{window.describe()}; restoring {manifest.stem} to {target.describe()}")
     if manifest.id in window.broken:

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import structlog
 
+from backupd.catalog import walindex
 from backupd.catalog.manifest import Manifest
 from backupd.config.dsn import dsn_params
 from backupd.config.model import Config, Job
 from backupd.errors import BackupdError
-from backupd.operations import pitr, wal
+from backupd.operations import pitr, walchain
 from backupd.operations.readback import read_back as read_object
 from backupd.operations.verify import VerifyReport
 from backupd.sources import postgres
@@ -74,8 +75,8 @@ async def _check_chain(store: Store, manifest: Manifest, report: VerifyReport) -
     """The WAL from the backup's start to the newest segment: no gap, every index entry
     valid, every data object present with its recorded size."""
     assert manifest.wal is not None
-    archive = await wal.scan(store, manifest.job)
-    tli, start = wal.segment_number(manifest.wal["start_segment"])
+    archive = await walchain.scan(store, manifest.job)
+    tli, start = walindex.segment_number(manifest.wal["start_segment"])
     gaps = archive.gaps(tli, start)
     if gaps:
         report.fail(
@@ -86,11 +87,11 @@ async def _check_chain(store: Store, manifest: Manifest, report: VerifyReport) -
     for segno in sorted(n for n in archive.segments if n >= start):
         name = archive.name_of(segno, tli)
         try:
-            entry = await wal.read_entry(store, manifest.job, name)
+            entry = await walindex.read_entry(store, manifest.job, name)
         except BackupdError as exc:
             report.fail(f"WAL {name}: {exc}")
             continue
-        listed = archive.data_keys.get(wal.folder_of(manifest.job, name) + entry.key)
+        listed = archive.data_keys.get(walindex.folder_of(manifest.job, name) + entry.key)
         if listed is None or listed[1] != entry.size_bytes:
             report.fail(f"WAL {name}: its data object is missing or has another size")
         checked += 1

@@ -8,7 +8,7 @@ by the next prune; data objects left behind after their manifest went are
 removed by the next prune of the job (and by the sweeper) once they are older
 than the storage's `abandoned_upload_grace`. Both kinds are counted.
 
-Only valid manifests take part (`manifest.scan_backups`): an invalid one is
+Only valid manifests take part (`listing.scan_backups`): an invalid one is
 reported, counted in `backupd_manifests_invalid`, and neither it nor the data
 folder next to it is ever deleted here. Backups dated in the future are kept
 and counted in `backupd_backups_future`; the backup a run has just published
@@ -26,16 +26,10 @@ from typing import Protocol
 import structlog
 
 from backupd.catalog import retention
-from backupd.catalog.manifest import (
-    MANIFEST_SUFFIX,
-    Listing,
-    Manifest,
-    SkippedManifest,
-    now_utc,
-    scan_backups,
-)
+from backupd.catalog.listing import Listing, SkippedManifest, scan_backups
+from backupd.catalog.manifest import MANIFEST_SUFFIX, Manifest, now_utc
 from backupd.config.model import Config, Job
-from backupd.operations.wal import prune_wal
+from backupd.operations.walchain import prune_wal
 from backupd.storage.base import ObjectInfo, Store
 
 log = structlog.get_logger("backupd.retention")

@@ -39,10 +39,11 @@ from typing import Protocol
 import asyncpg
 import structlog
 
-from backupd.catalog.manifest import scan_backups
+from backupd.catalog import walindex
+from backupd.catalog.listing import scan_backups
 from backupd.config.model import Job, PostgresSource
 from backupd.errors import BackupdError
-from backupd.operations import wal
+from backupd.operations import wal, walchain
 from backupd.sources import postgres
 from backupd.storage.base import Store
 
@@ -202,16 +203,16 @@ class WalArchiver:
         try:
             stores = await self._stores()
             store = next(iter(stores.values()))
-            archive = await wal.scan(store, self.job.name)
+            archive = await walchain.scan(store, self.job.name)
             newest = archive.newest
             if newest is None:
                 return
             segno, tli = newest
-            entry = await wal.read_entry(store, self.job.name, archive.name_of(segno, tli))
+            entry = await walindex.read_entry(store, self.job.name, archive.name_of(segno, tli))
             partial = archive.partials.get(segno + 1)
-            end = (segno + 1) * wal.SEGMENT_SIZE
+            end = (segno + 1) * walindex.SEGMENT_SIZE
             if partial is not None:
-                entry = await wal.read_entry(store, self.job.name, partial)
+                entry = await walindex.read_entry(store, self.job.name, partial)
             self.stored_end = end
             self.caught_up_at = entry.archived.timestamp()
         except (BackupdError, StopIteration) as exc:
@@ -224,7 +225,7 @@ class WalArchiver:
             stores = await self._stores()
             store = next(iter(stores.values()))
             listing = await scan_backups(store, self.job.name)
-            window = await wal.window(store, self.job.name, listing.current)
+            window = await walchain.window(store, self.job.name, listing.current)
         except (BackupdError, StopIteration) as exc:
             log.warning("restorable_window_unknown", job=self.job.name, error=str(exc))
             return
@@ -237,9 +238,9 @@ class WalArchiver:
     def _ready(self) -> tuple[list[Path], Path | None]:
         done, partial = [], None
         for path in sorted(self.spool.iterdir()):
-            if wal.SEGMENT_RE.fullmatch(path.name) or wal.HISTORY_RE.fullmatch(path.name):
+            if walindex.SEGMENT_RE.fullmatch(path.name) or walindex.HISTORY_RE.fullmatch(path.name):
                 done.append(path)
-            elif path.name.endswith(".partial") and wal.SEGMENT_RE.fullmatch(path.name[:24]):
+            elif path.name.endswith(".partial") and walindex.SEGMENT_RE.fullmatch(path.name[:24]):
                 partial = path  # the newest one (sorted)
         return done, partial
 
@@ -250,9 +251,9 @@ class WalArchiver:
         for path in done:
             await wal.push(self.job, stores, path)
             await self._drop_partial_copy(stores, path.name)
-            if wal.SEGMENT_RE.fullmatch(path.name):
-                _, segno = wal.segment_number(path.name)
-                self._advance((segno + 1) * wal.SEGMENT_SIZE)
+            if walindex.SEGMENT_RE.fullmatch(path.name):
+                _, segno = walindex.segment_number(path.name)
+                self._advance((segno + 1) * walindex.SEGMENT_SIZE)
             await asyncio.to_thread(path.unlink)
             log.info("wal_archived", job=self.job.name, segment=path.name)
         if done and self.metrics is not None:
@@ -283,14 +284,14 @@ class WalArchiver:
         self._partial_sent = seen
         self._partial_at = time.monotonic()
         if flushed is not None:
-            _, segno = wal.segment_number(name[:24])
-            self._advance(min(flushed, (segno + 1) * wal.SEGMENT_SIZE))
+            _, segno = walindex.segment_number(name[:24])
+            self._advance(min(flushed, (segno + 1) * walindex.SEGMENT_SIZE))
         if self.metrics is not None:
             self.metrics.wal_archived(self.job.name, 0, time.time())
 
     async def _drop_partial_copy(self, stores: Mapping[str, Store], name: str) -> None:
         """A completed segment supersedes its growing copy."""
-        if not wal.SEGMENT_RE.fullmatch(name):
+        if not walindex.SEGMENT_RE.fullmatch(name):
             return
         for store in stores.values():
             await wal.delete_partial(store, self.job.name, name)
@@ -314,7 +315,7 @@ class WalArchiver:
             log.debug("slot_position_unknown", error=str(exc))
             self._conn = None
             return None
-        return wal.parse_lsn(value) if value else None
+        return walindex.parse_lsn(value) if value else None
 
     async def _measure_lag(self) -> None:
         """The lag: how old the oldest WAL on the server but not in storage can be.
@@ -328,7 +329,9 @@ class WalArchiver:
         """
         try:
             conn = await self._sql()
-            server = wal.parse_lsn(str(await conn.fetchval("SELECT pg_current_wal_lsn()::text")))
+            server = walindex.parse_lsn(
+                str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+            )
         except (BackupdError, OSError, asyncpg.PostgresError) as exc:
             log.debug("server_position_unknown", error=str(exc))
             self._conn = None
@@ -346,7 +349,7 @@ class WalArchiver:
 def _read_partial(path: Path) -> bytes | None:
     try:
         with open(path, "rb") as f:
-            return f.read(wal.SEGMENT_SIZE + 1)
+            return f.read(walindex.SEGMENT_SIZE + 1)
     except FileNotFoundError:
         return None
 
