@@ -46,10 +46,11 @@ import structlog
 from backupd import __version__
 from backupd.config import model as config
 from backupd.errors import BackupdError, TransientError
-from backupd.observe.metrics import Metrics
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from backupd.observe.metrics import Metrics  # prometheus_client: not for one-shot runs
 
 log = structlog.get_logger(__name__)
 
