@@ -36,6 +36,7 @@ from backupd.catalog.manifest import (
 from backupd.config.dsn import dsn_host, redact_dsn
 from backupd.config.model import Job, PostgresSource
 from backupd.errors import BackupdError, DumpFailed, SourceError, SourceUnavailable
+from backupd.operations import servercompress
 from backupd.operations.backup import Progress, Trigger, _Cleanup, _discard, _emit, _publish
 from backupd.operations.wal import SEGMENT_SIZE, format_lsn, parse_lsn, segment_of
 from backupd.sources import postgres
@@ -130,8 +131,8 @@ def basebackup_argv(tool: postgres.DumpTool, dsn: str) -> list[str]:
     ]
 
 
-def _encoders(job: Job) -> list[Encoder]:
-    encoders: list[Encoder] = [compressor(job.compression)]
+def _encoders(job: Job, server: servercompress.MeasuredPassThrough | None) -> list[Encoder]:
+    encoders: list[Encoder] = [server or compressor(job.compression)]
     if job.encryption is not None:
         encoders.append(AgeEncryptor(job.encryption.recipients))
     return encoders
@@ -158,7 +159,9 @@ async def run_base_backup(
     password = source.password.resolve() if source.password else None
     server = await preflight(source, password)
     tool = postgres.find_tool("pg_basebackup", source.pg_bin_dir, server.major)
+    server_side = await servercompress.plan(job, source, password)
     argv = basebackup_argv(tool, source.dsn)
+    argv += servercompress.argv_options(job) if server_side else []
     started = now_utc()
     t0 = time.monotonic()
     backup_id = new_backup_id()
@@ -184,7 +187,9 @@ async def run_base_backup(
             try:
                 async with postgres.spawn(argv, env, write_fd, "pg_basebackup") as proc:
                     fd, read_fd = read_fd, -1
-                    result = await stream_fd(fd, _encoders(job), list(uploads.values()), counted)
+                    result = await stream_fd(
+                        fd, _encoders(job, server_side), list(uploads.values()), counted
+                    )
                     rc = await proc.wait()
                     if rc != 0:
                         err = DumpFailed(postgres.exit_error(proc, rc))
@@ -221,7 +226,12 @@ async def run_base_backup(
                 "host": server.host,
                 "server_version": server.version,
             },
-            tool={"name": "pg_basebackup", "version": tool.version, "path": str(tool.path)},
+            tool={
+                "name": "pg_basebackup",
+                "version": tool.version,
+                "path": str(tool.path),
+                "compressed_by": "server" if server_side else "client",
+            },
             started_at=rfc3339(started),
             finished_at=rfc3339(finished),
             duration_seconds=round(time.monotonic() - t0, 3),
@@ -230,7 +240,7 @@ async def run_base_backup(
                     database="",
                     key=key,
                     size_bytes=result.size_bytes,
-                    raw_bytes=result.raw_bytes,
+                    raw_bytes=server_side.raw_bytes if server_side else result.raw_bytes,
                     sha256=result.sha256,
                     format="tar",
                     kind="base",
