@@ -21,8 +21,8 @@ from tests.physical import (
     OwnedDaemon,
     PhysicalSetup,
     chown_owner,
-    make_physical_cluster,
     mkdir_owned,
+    physical_cluster,
     physical_setup,
     query,
     stop_server,
@@ -35,16 +35,12 @@ SLOT = "backupd_walha"
 
 @pytest.fixture
 def ha_pg() -> Iterator[PgCluster]:
-    for base in temp_base("backupd-walha-"):
-        cluster = make_physical_cluster(base / "cluster")
+    for cluster in physical_cluster("backupd-walha-"):
         # archive_mode = on keeps every segment until archive_command took it: let the
         # server drop WAL the slot no longer needs, as a server without archiving would
         cluster.psql("ALTER SYSTEM SET archive_command = '/bin/true'")
         cluster.psql("SELECT pg_reload_conf()")
-        try:
-            yield cluster
-        finally:
-            cluster.stop("immediate")
+        yield cluster
 
 
 @pytest.fixture

@@ -23,29 +23,24 @@ from tests.physical import (
     OwnedDaemon,
     PhysicalSetup,
     chown_owner,
-    make_physical_cluster,
     mkdir_owned,
+    physical_cluster,
     physical_setup,
     query,
     stop_server,
     temp_base,
 )
+from tests.test_objstores import BUCKETS
 
 STORES = [
     pytest.param("rgw", marks=[pytest.mark.slow, pytest.mark.timeout(480)]),
     pytest.param("swift", marks=[pytest.mark.slow, pytest.mark.timeout(480)]),
 ]
-BUCKETS = {"rgw": "rgw_bucket", "swift": "swift_bucket"}
 
 
 @pytest.fixture(scope="module")
 def wal_pg() -> Iterator[PgCluster]:
-    for base in temp_base("backupd-walobj-"):
-        cluster = make_physical_cluster(base / "cluster")
-        try:
-            yield cluster
-        finally:
-            cluster.stop("immediate")
+    yield from physical_cluster("backupd-walobj-")
 
 
 @pytest.fixture
