@@ -59,6 +59,16 @@ async def check_physical(job: Job, source: PostgresSource, password: str | None)
         f"REPLICATION, wal_level {info.wal_level}, {info.free_walsenders} free walsender(s), "
         f"{tool.path} {tool.version})"
     )
+    if job.compression_at == "server":
+        from backupd.operations import servercompress
+
+        reason = await servercompress.unsupported_reason(job, source, password)
+        line += (
+            f"\n  server-side compression ({job.compression.spec}): supported"
+            if reason is None
+            else f"\n  warning: server-side compression ({job.compression.spec}) unavailable: "
+            f"{reason}; base backups are compressed by backupd instead"
+        )
     if info.max_slot_wal_keep_size < 0:
         line += (
             "\n  warning: max_slot_wal_keep_size is unlimited: while backupd is down its "

@@ -196,6 +196,16 @@ def temp_base(prefix: str) -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def physical_cluster(prefix: str) -> Iterator[PgCluster]:
+    """A replication-ready cluster in a temporary directory, for a fixture to yield from."""
+    for base in temp_base(prefix):
+        cluster = make_physical_cluster(base / "cluster")
+        try:
+            yield cluster
+        finally:
+            cluster.stop("immediate")
+
+
 def stop_server(data_dir: Path) -> None:
     subprocess.run(
         as_owner([str(PG_BIN / "pg_ctl"), "-D", str(data_dir), "-m", "immediate", "-w", "stop"]),

@@ -58,3 +58,48 @@ def test_a_physical_drill_needs_no_target_but_a_logical_one_does() -> None:
     assert config.jobs["pitr"].verify is not None and config.jobs["pitr"].verify.restore
     logical = MINIMAL + JOB.replace('kind = "physical"', 'kind = "full"') + drill
     assert any("verify.target: required when restore = true" in e for e in errors_of(logical))
+
+
+def test_compression_at_server_is_for_physical_jobs_with_a_codec() -> None:
+    text = MINIMAL + JOB + 'compression = "lz4:9"\ncompression_at = "server"\n'
+    job = parse_config(tomllib.loads(text)).jobs["pitr"]
+    assert job.compression_at == "server"
+    assert (
+        parse_config(tomllib.loads(config_to_toml(parse_config(tomllib.loads(text))))).jobs["pitr"]
+        == job
+    )
+    logical = MINIMAL + JOB.replace('kind = "physical"', 'kind = "full"')
+    assert any(
+        e.startswith("job.pitr.compression_at: only the base backups")
+        for e in errors_of(logical + 'compression_at = "server"\n')
+    )
+    assert any(
+        e.startswith('job.pitr.compression_at: compression = "none"')
+        for e in errors_of(MINIMAL + JOB + 'compression = "none"\ncompression_at = "server"\n')
+    )
+    assert any(
+        e.startswith("job.pitr.compression: the server's lz4 levels go from 1 to 12")
+        for e in errors_of(MINIMAL + JOB + 'compression = "lz4:16"\ncompression_at = "server"\n')
+    )
+    assert any(
+        e.startswith("job.pitr.compression_at:")
+        for e in errors_of(MINIMAL + JOB + 'compression_at = "both"\n')
+    )
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "version", "values", "reason"),
+    [
+        ("zstd", 150004, ["pglz", "lz4", "zstd", "on", "off"], None),
+        ("gzip", 150004, ["pglz", "on", "off"], None),
+        ("zstd", 150004, ["pglz", "lz4", "on", "off"], "the server was built without zstd"),
+        ("lz4", 160001, ["pglz", "on", "off"], "the server was built without lz4"),
+        ("zstd", 140011, None, "PostgreSQL 14 cannot (server-side compression needs 15)"),
+    ],
+)
+def test_whether_the_server_can_compress(
+    algorithm: str, version: int, values: list[str] | None, reason: str | None
+) -> None:
+    from backupd.operations.servercompress import reason_for
+
+    assert reason_for(algorithm, version, values) == reason

@@ -161,6 +161,55 @@ def test_restore_to_a_time_and_to_the_latest(setup: PhysicalSetup) -> None:
     assert not (out_dir / "early").exists()
 
 
+def test_a_server_compressed_base_backup_restores_and_replays(
+    phys_pg: PgCluster, tmp_path: Path
+) -> None:
+    """compression_at = "server": PostgreSQL compresses (pg_basebackup --compress=server-zstd),
+    backupd stores the stream as is; restore, verify and replay read it unchanged."""
+    for base in temp_base("backupd-physsrv-"):
+        s = physical_setup(phys_pg, base / "job", extra_job='compression_at = "server"\n')
+        try:
+            _server_compressed(s)
+        finally:
+            phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
+            phys_pg.psql("SELECT pg_reload_conf()")
+
+
+def _server_compressed(s: PhysicalSetup) -> None:
+    pg = s.pg
+    checked = s.ok("check", "-c", str(s.config), "--connect")
+    assert "server-side compression (zstd:3): supported" in checked.stdout
+    s.use_archive_command()
+    pg.psql("DROP TABLE IF EXISTS srv_rows; CREATE TABLE srv_rows (id int)")
+    s.ok("backup", "-c", str(s.config), s.job)
+    [m] = _manifests(s)
+    [obj] = m["objects"]
+    assert m["tool"]["compressed_by"] == "server" and m["compression"] == "zstd:3"
+    assert obj["key"].endswith("/base.tar.zst")
+    assert obj["raw_bytes"] > 10 * 1024 * 1024 > obj["size_bytes"]
+    # the stored object is one zstd frame that decodes to the tar the manifest describes
+    tar_path = s.base / "base.tar"
+    s.ok("download", "-c", str(s.config), s.job, "-o", str(tar_path))
+    assert tar_path.stat().st_size == obj["raw_bytes"]
+    with tarfile.open(tar_path) as tar:
+        names = tar.getnames()
+    assert "PG_VERSION" in names and "backup_label" in names
+    assert "backup_manifest" not in names  # --no-manifest: see servercompress
+    assert "verified" in s.ok("verify", "-c", str(s.config), s.job).stdout.lower()
+    pg.psql("INSERT INTO srv_rows SELECT g FROM generate_series(1, 700) g")
+    s.switch_and_wait_archived()
+    port = free_port()
+    out_dir = mkdir_owned(s.base / "restores")
+    s.ok(
+        "restore", "-c", str(s.config), s.job, "--data-dir", str(out_dir / "latest"),
+        "--latest", "--start", "--port", str(port),
+    )  # fmt: skip
+    try:
+        assert query(port, "SELECT count(*) FROM srv_rows") == "700"
+    finally:
+        stop_server(out_dir / "latest")
+
+
 def _stored(s: PhysicalSetup, name: str) -> Path:
     return s.store / s.job / "wal" / name[:8] / f"{name}.json"
 

@@ -52,6 +52,8 @@ S3Checksum = Literal["crc32", "md5"]
 NotifierType = Literal["webhook", "slack", "healthchecks"]
 
 JOB_KINDS: tuple[JobKind, ...] = ("full", "schema-only", "data-only", "physical")
+CompressionAt = Literal["client", "server"]
+COMPRESSION_AT: tuple[CompressionAt, ...] = ("client", "server")
 DUMP_FORMATS: tuple[DumpFormat, ...] = ("custom", "plain")
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
@@ -457,6 +459,8 @@ class Job:
     retry: RetryPolicy = key(table(RetryPolicy), default_factory=RetryPolicy)
     timeout: float = key(v.positive_duration, default=6 * 3600.0)
     compression: Compression = key(compression_spec, default_factory=Compression)
+    # physical: "server" makes pg_basebackup (PostgreSQL >= 15) compress on the server
+    compression_at: CompressionAt = key(v.choice(COMPRESSION_AT), default="client")
     wal: WalPolicy | None = key(table(WalPolicy), default=None)  # kind = "physical" only
 
     @staticmethod
@@ -470,6 +474,8 @@ class Job:
                     key_name,
                     'a kind = "physical" job backs up the whole cluster: remove this key',
                 )
+        if values["compression_at"] == "server":
+            yield from _server_compression_rules(values, physical)
         verify = values["verify"]
         # A logical drill restores into `target`; a physical one brings its own server.
         if verify is not None and verify.restore and verify.target is None and not physical:
@@ -484,6 +490,22 @@ class Job:
                 " (use restore = false here, and `backupd verify --restore --identity FILE`"
                 " by hand)",
             )
+
+
+def _server_compression_rules(
+    values: Mapping[str, Any], physical: bool
+) -> Iterator[tuple[str, str]]:
+    """`compression_at = "server"`: pg_basebackup's --compress=server-ALG[:LEVEL] takes it."""
+    spec: Compression = values["compression"]
+    if not physical:
+        yield (
+            "compression_at",
+            'only the base backups of a kind = "physical" job can be compressed by the server',
+        )
+    elif spec.algorithm == "none":
+        yield ("compression_at", 'compression = "none": there is nothing for the server to do')
+    elif spec.algorithm == "lz4" and spec.level is not None and not 1 <= spec.level <= 12:
+        yield ("compression", f"the server's lz4 levels go from 1 to 12, got {spec.level}")
 
 
 @model

@@ -5,9 +5,9 @@ the HA storage through its conditional writes, and the start-up self-test.
 Nothing here runs when `[daemon] ha.enabled` is false: single-daemon mode
 makes no claim traffic.
 
-WAL archiving (branch `pitr`) is meant to run under a `Claim` of its own too
-(`Coordinator.duty(config, storage, "wal-<source>")`, one streamer per
-source); that wiring is left to the physical-backup work.
+WAL archiving of a physical job runs under a duty claim of its own,
+`wal-JOB` (`Archivers` in operations/walarchiver.py, wired by the daemon's
+lifecycle): one pg_receivewal per job's slot across the nodes.
 """
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ class Coordinator:
             )
         return Claim(store, key, mine, etag, lease, sent)
 
-    # -- duties: retention, sweeper (and WAL archiving later) ----------------------------
+    # -- duties: retention, sweeper, WAL archiving -------------------------------------
 
     @contextlib.asynccontextmanager
     async def duty(self, config: Config, job: Job | None, name: str) -> AsyncIterator[Claim | None]:

@@ -47,7 +47,7 @@ from backupd.observe.systemd import Notifier as SystemdNotifier
 from backupd.observe.systemd import watchdog_interval
 from backupd.operations.backup import Trigger
 from backupd.operations.prune import prune_after_success
-from backupd.operations.walarchiver import Archivers
+from backupd.operations.walarchiver import Archivers, Duty
 
 log = structlog.get_logger("backupd.daemon")
 
@@ -194,7 +194,10 @@ class Daemon:
             stack.push_async_callback(self.tasks.cancel_all)
             # issue 16: continuous WAL archiving of physical jobs (operations/walarchiver.py)
             self.archivers = Archivers(
-                lambda job: self.pool.for_job(self.config, job), metrics=self.metrics
+                lambda job: self.pool.for_job(self.config, job),
+                metrics=self.metrics,
+                duty=self._wal_duty() if self.ha is not None else None,
+                duty_retry=self.config.daemon.ha.lease / 3,
             )
             self.archivers.update(self.config.jobs, self.config.sources)
             stack.push_async_callback(self._cleanup_log, "wal", self.archivers.aclose)
@@ -319,6 +322,17 @@ class Daemon:
             log.warning("fire_failed", job=name, error=str(exc))
             self.tasks.spawn(claim.finish("released"), "release-claim")
             return None
+
+    def _wal_duty(self) -> Duty:
+        """HA: a physical job's WAL archiver (pg_receivewal on its slot, which one consumer
+        only can stream from) runs on the node holding the claim `wal-JOB`."""
+        ha = self.ha
+        assert ha is not None
+
+        def duty(job: Job) -> contextlib.AbstractAsyncContextManager[Claim | None]:
+            return ha.duty(self.config, job, f"wal-{job.name}")
+
+        return duty
 
     def _taken_over(self, job: Job, slot: str, claim: Claim) -> None:
         """HA: the holder of (job, slot) stopped renewing; this node runs the slot now."""

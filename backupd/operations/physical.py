@@ -27,6 +27,7 @@ from backupd.catalog.walindex import SEGMENT_SIZE, format_lsn, parse_lsn, segmen
 from backupd.config.dsn import dsn_host, redact_dsn
 from backupd.config.model import Job, PostgresSource
 from backupd.errors import DumpFailed, SourceError, SourceUnavailable
+from backupd.operations import servercompress
 from backupd.operations.backup import RunOptions
 from backupd.operations.publish import (
     Cleanup,
@@ -129,8 +130,8 @@ def basebackup_argv(tool: postgres.DumpTool, dsn: str) -> list[str]:
     ]
 
 
-def _encoders(job: Job) -> list[Encoder]:
-    encoders: list[Encoder] = [compressor(job.compression)]
+def _encoders(job: Job, server: servercompress.MeasuredPassThrough | None) -> list[Encoder]:
+    encoders: list[Encoder] = [server or compressor(job.compression)]
     if job.encryption is not None:
         encoders.append(AgeEncryptor(job.encryption.recipients))
     return encoders
@@ -148,7 +149,9 @@ async def run_base_backup(
     password = source.password.resolve() if source.password else None
     server = await preflight(source, password)
     tool = postgres.find_tool("pg_basebackup", source.pg_bin_dir, server.major)
+    server_side = await servercompress.plan(job, source, password)
     argv = basebackup_argv(tool, source.dsn)
+    argv += servercompress.argv_options(job) if server_side else []
     new = NewBackup.start(job.name)
     folder, stem = new.folder, new.stem
     encrypted = job.encryption is not None
@@ -162,7 +165,7 @@ async def run_base_backup(
                 argv,
                 env,
                 "pg_basebackup",
-                _encoders(job),
+                _encoders(job, server_side),
                 stores,
                 folder + key,
                 completed,
@@ -179,7 +182,12 @@ async def run_base_backup(
             compression=job.compression.spec,
             encryption=encryption_field(job),
             source=source_field(source, server.host, server.version),
-            tool={"name": "pg_basebackup", "version": tool.version, "path": str(tool.path)},
+            tool={
+                "name": "pg_basebackup",
+                "version": tool.version,
+                "path": str(tool.path),
+                "compressed_by": "server" if server_side else "client",
+            },
             started_at=rfc3339(new.started),
             finished_at=rfc3339(finished),
             duration_seconds=new.duration(),
@@ -188,7 +196,7 @@ async def run_base_backup(
                     database="",
                     key=key,
                     size_bytes=result.size_bytes,
-                    raw_bytes=result.raw_bytes,
+                    raw_bytes=server_side.raw_bytes if server_side else result.raw_bytes,
                     sha256=result.sha256,
                     format="tar",
                     kind="base",

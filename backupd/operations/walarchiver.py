@@ -42,7 +42,7 @@ import structlog
 from backupd.catalog import walindex
 from backupd.catalog.listing import scan_backups
 from backupd.config.model import Job, PostgresSource
-from backupd.errors import BackupdError
+from backupd.errors import BackupdError, NotFound
 from backupd.operations import wal, walchain
 from backupd.sources import postgres
 from backupd.storage.base import Store
@@ -114,6 +114,31 @@ class WalArchiver:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._conn.close(timeout=2))
+
+    async def drop_stale_partials(self) -> list[str]:
+        """HA: before streaming again after another node archived, delete each growing
+        segment of the spool whose completed segment the archive already holds.
+
+        pg_receivewal resumes from the newest segment of its spool; a `.partial` left
+        when this node last streamed (it died or lost the claim) may be far behind the
+        slot, and the server may have removed that WAL by now: pg_receivewal would fail
+        on every restart. Without it, pg_receivewal starts from the slot."""
+        stores = await self._stores()
+        store = next(iter(stores.values()))
+        dropped = []
+        for path in sorted(await asyncio.to_thread(lambda: list(self.spool.iterdir()))):
+            segment = path.name[:24]
+            if path.name != segment + ".partial" or not walindex.SEGMENT_RE.fullmatch(segment):
+                continue
+            try:
+                await walindex.read_entry(store, self.job.name, segment)
+            except NotFound:
+                continue
+            await asyncio.to_thread(path.unlink, True)
+            dropped.append(path.name)
+        if dropped:
+            log.info("wal_stale_partial_dropped", job=self.job.name, files=dropped)
+        return dropped
 
     async def _warn_if_unbounded(self) -> None:
         """Say so when the slot may fill the server's disk while backupd is away."""
@@ -354,17 +379,34 @@ def _read_partial(path: Path) -> bytes | None:
         return None
 
 
-__all__ = ["Archivers", "WalArchiver", "slot_name", "spool_dir"]
+__all__ = ["Archivers", "Duty", "WalArchiver", "slot_name", "spool_dir"]
+
+
+class Duty(Protocol):
+    """`Coordinator.duty` bound to the config: the job's WAL claim (HA), yields None if
+    another node holds it."""
+
+    def __call__(self, job: Job) -> contextlib.AbstractAsyncContextManager[object | None]: ...
 
 
 class Archivers:
-    """The daemon's archivers: one task per physical job, replaced when its config changes."""
+    """The daemon's archivers: one task per physical job, replaced when its config changes.
+
+    With `duty` (HA, several daemons on one config) a job's archiver runs only on the
+    node holding the job's claim `.backupd-claims/wal-JOB`; the others retry the claim
+    every `duty_retry` seconds and take it over once its holder stops renewing it."""
 
     def __init__(
-        self, stores: Callable[[Job], Awaitable[Mapping[str, Store]]], metrics: WalMetrics | None
+        self,
+        stores: Callable[[Job], Awaitable[Mapping[str, Store]]],
+        metrics: WalMetrics | None,
+        duty: Duty | None = None,
+        duty_retry: float = 5.0,
     ) -> None:
         self._stores = stores
         self._metrics = metrics
+        self._duty = duty
+        self._duty_retry = duty_retry
         self._tasks: dict[str, tuple[tuple[Job, PostgresSource], asyncio.Task[None]]] = {}
 
     def update(self, jobs: Mapping[str, Job], sources: Mapping[str, PostgresSource]) -> None:
@@ -390,7 +432,11 @@ class Archivers:
         delay = BACKOFF_FIRST
         while True:
             try:
-                await archiver.run()
+                if self._duty is None:
+                    await archiver.run()
+                elif not await self._run_under_claim(archiver):
+                    await asyncio.sleep(self._duty_retry)  # another node archives this job
+                    continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -399,6 +445,38 @@ class Archivers:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _run_under_claim(self, archiver: WalArchiver) -> bool:
+        """HA: archive while this node holds the job's WAL claim; False if another node does.
+
+        The claim's keeper cancels the task that entered it when a renewal is refused
+        or overdue: that is an inner task here, so a lost claim stops pg_receivewal and
+        the uploader (the slot is free for the node that took the claim over) and this
+        supervisor goes back to watching the claim."""
+        assert self._duty is not None
+        duty = self._duty
+
+        async def hold() -> bool:
+            async with duty(archiver.job) as claim:
+                if claim is None:
+                    return False
+                log.info("wal_claim_held", job=archiver.job.name)
+                await asyncio.to_thread(
+                    archiver.spool.mkdir, mode=0o700, parents=True, exist_ok=True
+                )
+                await archiver.drop_stale_partials()
+                await archiver.run()
+            return True
+
+        inner = asyncio.create_task(hold(), name=f"wal-claim-{archiver.job.name}")
+        try:
+            return await inner
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this supervisor is being stopped (config change, shutdown)
+            log.warning("wal_claim_lost", job=archiver.job.name)
+            return True
 
     async def aclose(self) -> None:
         tasks = [task for _, task in self._tasks.values()]
