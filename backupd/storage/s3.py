@@ -24,11 +24,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
-import contextlib
 import email.utils
 import hashlib
 import io
-import secrets
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
@@ -445,69 +443,10 @@ class S3Store(BaseStore):
         await self.abort_multipart(self.prefix + upload.key, upload.upload_id)
 
     async def check(self) -> None:
-        """Prove the write path backups use, or fail with the store's error.
+        """Prove the write path backups use, or fail with the store's error (`s3check`)."""
+        from backupd.storage.s3check import check_write_path
 
-        Under the prefix: a multipart upload of one small part with the configured
-        checksum, its completion, a read-back, a small PutObject, and one
-        DeleteObjects of both probes (what prune and the sweeper send). Then
-        whether the store verifies the configured checksum at all: a PutObject
-        with a wrong one must be refused (noted in `compat_notes` if not).
-        """
-        await self._call("reach the bucket", "head_bucket", bucket_request=True)
-        token = secrets.token_hex(8)
-        probes = [f".backupd-check-{token}-multipart", f".backupd-check-{token}-small"]
-        body = secrets.token_bytes(64 * 1024)
-        object_key = self.prefix + probes[0]
-        try:
-            upload_id = await self.create_multipart(object_key)
-            try:
-                part = await self.upload_part(object_key, upload_id, 1, io.BytesIO(body))
-                await self.complete_multipart(object_key, upload_id, [{"PartNumber": 1, **part}])
-            except BaseException:
-                await asyncio.shield(self.abort_multipart(object_key, upload_id))
-                raise
-            if await self.object_size(object_key) != len(body):
-                raise StorageError(
-                    f"s3 storage {self.name}: {object_key} has the wrong size after upload"
-                )
-            if await self.read_bytes(probes[0]) != body:
-                raise StorageError(
-                    f"s3 storage {self.name}: {object_key} reads back different bytes"
-                )
-            await self.put_object(self.prefix + probes[1], b"backupd write check\n")
-            failed = await self.delete(probes)
-            if failed:
-                raise StorageError(
-                    f"s3 storage {self.name}: DeleteObjects did not delete {', '.join(failed)}"
-                )
-        except BaseException:
-            for probe in probes:
-                with contextlib.suppress(StorageError):
-                    await asyncio.shield(self.delete_object(self.prefix + probe))
-            raise
-        await self._probe_checksum_check(f"{self.prefix}.backupd-check-{token}-bad-checksum")
-
-    async def _probe_checksum_check(self, object_key: str) -> None:
-        """Send a wrong checksum of the configured kind; note it if the store keeps the object."""
-        body = b"backupd checksum check\n"
-        wrong = await asyncio.to_thread(_digest_base64, b"not the body", self.checksum)
-        header = "x-amz-checksum-crc32" if self.checksum == "crc32" else "Content-MD5"
-        param = "ChecksumCRC32" if self.checksum == "crc32" else "ContentMD5"
-        try:
-            await self._client.put_object(
-                Bucket=self.bucket, Key=object_key, Body=body, **{param: wrong}
-            )
-        except botocore_errors.ClientError:
-            return  # refused: the store checks it
-        except REQUEST_ERRORS as exc:
-            raise self._error(exc, f"write {object_key}") from exc
-        await self.delete_object(object_key)
-        note = (
-            f"the store accepted a wrong {header}: it does not verify it; the SHA-256 "
-            "in each manifest (checked by verify and restore) is the end-to-end check"
-        )
-        if note not in self.compat_notes:
-            self.compat_notes.append(note)
+        await check_write_path(self)
 
     # -- conditional writes (HA claims) --------------------------------------
 
