@@ -11,10 +11,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests import configs
 from tests.daemon_proc import DaemonProcess
+from tests.faultproxy import FaultProxy
+from tests.helpers import BIG_SQL, write_config
 from tests.objstores import (
     ObjectStore,
     S3Target,
@@ -104,6 +108,52 @@ def pg_password_file(tmp_path: Path, pg: PgCluster) -> Path:
     path.write_text(pg.password + "\n")
     path.chmod(0o600)
     return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, pg: PgCluster, pg_password_file: Path) -> configs.ConfigFile:
+    """`config_file(database, **keys)`: `helpers.write_config` for this test's cluster and
+    password file, written to `tmp_path / "b.toml"` unless `path=` says otherwise."""
+
+    def write(database: str, *, path: Path | None = None, **keys: Any) -> Path:
+        path = path or tmp_path / "b.toml"
+        return write_config(path, pg, password_file=pg_password_file, database=database, **keys)
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def big_db(pg: PgCluster) -> Iterator[str]:
+    """A database whose uncompressed dump spans several 5 MiB S3 parts (`BIG_SQL`);
+    read-only, shared by the module."""
+    name = "big_" + uuid.uuid4().hex[:8]
+    pg.createdb(name)
+    pg.psql(BIG_SQL, name)
+    yield name
+    pg.dropdb(name)
+
+
+@pytest.fixture
+def proxy(s3_server: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the moto server (`tests/faultproxy.py`)."""
+    with FaultProxy(s3_server, seed=8) as fp:
+        yield fp
+
+
+@pytest.fixture
+def proxied_config(
+    tmp_path: Path, config_file: configs.ConfigFile, s3_bucket: str
+) -> configs.ConfigFile:
+    """`proxied_config(database, endpoint=proxy.url, **keys)`: a config whose store
+    `offsite` is `s3_bucket` behind a proxy (path-style addressing, which the proxy needs),
+    written to `tmp_path / "backupd.toml"`."""
+
+    def write(database: str, *, endpoint: str, bucket: str = s3_bucket, **keys: Any) -> Path:
+        extra = configs.merge({"addressing_style": "path"}, keys.pop("s3_extra", None))
+        path = tmp_path / "backupd.toml"
+        return config_file(database, path=path, s3=(endpoint, bucket), s3_extra=extra, **keys)
+
+    return write
 
 
 def _object_store(kind: str) -> Iterator[ObjectStore]:
