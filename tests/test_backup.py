@@ -17,6 +17,7 @@ from backupd.catalog.manifest import list_backups
 from backupd.config.file import load_config
 from backupd.daemon.runner import StorePool
 from backupd.operations.backup import Trigger, run_backup
+from tests.configs import ConfigFile
 from tests.helpers import BIG_TABLE_SQL, run_cli, sha256_file, wrapped_bin_dir, write_config
 from tests.pgcluster import PG_BIN, PgCluster, wait_for
 
@@ -130,13 +131,10 @@ def test_backup_to_s3_and_filesystem_restores_with_standard_tools(
 
 
 def test_download_gives_the_plain_dump(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
         extra_job='format = "plain"\ncompression = "gzip:6"\n',
     )
@@ -160,22 +158,19 @@ def test_pg_dump_killed_midway_publishes_nothing(
     tmp_path: Path,
     pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", '"$REAL" "$@" | head -c 7000000\nkill -9 $$')
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=big_db,
+    cfg = config_file(
+        big_db,
         fs_path=fs,
         s3=(s3_server, s3_bucket),
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job='compression = "none"\n',
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"compression": "none"},
     )
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
@@ -189,17 +184,14 @@ def test_pg_dump_killed_midway_publishes_nothing(
 def test_missing_database_fails_once_with_a_clear_error(
     tmp_path: Path,
     pg: PgCluster,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database="no_such_db",
+    cfg = config_file(
+        "no_such_db",
         fs_path=fs,
         s3=(s3_server, s3_bucket),
     )
@@ -212,17 +204,14 @@ def test_missing_database_fails_once_with_a_clear_error(
 
 
 def test_tiny_dump_is_a_failure(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", "printf 'PGDMP'\nexit 0")
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=fs,
-        extra_source=f'pg_bin_dir = "{bindir}"',
+        extra_source={"pg_bin_dir": bindir},
     )
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
@@ -234,7 +223,7 @@ async def test_cancel_mid_upload_aborts_and_kills_pg_dump(
     tmp_path: Path,
     pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
@@ -242,14 +231,11 @@ async def test_cancel_mid_upload_aborts_and_kills_pg_dump(
     marker = uuid.uuid4().hex
     # pg_dump writes its data, then the wrapper keeps stdout open as if the dump went on.
     bindir = wrapped_bin_dir(tmp_path / "bin", f'"$REAL" "$@"\nexec -a sleeper-{marker} sleep 300')
-    cfg_path = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=big_db,
+    cfg_path = config_file(
+        big_db,
         s3=(s3_server, s3_bucket),
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job='compression = "none"\n',
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"compression": "none"},
     )
     config = load_config(cfg_path)
     job = config.jobs["app"]
@@ -281,17 +267,14 @@ def _pids(pattern: str) -> list[str]:
 
 
 def test_password_never_in_argv_or_logs(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", 'exec "$REAL" "$@"')
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job="globals = true\n",
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"globals": True},
     )
     out = run_cli("--log-level", "debug", "backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
@@ -316,13 +299,10 @@ def test_password_never_in_argv_or_logs(
 
 
 async def test_password_not_in_structlog_events(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg_path = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg_path = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
     )
     config = load_config(cfg_path)
@@ -355,14 +335,11 @@ def test_check_reports_every_error_with_its_path(tmp_path: Path) -> None:
 
 
 def test_backup_error_when_secret_file_is_readable_by_others(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, config_file: ConfigFile
 ) -> None:
     os.chmod(pg_password_file, 0o644)
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
     )
     out = run_cli("backup", "app", "-c", str(cfg))

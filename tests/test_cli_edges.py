@@ -12,19 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, write_config
+from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli
 from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.test_operator import gated_bin_dir
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path) -> Path:
-    return write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+def cfg(tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile) -> Path:
+    return config_file(
+        sample_db,
         fs_path=tmp_path / "store",
     )
 
@@ -80,16 +78,13 @@ def test_log_format_console_is_honoured_by_one_shot_commands(cfg: Path) -> None:
 
 
 @pytest.fixture
-def big_cfg(tmp_path: Path, pg: PgCluster, pg_password_file: Path) -> Iterator[Path]:
+def big_cfg(tmp_path: Path, pg: PgCluster, config_file: ConfigFile) -> Iterator[Path]:
     name = "big_" + uuid.uuid4().hex[:8]
     pg.createdb(name)
     pg.psql(BIG_TABLE_SQL.replace("120000", "20000"), name)
     try:
-        yield write_config(
-            tmp_path / "b.toml",
-            pg,
-            password_file=pg_password_file,
-            database=name,
+        yield config_file(
+            name,
             fs_path=tmp_path / "store",
         )
     finally:
@@ -146,16 +141,13 @@ def test_restore_into_a_missing_database_suggests_create(
 
 
 def test_ctrl_c_on_trigger_wait_says_the_run_goes_on(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir, gate = gated_bin_dir(tmp_path / "gated")
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{bindir}"',
+        extra_source={"pg_bin_dir": bindir},
     )
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
@@ -186,14 +178,11 @@ def test_ctrl_c_on_trigger_wait_says_the_run_goes_on(
 
 
 def test_health_asks_where_the_config_says_the_daemon_listens(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     port = free_port()
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
         http_listen=f"0.0.0.0:{port}",
     )

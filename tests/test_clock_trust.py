@@ -69,7 +69,7 @@ async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
         password_file=pg_password_file,
         database=sample_db,
         fs_path=fs,
-        extra_job="retention = { keep_last = 1 }\n",
+        extra_job={"retention": {"keep_last": 1}},
     )
     config = load_config(cfg)
     store = FilesystemStore(config.storages["local"])  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, pg: PgCluster) -> Iterator[
         password_file=password,
         database="postgres",
         fs_path=base / "store",
-        extra_daemon='log_level = "debug"',
+        extra_daemon={"log_level": "debug"},
     )
     # The job's database is a port nobody listens on: a fuzzed trigger fails in milliseconds.
     cfg.write_text(cfg.read_text().replace(f":{pg.port}/", f":{free_port()}/"))

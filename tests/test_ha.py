@@ -295,7 +295,7 @@ def _node_config(
         s3=s3,
         s3_extra='addressing_style = "path"\n',
         extra_daemon=f'node = "{name}"\nha = {{ enabled = true, lease = "{lease:g}s" }}',
-        extra_source=f'pg_bin_dir = "{bin_dir}"' if bin_dir else "",
+        extra_source={"pg_bin_dir": bin_dir} if bin_dir else "",
         extra_job=f'schedule = "{schedule}"\ncatch_up = {str(catch_up).lower()}\n',
         http_listen=http_listen,
     )

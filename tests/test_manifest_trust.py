@@ -286,7 +286,7 @@ def test_hostile_manifests_next_to_good_backups_break_no_command(
         database=sample_db,
         fs_path=fs,
         s3=(s3_server, s3_bucket),
-        extra_job="retention = { keep_last = 10 }\n",
+        extra_job={"retention": {"keep_last": 10}},
         http_listen=f"127.0.0.1:{port}",
     )
     c = ("-c", str(cfg))

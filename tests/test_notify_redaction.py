@@ -262,7 +262,7 @@ def test_a_daemon_at_debug_level_never_logs_its_secret_notifier_urls(
         password_file=pg_password_file,
         database=sample_db,
         fs_path=tmp_path / "store",
-        extra_daemon='log_level = "debug"',
+        extra_daemon={"log_level": "debug"},
         extra_job=f"notify = {json.dumps(list(urls))}\n",
         extra=notifiers,
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, wait_for
@@ -173,17 +174,14 @@ def test_delete_one_backup_manifest_first_and_never_the_only_one_by_accident(
     tmp_path: Path,
     pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     s3_bucket: str,
     s3_server: str,
     s3_client: Any,
 ) -> None:
     store = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=store,
         s3=(s3_server, s3_bucket),
     )

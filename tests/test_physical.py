@@ -305,7 +305,7 @@ def test_list_verify_and_retention_follow_the_wal_chain(
     phys_pg: PgCluster, owned_base: Path
 ) -> None:
     s = physical_setup(
-        phys_pg, owned_base / "job", job="chain", extra_job="retention = { keep_last = 1 }\n"
+        phys_pg, owned_base / "job", job="chain", extra_job={"retention": {"keep_last": 1}}
     )
     s.use_archive_command()
     try:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, write_config
+from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli
 from tests.pgcluster import PgCluster
 from tests.test_operator import gated_bin_dir
 
@@ -79,16 +80,13 @@ def big_db(pg: PgCluster) -> Iterator[str]:
 
 
 @pytest.fixture
-def gated(tmp_path: Path, pg: PgCluster, big_db: str, pg_password_file: Path) -> tuple[Path, Path]:
+def gated(tmp_path: Path, pg: PgCluster, big_db: str, config_file: ConfigFile) -> tuple[Path, Path]:
     """A config whose job `app` dumps a few MiB, then waits for the gate file."""
     bindir, gate = gated_bin_dir(tmp_path / "gated")
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=big_db,
+    cfg = config_file(
+        big_db,
         fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{bindir}"',
+        extra_source={"pg_bin_dir": bindir},
     )
     return cfg, gate
 

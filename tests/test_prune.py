@@ -116,7 +116,7 @@ async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
         database=sample_db,
         fs_path=fs,
         s3=(s3_server, s3_bucket),
-        extra_job="retention = { keep_last = 2 }\n",
+        extra_job={"retention": {"keep_last": 2}},
     )
     metrics = Metrics()
     stems = await _runs(load_config(cfg), 4, metrics)

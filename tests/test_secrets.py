@@ -33,6 +33,7 @@ from backupd.daemon.runner import StorePool
 from backupd.errors import SecretError
 from backupd.operations.backup import Trigger, run_backup
 from backupd.sources.postgres import cve_2024_7348_fix
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PG_BIN, PgCluster, free_port, wait_for
@@ -119,14 +120,16 @@ def test_backup_reads_the_password_from_credentials_directory(
 
 @pytest.mark.parametrize("connect", [[], ["--connect"]])
 def test_check_refuses_a_group_readable_password_file(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, connect: list[str]
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    config_file: ConfigFile,
+    connect: list[str],
 ) -> None:
     pg_password_file.chmod(0o640)
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
     )
     out = run_cli("check", *connect, "-c", str(cfg))
@@ -272,8 +275,8 @@ def _config_with_markers(
         database=database,
         fs_path=tmp_path / "store",
         s3=s3,
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job="globals = true\n",
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"globals": True},
         extra_daemon=extra_daemon,
         http_listen=http_listen,
     )
@@ -450,16 +453,13 @@ def _under_umask_000(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_files_and_directories_are_private_even_under_umask_000(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     store = tmp_path / "backups" / "store"  # backupd creates both levels
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=store,
-        extra_job="globals = true\n",
+        extra_job={"globals": True},
     )
     out = _under_umask_000("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
@@ -538,7 +538,7 @@ def test_the_daemon_keeps_secrets_out_of_logs_metrics_socket_and_argv(
         sample_db,
         (s3_server, s3_bucket),
         bindir,
-        extra_daemon='log_level = "debug"',
+        extra_daemon={"log_level": "debug"},
         http_listen=f"127.0.0.1:{port}",
     )
     # A third secret: the webhook URL's token, from a file.
@@ -616,7 +616,7 @@ def test_cve_2024_7348_fixed_releases(version: str, fixed_in: str | None) -> Non
 
 
 async def test_an_outdated_pg_dump_is_warned_once_per_run(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -626,13 +626,10 @@ async def test_an_outdated_pg_dump_is_warned_once_per_run(
         f'exec "{PG_BIN}/pg_dump" "$@"\n'
     )
     (bindir / "pg_dump").chmod(0o755)
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{bindir}"',
+        extra_source={"pg_bin_dir": bindir},
     )
     config = load_config(cfg)
     job, source = config.jobs["app"], config.sources["main"]
@@ -654,15 +651,12 @@ async def test_an_outdated_pg_dump_is_warned_once_per_run(
 
 
 async def test_a_current_pg_dump_is_not_warned_about(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{PG_BIN}"',
+        extra_source={"pg_bin_dir": PG_BIN},
     )
     config = load_config(cfg)
     job = config.jobs["app"]
@@ -679,15 +673,12 @@ async def test_a_current_pg_dump_is_not_warned_about(
 
 
 def test_check_notes_secrets_absent_here_and_connect_needs_them(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, config_file: ConfigFile
 ) -> None:
     """`check` by hand lacks the service's environment: absent secrets are noted, not errors;
     `check --connect` must reach the sources, so there they are errors."""
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=tmp_path / "store",
     )
     cfg.write_text(

@@ -18,6 +18,7 @@ from backupd.daemon.maintenance import Maintenance, sweep
 from backupd.daemon.runner import Runner, StorePool
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger, run_backup
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, wait_for
@@ -94,16 +95,13 @@ async def test_s3_sweep_aborts_old_multipart_uploads_and_deletes_orphans(
     tmp_path: Path,
     pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     s3_server: str,
     s3_bucket: str,
     s3_client: Any,
 ) -> None:
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         s3=(s3_server, s3_bucket),
     )
     config = load_config(cfg)
@@ -140,19 +138,16 @@ async def test_s3_sweep_aborts_old_multipart_uploads_and_deletes_orphans(
 
 
 async def test_sweeper_never_touches_the_folder_of_a_run_in_progress(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     marker = uuid.uuid4().hex
     # pg_dump writes its output, then the wrapper holds stdout open: the upload stays open.
     bindir = wrapped_bin_dir(tmp_path / "bin", f'"$REAL" "$@"\nexec -a hold-{marker} sleep 300')
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
         fs_path=fs,
-        extra_source=f'pg_bin_dir = "{bindir}"',
+        extra_source={"pg_bin_dir": bindir},
     )
     config = load_config(_with_grace(cfg, fs, "1s"))
     assert config.storages["local"].abandoned_upload_grace == 1

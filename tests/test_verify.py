@@ -162,9 +162,7 @@ def test_recorded_counts_are_those_of_the_dump_even_under_writes(
         '-c "INSERT INTO audit_log (payload) SELECT md5(g::text) FROM generate_series(1, 7) g"\n'
         'exec "$REAL" "$@"',
     )
-    cfg = _config(
-        tmp_path, pg, sample_db, pg_password_file, extra_source=f'pg_bin_dir = "{bindir}"'
-    )
+    cfg = _config(tmp_path, pg, sample_db, pg_password_file, extra_source={"pg_bin_dir": bindir})
     manifest = _backup(cfg)
     assert manifest["tables"][sample_db]["public.audit_log"] == 2000
     assert pg.row_counts(sample_db)["public.audit_log"] == 2007
