@@ -136,9 +136,9 @@ def merge(base: Doc, extra: Mapping[str, Any] | str | None, *, where: str = "con
     return base
 
 
-def _split(fragment: Mapping[str, Any] | str | None) -> tuple[Any, str]:
-    """A table's extra keys, as a dict or as TOML text; text may go on to open further
-    tables (`[job.other]`), which belong at the top level, as they would in the file."""
+def split_fragment(fragment: Mapping[str, Any] | str | None) -> tuple[Any, str]:
+    """A table's extra keys (a dict, or TOML text) and what belongs at the top level: text
+    may go on to open further tables (`[job.other]`), as it would in the file."""
     if not isinstance(fragment, str):
         return fragment, ""
     match = re.search(r"^\s*\[", fragment, re.MULTILINE)
@@ -185,10 +185,10 @@ def app_config(
     """One postgres source `main`, a filesystem store `local` (if `fs_path`) and an S3 store
     `offsite` (if `s3`, `s3_extra` added to or changing its keys), and one job using all the stores,
     with `max_attempts` attempts (1 by default: a failure shows at once)."""
-    extra_daemon, daemon_tail = _split(extra_daemon)
-    extra_source, source_tail = _split(extra_source)
-    s3_extra, storage_tail = _split(s3_extra)
-    extra_job, job_tail = _split(extra_job)
+    extra_daemon, daemon_tail = split_fragment(extra_daemon)
+    extra_source, source_tail = split_fragment(extra_source)
+    s3_extra, storage_tail = split_fragment(s3_extra)
+    extra_job, job_tail = split_fragment(extra_job)
     stores: Doc = {}
     if fs_path is not None:
         stores["local"] = {"type": "filesystem", "path": str(fs_path)}
@@ -259,14 +259,3 @@ def edit(path: Path, changes: Mapping[str, Any]) -> Path:
         else:
             table[last] = _plain(value)
     return write(path, doc)
-
-
-def replace_text(path: Path, old: str, new: str, *, count: int = 1) -> Path:
-    """For the few configs a test makes invalid on purpose (text no builder would write):
-    replace `old`, which must occur exactly `count` times."""
-    text = path.read_text()
-    found = text.count(old)
-    if found != count:
-        raise AssertionError(f"{old!r} occurs {found} times in {path.name}, expected {count}")
-    path.write_text(text.replace(old, new))
-    return path

@@ -55,9 +55,12 @@ class PgCluster:
     def sockdir(self) -> Path:
         return self.base / "sock"
 
-    def dsn(self, database: str = "postgres", with_password: bool = False) -> str:
+    def dsn(
+        self, database: str = "postgres", with_password: bool = False, port: int | None = None
+    ) -> str:
+        """The cluster's DSN; `port` points it elsewhere (a proxy, a port nobody listens on)."""
         auth = f"{self.user}:{self.password}" if with_password else self.user
-        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{auth}@127.0.0.1:{port or self.port}/{database}"
 
     def _as_owner(self, argv: list[str]) -> list[str]:
         owner = _owner()

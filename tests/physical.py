@@ -15,12 +15,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import backupd
+from tests import configs
 from tests.pgcluster import PASSWORD, PG_BIN, PgCluster, _owner, free_port, wait_for
 
 CHECKOUT = str(Path(backupd.__file__).resolve().parent.parent)
@@ -159,30 +159,31 @@ def physical_setup(
     secret.chmod(0o600)
     chown_owner(secret)
     config = base / "backupd.toml"
-    config.write_text(
-        textwrap.dedent(f"""\
-        [daemon]
-        socket = "{base}/run/control.sock"
-        http_listen = "{http_listen}"
-
-        [source.main]
-        type = "postgres"
-        dsn = "host=127.0.0.1 port={pg.port} user={REPL_USER} dbname=postgres"
-        password = {{ file = "{secret}" }}
-        pg_bin_dir = "{PG_BIN}"
-
-        [storage.local]
-        type = "filesystem"
-        path = "{store}"
-
-        [job.{job}]
-        source = "main"
-        kind = "physical"
-        storage = ["local"]
-        retry = {{ max_attempts = 1, initial_delay = "1s", max_delay = "1s" }}
-        """)
-        + extra_job
-    )
+    extra, tail = configs.split_fragment(extra_job)
+    doc = {
+        "daemon": {"socket": f"{base}/run/control.sock", "http_listen": http_listen},
+        "source": {
+            "main": {
+                "type": "postgres",
+                "dsn": f"host=127.0.0.1 port={pg.port} user={REPL_USER} dbname=postgres",
+                "password": {"file": str(secret)},
+                "pg_bin_dir": str(PG_BIN),
+            }
+        },
+        "storage": {"local": {"type": "filesystem", "path": str(store)}},
+        "job": {
+            job: configs.merge(
+                {
+                    "source": "main",
+                    "kind": "physical",
+                    "storage": ["local"],
+                    "retry": dict(configs.ONE_ATTEMPT),
+                },
+                extra,
+            )
+        },
+    }
+    configs.write(config, configs.merge(doc, tail))
     chown_owner(config)
     return PhysicalSetup(pg=pg, base=base, config=config, store=store, job=job)
 

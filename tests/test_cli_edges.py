@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import configs
 from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli
@@ -63,15 +64,14 @@ def test_help_says_where_the_config_is_and_verify_options_have_text() -> None:
 
 
 def test_log_format_console_is_honoured_by_one_shot_commands(cfg: Path) -> None:
-    text = cfg.read_text().replace("[daemon]\n", '[daemon]\nlog_format = "console"\n', 1)
-    cfg.write_text(text)
+    configs.edit(cfg, {"daemon.log_format": "console"})
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines and all(not line.startswith("{") for line in lines), out.stderr
     assert any("backup_started" in line for line in lines)
     # And JSON when the config says json (stderr is not a terminal either way).
-    cfg.write_text(text.replace('log_format = "console"', 'log_format = "json"'))
+    configs.edit(cfg, {"daemon.log_format": "json"})
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stderr.splitlines()[0])["event"]
@@ -192,14 +192,12 @@ def test_health_asks_where_the_config_says_the_daemon_listens(
         assert ok.returncode == 0, ok.stderr
         assert f"http://127.0.0.1:{port}/healthz" in ok.stdout  # the wildcard, asked on loopback
         # Without http_listen: a ping on the control socket.
-        cfg.write_text(cfg.read_text().replace(f'http_listen = "0.0.0.0:{port}"', ""))
+        configs.edit(cfg, {"daemon.http_listen": configs.DELETE})
         ping = d.cli("health")
         assert ping.returncode == 0 and "control socket" in ping.stdout, ping.stderr
     finally:
         d.stop()
     assert d.cli("health").returncode == 3
-    cfg.write_text(
-        cfg.read_text().replace("[daemon]\n", f'[daemon]\nhttp_listen = "127.0.0.1:{port}"\n')
-    )
+    configs.edit(cfg, {"daemon.http_listen": f"127.0.0.1:{port}"})
     down = d.cli("health")
     assert down.returncode == 3 and f"127.0.0.1:{port}/healthz" in down.stderr

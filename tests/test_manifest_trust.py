@@ -33,6 +33,7 @@ from backupd.catalog.manifest import (
     stem_for,
 )
 from backupd.storage.filesystem import FilesystemStore
+from tests import configs
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import run_cli, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
@@ -368,7 +369,7 @@ def test_hostile_manifests_next_to_good_backups_break_no_command(
     assert warned == bad_keys
 
     # prune: keep_last = 1 deletes the older good backup, and nothing of the bad ones.
-    cfg.write_text(cfg.read_text().replace("keep_last = 10", "keep_last = 1"))
+    configs.edit(cfg, {"job.app.retention.keep_last": 1})
     out = run_cli("prune", "app", *c)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("INVALID") == 2 * n_bad

@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backupd import __version__
 from backupd.catalog.manifest import folder_for, parse_rfc3339
 from backupd.config.file import load_config
+from tests import configs
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
@@ -60,10 +61,7 @@ def _config(
         job="ok",
         extra_job=extra_job,
         extra=extra,
-    )
-    # write_config always writes `http_listen = ""`; a second key would be a TOML error.
-    cfg.write_text(
-        cfg.read_text().replace('http_listen = ""', f'http_listen = "127.0.0.1:{port}"', 1)
+        http_listen=f"127.0.0.1:{port}",
     )
     return cfg, port
 
@@ -303,11 +301,7 @@ def test_running_gauge_counts_queued_runs_and_a_cancelled_one_leaves_it_at_zero(
         sample_db,
         extra='[job.queued]\nsource = "main"\nstorage = ["local"]\n',
     )
-    cfg.write_text(
-        cfg.read_text()
-        .replace("[daemon]\n", "[daemon]\nmax_concurrent_jobs = 1\n", 1)
-        .replace('type = "postgres"\n', f'type = "postgres"\npg_bin_dir = "{bindir}"\n', 1)
-    )
+    configs.edit(cfg, {"daemon.max_concurrent_jobs": 1, "source.main.pg_bin_dir": bindir})
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
 

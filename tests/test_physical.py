@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import configs
 from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.physical import (
     PhysicalSetup,
@@ -450,9 +451,7 @@ def test_a_promoted_copy_keeps_archiving_on_the_next_timeline(
         job="tl",
         extra_job=f'wal = {{ slot = "backupd_tl", spool = "{owned_base}/job2/spool" }}\n',
     )
-    promoted.config.write_text(
-        promoted.config.read_text().replace(str(promoted.store), str(s.store))
-    )
+    configs.edit(promoted.config, {"storage.local.path": s.store})
     daemon = OwnedDaemon(promoted).start()
     try:
         assert query(port, "SELECT timeline_id FROM pg_control_checkpoint()") == "2"
@@ -544,18 +543,9 @@ def test_on_s3_a_base_backup_and_its_wal_restore(
     phys_pg: PgCluster, owned_base: Path, s3_server: str, s3_bucket: str
 ) -> None:
     s = physical_setup(phys_pg, owned_base / "job", job="ons3")
-    s.config.write_text(
-        s.config.read_text().replace('storage = ["local"]', 'storage = ["offsite"]')
-        + f"""
-[storage.offsite]
-type = "s3"
-bucket = "{s3_bucket}"
-prefix = "prod/"
-endpoint_url = "{s3_server}"
-access_key_id = {{ env = "BACKUPD_TEST_AWS_KEY" }}
-secret_access_key = {{ env = "BACKUPD_TEST_AWS_SECRET" }}
-"""
-    )
+    offsite = configs.s3_storage(s3_server, s3_bucket)
+    del offsite["region"], offsite["part_size"]  # as the README's example: the defaults
+    configs.edit(s.config, {"job.ons3.storage": ["offsite"], "storage.offsite": offsite})
     s.use_archive_command()
     try:
         phys_pg.psql("DROP TABLE IF EXISTS s3_rows; CREATE TABLE s3_rows (i int)")

@@ -10,6 +10,7 @@ import asyncio
 import builtins
 import json
 import re
+import tomllib
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -32,6 +33,7 @@ from backupd.operations.backup import Trigger, run_backup
 from backupd.operations.prune import prune_after_success, prune_job
 from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
+from tests import configs
 from tests.helpers import restamp, run_cli, write_config
 from tests.pgcluster import SAMPLE_SQL, PgCluster
 
@@ -51,8 +53,7 @@ def _keys_of(manifests: Sequence[Manifest]) -> set[str]:
 
 
 def _retention(cfg: Path, policy: str) -> None:
-    text = re.sub(r"retention = \{[^}]*\}\n", "", cfg.read_text())
-    cfg.write_text(text.replace('min_size = "1KiB"\n', f'min_size = "1KiB"\n{policy}\n', 1))
+    configs.edit(cfg, {"job.app.retention": tomllib.loads(policy)["retention"]})
 
 
 async def _runs(config: Config, n: int, metrics: Metrics | None = None) -> list[str]:
@@ -314,7 +315,7 @@ async def test_partial_backups_never_let_retention_delete_a_database_s_newest_co
     listed = json.loads(run_cli("list", "app", "-c", str(cfg), "--json").stdout)
     assert listed[0]["failed"] == [{"database": billing, "error": failed[0].error}]
 
-    cfg.write_text(cfg.read_text().replace("keep_last = 10", "keep_last = 1"))
+    configs.edit(cfg, {"job.app.retention.keep_last": 1})
     out = run_cli("prune", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"keep          {partials[1].stem}  (newest, last 1)" in out.stdout

@@ -33,6 +33,7 @@ from backupd.daemon.runner import StorePool
 from backupd.errors import SecretError
 from backupd.operations.backup import Trigger, run_backup
 from backupd.sources.postgres import cve_2024_7348_fix
+from tests import configs
 from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, run_cli, wrapped_bin_dir, write_config
@@ -158,9 +159,7 @@ def _check_password(
         database=database,
         fs_path=tmp_path / "store",
     )
-    cfg.write_text(
-        cfg.read_text().replace('password = { file = "placeholder" }', f"password = {ref}")
-    )
+    configs.edit(cfg, {"source.main.password": tomllib.loads(f"ref = {ref}")["ref"]})
     return run_cli("check", "-c", str(cfg), env=env, timeout=timeout)
 
 
@@ -282,10 +281,8 @@ def _config_with_markers(
     )
     text = cfg.read_text()
     assert S3_SECRET_LINE in text
-    cfg.write_text(
-        text.replace(S3_SECRET_LINE, f'secret_access_key = {{ file = "{markers.s3_secret_file}" }}')
-    )
-    return cfg
+    secret = {"file": str(markers.s3_secret_file)}
+    return configs.edit(cfg, {"storage.offsite.secret_access_key": secret})
 
 
 def _proc_snapshot_bin(base: Path) -> Path:
@@ -352,7 +349,8 @@ def test_errors_and_tracebacks_at_debug_level_carry_no_secret(
 
     # A storage failure in the middle of a run (the bucket is gone).
     broken = tmp_path / "broken.toml"
-    broken.write_text(cfg.read_text().replace(s3_bucket, "no-such-bucket-" + uuid.uuid4().hex[:8]))
+    broken.write_text(cfg.read_text())
+    configs.edit(broken, {"storage.offsite.bucket": "no-such-bucket-" + uuid.uuid4().hex[:8]})
     failed = run_cli("--log-level", "debug", "backup", "app", "-c", str(broken))
     assert failed.returncode == 1
     # A failing command whose error is logged with its traceback at debug level.
@@ -544,11 +542,8 @@ def test_the_daemon_keeps_secrets_out_of_logs_metrics_socket_and_argv(
     # A third secret: the webhook URL's token, from a file.
     token = "hooktoken-" + uuid.uuid4().hex
     url_file = _private_file(tmp_path / "webhook-url", f"{webhook[0]}/hook/{token}")
-    cfg.write_text(
-        cfg.read_text()
-        + f'notify = ["hook"]\n[notify.hook]\ntype = "webhook"\nurl = {{ file = "{url_file}" }}\n'
-        'on = ["success"]\n'
-    )
+    hook = {"type": "webhook", "url": {"file": str(url_file)}, "on": ["success"]}
+    configs.edit(cfg, {"job.app.notify": ["hook"], "notify": {"hook": hook}})
     daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
     old_umask = os.umask(0)  # the daemon inherits it, and must not rely on it
     try:
@@ -681,12 +676,7 @@ def test_check_notes_secrets_absent_here_and_connect_needs_them(
         sample_db,
         fs_path=tmp_path / "store",
     )
-    cfg.write_text(
-        cfg.read_text().replace(
-            f'password = {{ file = "{pg_password_file}" }}',
-            'password = { env = "BACKUPD_TEST_UNSET_SECRET" }',
-        )
-    )
+    configs.edit(cfg, {"source.main.password": {"env": "BACKUPD_TEST_UNSET_SECRET"}})
     out = run_cli("check", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     assert "not checked here: source.main.password: secret environment variable" in out.stderr

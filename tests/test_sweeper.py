@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import time
+import tomllib
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from backupd.daemon.maintenance import Maintenance, sweep
 from backupd.daemon.runner import Runner, StorePool
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger, run_backup
+from tests import configs
 from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import wrapped_bin_dir, write_config
@@ -37,11 +39,10 @@ def _age(path: Path, seconds: float) -> None:
 
 def _with_grace(cfg: Path, fs: Path, grace: str) -> Path:
     """Set `abandoned_upload_grace` of the filesystem storage at `fs`."""
-    text = cfg.read_text()
-    cfg.write_text(
-        text.replace(f'path = "{fs}"\n', f'path = "{fs}"\nabandoned_upload_grace = "{grace}"\n')
-    )
-    return cfg
+    (name,) = [
+        n for n, t in tomllib.loads(cfg.read_text())["storage"].items() if t["path"] == str(fs)
+    ]
+    return configs.edit(cfg, {f"storage.{name}.abandoned_upload_grace": grace})
 
 
 def _files(root: Path) -> set[str]:
