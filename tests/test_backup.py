@@ -18,7 +18,7 @@ from backupd.config.file import load_config
 from backupd.daemon.runner import StorePool
 from backupd.operations.backup import Trigger, run_backup
 from tests.configs import ConfigFile
-from tests.helpers import BIG_TABLE_SQL, run_cli, sha256_file, wrapped_bin_dir, write_config
+from tests.helpers import BIG_TABLE_SQL, run_cli, sha256_file, wrapped_bin_dir
 from tests.pgcluster import PG_BIN, PgCluster, wait_for
 
 
@@ -45,19 +45,17 @@ def _uploads(s3_client, bucket: str) -> list[dict]:  # type: ignore[no-untyped-d
 
 def test_backup_to_s3_and_filesystem_restores_with_standard_tools(
     tmp_path: Path,
+    config_file: ConfigFile,
     pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
     s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
         fs_path=fs,
         s3=(s3_server, s3_bucket),
     )
@@ -156,7 +154,6 @@ def test_download_gives_the_plain_dump(
 
 def test_pg_dump_killed_midway_publishes_nothing(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
     config_file: ConfigFile,
     s3_server: str,
@@ -183,7 +180,6 @@ def test_pg_dump_killed_midway_publishes_nothing(
 
 def test_missing_database_fails_once_with_a_clear_error(
     tmp_path: Path,
-    pg: PgCluster,
     config_file: ConfigFile,
     s3_server: str,
     s3_bucket: str,
@@ -203,9 +199,7 @@ def test_missing_database_fails_once_with_a_clear_error(
     assert _fs_files(fs) == []
 
 
-def test_tiny_dump_is_a_failure(
-    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
-) -> None:
+def test_tiny_dump_is_a_failure(tmp_path: Path, sample_db: str, config_file: ConfigFile) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", "printf 'PGDMP'\nexit 0")
     fs = tmp_path / "store"
     cfg = config_file(
@@ -221,7 +215,6 @@ def test_tiny_dump_is_a_failure(
 
 async def test_cancel_mid_upload_aborts_and_kills_pg_dump(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
     config_file: ConfigFile,
     s3_server: str,

@@ -141,7 +141,7 @@ def test_restore_into_a_missing_database_suggests_create(
 
 
 def test_ctrl_c_on_trigger_wait_says_the_run_goes_on(
-    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir, gate = gated_bin_dir(tmp_path / "gated")
     cfg = config_file(
@@ -178,7 +178,7 @@ def test_ctrl_c_on_trigger_wait_says_the_run_goes_on(
 
 
 def test_health_asks_where_the_config_says_the_daemon_listens(
-    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     port = free_port()
     cfg = config_file(

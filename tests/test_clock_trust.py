@@ -32,9 +32,10 @@ from backupd.operations.backup import Trigger
 from backupd.operations.prune import prune_after_success
 from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import restamp, run_cli, write_config
-from tests.pgcluster import PgCluster, free_port, wait_for
+from tests.helpers import restamp, run_cli
+from tests.pgcluster import free_port, wait_for
 
 
 async def _runs(config: Config, n: int, metrics: Metrics) -> list[str]:
@@ -60,14 +61,12 @@ async def _runs(config: Config, n: int, metrics: Metrics) -> list[str]:
 
 
 async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, config_file: ConfigFile, sample_db: str, pg_password_file: Path
 ) -> None:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
         fs_path=fs,
         extra_job={"retention": {"keep_last": 1}},
     )
@@ -117,9 +116,8 @@ async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
 
 def test_start_up_scan_catches_up_and_reports_no_future_success(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
-    pg_password_file: Path,
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
     """Only a backup 200 days ahead in storage, and a yearly schedule whose last fire
@@ -127,11 +125,9 @@ def test_start_up_scan_catches_up_and_reports_no_future_success(
     never shows the future."""
     fs = tmp_path / "store"
     port = free_port()
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
         fs_path=fs,
         extra_job='schedule = "0 0 1 1 *"\ncatch_up = true\n',
         http_listen=f"127.0.0.1:{port}",

@@ -125,7 +125,6 @@ def listed(cfg: Path) -> list[dict[str, Any]]:
 
 
 async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_backup(
-    tmp_path: Path,
     pg: PgCluster,
     big_db: str,
     proxied_config: ConfigFile,
@@ -214,8 +213,6 @@ async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_ba
 
 @pytest.mark.parametrize("problem", ["AccessDenied", "NoSuchBucket"])
 async def test_refusal_fails_the_run_once_without_a_retry_storm(
-    tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
     proxied_config: ConfigFile,
     proxy: FaultProxy,
@@ -250,8 +247,6 @@ async def test_refusal_fails_the_run_once_without_a_retry_storm(
 
 @pytest.mark.parametrize("times", [1, None], ids=["once", "always"])
 async def test_complete_answering_200_with_an_error(
-    tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
     proxied_config: ConfigFile,
     proxy: FaultProxy,
@@ -292,8 +287,6 @@ async def test_complete_answering_200_with_an_error(
 
 
 async def test_a_part_the_store_kept_short_fails_the_run(
-    tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
     proxied_config: ConfigFile,
     proxy: FaultProxy,
@@ -324,7 +317,6 @@ async def test_a_part_the_store_kept_short_fails_the_run(
 
 async def test_a_target_failing_at_complete_takes_back_the_target_that_completed(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
     proxied_config: ConfigFile,
     proxy: FaultProxy,
@@ -364,7 +356,6 @@ async def test_a_target_failing_at_complete_takes_back_the_target_that_completed
 @pytest.mark.parametrize("seed", range(1, 13))
 async def test_random_faults_never_half_publish(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
     proxied_config: ConfigFile,
     s3_server: str,
@@ -443,7 +434,6 @@ STAGES: dict[str, tuple[Callable[[], Rule], tuple[int, int]]] = {
 )
 def test_kill_9_at_each_stage_leaves_nothing_listed_and_the_restart_sweeps(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
     proxied_config: ConfigFile,
     proxy: FaultProxy,
@@ -577,7 +567,6 @@ async def test_postgres_restarted_mid_dump_fails_the_attempt_and_the_retry_succe
 @pytest.mark.parametrize("output", ["", "PGDMP"], ids=["empty", "tiny"])
 async def test_pg_dump_exiting_0_with_too_little_output_is_a_failure(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
     config_file: ConfigFile,
     s3_server: str,
@@ -628,7 +617,6 @@ def small_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 )
 async def test_full_filesystem_fails_the_run_and_publishes_no_other_target(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
     proxied_config: ConfigFile,
     proxy: FaultProxy,

@@ -28,7 +28,6 @@ from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.fakeclock import FakeClock
 from tests.helpers import wrapped_bin_dir
-from tests.pgcluster import PgCluster
 
 
 def proc_status(pid: int, field: str) -> int:
@@ -54,7 +53,6 @@ async def ask(sock: str, payload: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.slow
 async def test_fifty_triggers_at_once_run_four_at_a_time_and_all_complete(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
     config_file: ConfigFile,
     daemons: list[DaemonProcess],
@@ -218,7 +216,6 @@ async def one_client(sock: str, sent: bytes, expect: set[str] | None) -> str:
 
 async def test_five_hundred_socket_clients_at_once_some_malformed(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
     config_file: ConfigFile,
     daemons: list[DaemonProcess],

@@ -34,9 +34,10 @@ from backupd.catalog.manifest import (
 )
 from backupd.storage.filesystem import FilesystemStore
 from tests import configs
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import run_cli, write_config
-from tests.pgcluster import PgCluster, free_port, wait_for
+from tests.helpers import run_cli
+from tests.pgcluster import free_port, wait_for
 
 MARK = "HOSTILE"  # in every hostile value: no message may echo it
 STARTED = datetime(2026, 11, 20, 2, 0, tzinfo=UTC)
@@ -270,9 +271,8 @@ def _samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 @pytest.mark.slow
 def test_hostile_manifests_next_to_good_backups_break_no_command(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
-    pg_password_file: Path,
     s3_server: str,
     s3_bucket: str,
     s3_client: Any,
@@ -280,11 +280,9 @@ def test_hostile_manifests_next_to_good_backups_break_no_command(
 ) -> None:
     fs = tmp_path / "store"
     port = free_port()
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
         fs_path=fs,
         s3=(s3_server, s3_bucket),
         extra_job={"retention": {"keep_last": 10}},

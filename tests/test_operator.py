@@ -172,7 +172,6 @@ def _listed(cfg: Path, storage: str) -> list[dict]:  # type: ignore[type-arg]
 @pytest.mark.slow
 def test_delete_one_backup_manifest_first_and_never_the_only_one_by_accident(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
     config_file: ConfigFile,
     s3_bucket: str,

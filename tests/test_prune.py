@@ -34,6 +34,7 @@ from backupd.operations.prune import prune_after_success, prune_job
 from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
 from tests import configs
+from tests.configs import ConfigFile
 from tests.helpers import restamp, run_cli, write_config
 from tests.pgcluster import SAMPLE_SQL, PgCluster
 
@@ -102,19 +103,16 @@ def _plan(stdout: str) -> dict[str, dict[str, list[str]]]:
 
 async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
-    pg_password_file: Path,
     s3_server: str,
     s3_bucket: str,
     s3_client: Any,
 ) -> None:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
         fs_path=fs,
         s3=(s3_server, s3_bucket),
         extra_job={"retention": {"keep_last": 2}},
@@ -271,7 +269,7 @@ async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without
 
 
 async def test_partial_backups_never_let_retention_delete_a_database_s_newest_copy(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, config_file: ConfigFile, pg: PgCluster, sample_db: str, pg_password_file: Path
 ) -> None:
     """Issue 12, finding 7: two partial backups lacking `billing` follow two complete
     ones; keep_last = 1 keeps the newest partial and the newest complete (the newest
@@ -281,11 +279,9 @@ async def test_partial_backups_never_let_retention_delete_a_database_s_newest_co
     try:
         pg.psql(SAMPLE_SQL, billing)
         fs = tmp_path / "store"
-        cfg = write_config(
-            tmp_path / "backupd.toml",
-            pg,
-            password_file=pg_password_file,
-            database=sample_db,
+        cfg = config_file(
+            sample_db,
+            path=tmp_path / "backupd.toml",
             fs_path=fs,
             extra_job=f'databases = ["{sample_db}", "{billing}"]\n'
             "retention = { keep_last = 10 }\n",

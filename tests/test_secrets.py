@@ -451,7 +451,7 @@ def _under_umask_000(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_files_and_directories_are_private_even_under_umask_000(
-    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     store = tmp_path / "backups" / "store"  # backupd creates both levels
     cfg = config_file(
@@ -611,7 +611,7 @@ def test_cve_2024_7348_fixed_releases(version: str, fixed_in: str | None) -> Non
 
 
 async def test_an_outdated_pg_dump_is_warned_once_per_run(
-    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -646,7 +646,7 @@ async def test_an_outdated_pg_dump_is_warned_once_per_run(
 
 
 async def test_a_current_pg_dump_is_not_warned_about(
-    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     cfg = config_file(
         sample_db,
@@ -668,7 +668,7 @@ async def test_a_current_pg_dump_is_not_warned_about(
 
 
 def test_check_notes_secrets_absent_here_and_connect_needs_them(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, config_file: ConfigFile
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     """`check` by hand lacks the service's environment: absent secrets are noted, not errors;
     `check --connect` must reach the sources, so there they are errors."""

@@ -93,8 +93,6 @@ async def test_filesystem_sweep_removes_old_leftovers_only(
 
 
 async def test_s3_sweep_aborts_old_multipart_uploads_and_deletes_orphans(
-    tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
     config_file: ConfigFile,
     s3_server: str,
@@ -139,7 +137,7 @@ async def test_s3_sweep_aborts_old_multipart_uploads_and_deletes_orphans(
 
 
 async def test_sweeper_never_touches_the_folder_of_a_run_in_progress(
-    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     marker = uuid.uuid4().hex
     # pg_dump writes its output, then the wrapper holds stdout open: the upload stays open.
