@@ -111,13 +111,33 @@ def pg_password_file(tmp_path: Path, pg: PgCluster) -> Path:
 
 
 @pytest.fixture
-def config_file(tmp_path: Path, pg: PgCluster, pg_password_file: Path) -> configs.ConfigFile:
+def config_file(
+    request: pytest.FixtureRequest, tmp_path: Path, pg: PgCluster, pg_password_file: Path
+) -> configs.ConfigFile:
     """`config_file(database, **keys)`: `helpers.write_config` for this test's cluster and
-    password file, written to `tmp_path / "b.toml"` unless `path=` says otherwise."""
+    password file, written to `tmp_path / "b.toml"` unless `path=` says otherwise, with the
+    filesystem store in `tmp_path / "store"` unless `fs_path=` says otherwise (None: none);
+    `s3=True` adds the test's moto bucket (`s3_server`, `s3_bucket`)."""
 
-    def write(database: str, *, path: Path | None = None, **keys: Any) -> Path:
-        path = path or tmp_path / "b.toml"
-        return write_config(path, pg, password_file=pg_password_file, database=database, **keys)
+    def write(
+        database: str,
+        *,
+        path: Path | None = None,
+        fs_path: Path | None = tmp_path / "store",
+        s3: tuple[str, str] | bool | None = None,
+        **keys: Any,
+    ) -> Path:
+        if s3 is True:
+            s3 = (request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket"))
+        return write_config(
+            path or tmp_path / "b.toml",
+            pg,
+            password_file=pg_password_file,
+            database=database,
+            fs_path=fs_path,
+            s3=s3 or None,
+            **keys,
+        )
 
     return write
 
@@ -148,10 +168,18 @@ def proxied_config(
     `offsite` is `s3_bucket` behind a proxy (path-style addressing, which the proxy needs),
     written to `tmp_path / "backupd.toml"`."""
 
-    def write(database: str, *, endpoint: str, bucket: str = s3_bucket, **keys: Any) -> Path:
+    def write(
+        database: str,
+        *,
+        endpoint: str,
+        bucket: str = s3_bucket,
+        fs_path: Path | None = None,
+        **keys: Any,
+    ) -> Path:
         extra = configs.merge({"addressing_style": "path"}, keys.pop("s3_extra", None))
         path = tmp_path / "backupd.toml"
-        return config_file(database, path=path, s3=(endpoint, bucket), s3_extra=extra, **keys)
+        s3 = (endpoint, bucket)
+        return config_file(database, path=path, fs_path=fs_path, s3=s3, s3_extra=extra, **keys)
 
     return write
 

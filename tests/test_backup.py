@@ -48,17 +48,11 @@ def test_backup_to_s3_and_filesystem_restores_with_standard_tools(
     config_file: ConfigFile,
     pg: PgCluster,
     sample_db: str,
-    s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     fs = tmp_path / "store"
-    cfg = config_file(
-        sample_db,
-        path=tmp_path / "backupd.toml",
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-    )
+    cfg = config_file(sample_db, path=tmp_path / "backupd.toml", s3=True)
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
 
@@ -131,11 +125,7 @@ def test_backup_to_s3_and_filesystem_restores_with_standard_tools(
 def test_download_gives_the_plain_dump(
     tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-        extra_job='format = "plain"\ncompression = "gzip:6"\n',
-    )
+    cfg = config_file(sample_db, extra_job='format = "plain"\ncompression = "gzip:6"\n')
     assert run_cli("backup", "app", "-c", str(cfg)).returncode == 0
     out = run_cli("download", "app", "-c", str(cfg), "-o", str(tmp_path / "app.sql"))
     assert out.returncode == 0, out.stderr
@@ -156,7 +146,6 @@ def test_pg_dump_killed_midway_publishes_nothing(
     tmp_path: Path,
     big_db: str,
     config_file: ConfigFile,
-    s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -164,8 +153,7 @@ def test_pg_dump_killed_midway_publishes_nothing(
     fs = tmp_path / "store"
     cfg = config_file(
         big_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
+        s3=True,
         extra_source={"pg_bin_dir": bindir},
         extra_job={"compression": "none"},
     )
@@ -181,16 +169,11 @@ def test_pg_dump_killed_midway_publishes_nothing(
 def test_missing_database_fails_once_with_a_clear_error(
     tmp_path: Path,
     config_file: ConfigFile,
-    s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     fs = tmp_path / "store"
-    cfg = config_file(
-        "no_such_db",
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-    )
+    cfg = config_file("no_such_db", s3=True)
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
     assert 'database "no_such_db" does not exist' in out.stderr or "no_such_db" in out.stderr
@@ -202,11 +185,7 @@ def test_missing_database_fails_once_with_a_clear_error(
 def test_tiny_dump_is_a_failure(tmp_path: Path, sample_db: str, config_file: ConfigFile) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", "printf 'PGDMP'\nexit 0")
     fs = tmp_path / "store"
-    cfg = config_file(
-        sample_db,
-        fs_path=fs,
-        extra_source={"pg_bin_dir": bindir},
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir})
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
     assert "below min_size" in out.stderr
@@ -217,7 +196,6 @@ async def test_cancel_mid_upload_aborts_and_kills_pg_dump(
     tmp_path: Path,
     big_db: str,
     config_file: ConfigFile,
-    s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -226,7 +204,8 @@ async def test_cancel_mid_upload_aborts_and_kills_pg_dump(
     bindir = wrapped_bin_dir(tmp_path / "bin", f'"$REAL" "$@"\nexec -a sleeper-{marker} sleep 300')
     cfg_path = config_file(
         big_db,
-        s3=(s3_server, s3_bucket),
+        fs_path=None,
+        s3=True,
         extra_source={"pg_bin_dir": bindir},
         extra_job={"compression": "none"},
     )
@@ -263,12 +242,7 @@ def test_password_never_in_argv_or_logs(
     tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", 'exec "$REAL" "$@"')
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-        extra_source={"pg_bin_dir": bindir},
-        extra_job={"globals": True},
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir}, extra_job={"globals": True})
     out = run_cli("--log-level", "debug", "backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     calls = (bindir / "calls.log").read_text()
@@ -294,10 +268,7 @@ def test_password_never_in_argv_or_logs(
 async def test_password_not_in_structlog_events(
     tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg_path = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg_path = config_file(sample_db)
     config = load_config(cfg_path)
     job = config.jobs["app"]
     pool = StorePool()
@@ -331,10 +302,7 @@ def test_backup_error_when_secret_file_is_readable_by_others(
     tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, config_file: ConfigFile
 ) -> None:
     os.chmod(pg_password_file, 0o644)
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db)
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
     assert "chmod 600" in out.stderr and pg.password not in out.stderr

@@ -24,7 +24,6 @@ from tests.test_operator import gated_bin_dir
 def cfg(tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile) -> Path:
     return config_file(
         sample_db,
-        fs_path=tmp_path / "store",
     )
 
 
@@ -85,7 +84,6 @@ def big_cfg(tmp_path: Path, pg: PgCluster, config_file: ConfigFile) -> Iterator[
     try:
         yield config_file(
             name,
-            fs_path=tmp_path / "store",
         )
     finally:
         pg.dropdb(name)
@@ -144,11 +142,7 @@ def test_ctrl_c_on_trigger_wait_says_the_run_goes_on(
     tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir, gate = gated_bin_dir(tmp_path / "gated")
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-        extra_source={"pg_bin_dir": bindir},
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir})
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         err_path = tmp_path / "trigger.err"
@@ -181,11 +175,7 @@ def test_health_asks_where_the_config_says_the_daemon_listens(
     tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     port = free_port()
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-        http_listen=f"0.0.0.0:{port}",
-    )
+    cfg = config_file(sample_db, http_listen=f"0.0.0.0:{port}")
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         ok = d.cli("health")

@@ -67,7 +67,6 @@ async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
     cfg = config_file(
         sample_db,
         path=tmp_path / "backupd.toml",
-        fs_path=fs,
         extra_job={"retention": {"keep_last": 1}},
     )
     config = load_config(cfg)
@@ -128,7 +127,6 @@ def test_start_up_scan_catches_up_and_reports_no_future_success(
     cfg = config_file(
         sample_db,
         path=tmp_path / "backupd.toml",
-        fs_path=fs,
         extra_job='schedule = "0 0 1 1 *"\ncatch_up = true\n',
         http_listen=f"127.0.0.1:{port}",
     )

@@ -270,7 +270,6 @@ def encrypted_backup(
     fs = tmp_path / "store"
     cfg = config_file(
         sample_db,
-        fs_path=fs,
         extra_job=(
             f'encryption = {{ recipients = ["{keys[0].recipient}", "{keys[1].recipient}"] }}\n'
         ),

@@ -519,7 +519,6 @@ async def test_postgres_restarted_mid_dump_fails_the_attempt_and_the_retry_succe
     pg: PgCluster,
     big_db: str,
     config_file: ConfigFile,
-    s3_server: str,
     s3_bucket: str,
     s3_client: Any,
 ) -> None:
@@ -533,13 +532,7 @@ async def test_postgres_restarted_mid_dump_fails_the_attempt_and_the_retry_succe
         f'  while [ ! -e "{go}" ]; do sleep 0.05; done; cat; }}',
     )
     fs = tmp_path / "store"
-    cfg = config_file(
-        big_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-        extra_source={"pg_bin_dir": bindir},
-        max_attempts=3,
-    )
+    cfg = config_file(big_db, s3=True, extra_source={"pg_bin_dir": bindir}, max_attempts=3)
     config = load_config(cfg)
 
     async def restart_when_streaming() -> None:
@@ -569,20 +562,13 @@ async def test_pg_dump_exiting_0_with_too_little_output_is_a_failure(
     tmp_path: Path,
     sample_db: str,
     config_file: ConfigFile,
-    s3_server: str,
     s3_bucket: str,
     s3_client: Any,
     output: str,
 ) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", f"printf '{output}'\nexit 0")
     fs = tmp_path / "store"
-    cfg = config_file(
-        sample_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-        extra_source={"pg_bin_dir": bindir},
-        max_attempts=3,
-    )
+    cfg = config_file(sample_db, s3=True, extra_source={"pg_bin_dir": bindir}, max_attempts=3)
     run, metrics = await run_job(load_config(cfg))
     assert run.state == "failure" and run.attempts == 1  # not transient: never retried
     assert f"is {len(output)} bytes, below min_size 1024" in (run.error or "")

@@ -68,7 +68,6 @@ async def test_fifty_triggers_at_once_run_four_at_a_time_and_all_complete(
     jobs = "".join(f'[job.j{n}]\nsource = "main"\nstorage = ["local"]\n' for n in range(50))
     cfg = config_file(
         sample_db,
-        fs_path=tmp_path / "store",
         extra_daemon="max_concurrent_jobs = 4",
         extra_source=f'pg_bin_dir = "{bindir}"\nmax_concurrent = 50',
         extra=jobs,
@@ -221,10 +220,7 @@ async def test_five_hundred_socket_clients_at_once_some_malformed(
     daemons: list[DaemonProcess],
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db)
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
     assert d.proc is not None

@@ -273,7 +273,6 @@ def test_hostile_manifests_next_to_good_backups_break_no_command(
     tmp_path: Path,
     config_file: ConfigFile,
     sample_db: str,
-    s3_server: str,
     s3_bucket: str,
     s3_client: Any,
     record_testsuite_property: Callable[[str, object], None],
@@ -283,8 +282,7 @@ def test_hostile_manifests_next_to_good_backups_break_no_command(
     cfg = config_file(
         sample_db,
         path=tmp_path / "backupd.toml",
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
+        s3=True,
         extra_job={"retention": {"keep_last": 10}},
         http_listen=f"127.0.0.1:{port}",
     )

@@ -258,7 +258,6 @@ def test_a_daemon_at_debug_level_never_logs_its_secret_notifier_urls(
     cfg = config_file(
         sample_db,
         path=tmp_path / "backupd.toml",
-        fs_path=tmp_path / "store",
         extra_daemon={"log_level": "debug"},
         extra_job=f"notify = {json.dumps(list(urls))}\n",
         extra=notifiers,

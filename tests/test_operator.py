@@ -175,15 +175,10 @@ def test_delete_one_backup_manifest_first_and_never_the_only_one_by_accident(
     sample_db: str,
     config_file: ConfigFile,
     s3_bucket: str,
-    s3_server: str,
     s3_client: Any,
 ) -> None:
     store = tmp_path / "store"
-    cfg = config_file(
-        sample_db,
-        fs_path=store,
-        s3=(s3_server, s3_bucket),
-    )
+    cfg = config_file(sample_db, fs_path=store, s3=True)
     c = ("-c", str(cfg))
     assert run_cli("backup", "app", *c).returncode == 0
     (only,) = _listed(cfg, "local")

@@ -83,11 +83,7 @@ def big_db(pg: PgCluster) -> Iterator[str]:
 def gated(tmp_path: Path, pg: PgCluster, big_db: str, config_file: ConfigFile) -> tuple[Path, Path]:
     """A config whose job `app` dumps a few MiB, then waits for the gate file."""
     bindir, gate = gated_bin_dir(tmp_path / "gated")
-    cfg = config_file(
-        big_db,
-        fs_path=tmp_path / "store",
-        extra_source={"pg_bin_dir": bindir},
-    )
+    cfg = config_file(big_db, extra_source={"pg_bin_dir": bindir})
     return cfg, gate
 
 

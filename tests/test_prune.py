@@ -105,7 +105,6 @@ async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
     tmp_path: Path,
     config_file: ConfigFile,
     sample_db: str,
-    s3_server: str,
     s3_bucket: str,
     s3_client: Any,
 ) -> None:
@@ -113,8 +112,7 @@ async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
     cfg = config_file(
         sample_db,
         path=tmp_path / "backupd.toml",
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
+        s3=True,
         extra_job={"retention": {"keep_last": 2}},
     )
     metrics = Metrics()
@@ -282,7 +280,6 @@ async def test_partial_backups_never_let_retention_delete_a_database_s_newest_co
         cfg = config_file(
             sample_db,
             path=tmp_path / "backupd.toml",
-            fs_path=fs,
             extra_job=f'databases = ["{sample_db}", "{billing}"]\n'
             "retention = { keep_last = 10 }\n",
         )

@@ -129,10 +129,7 @@ def test_check_refuses_a_group_readable_password_file(
     connect: list[str],
 ) -> None:
     pg_password_file.chmod(0o640)
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db)
     out = run_cli("check", *connect, "-c", str(cfg))
     assert out.returncode == 2
     assert (
@@ -454,11 +451,7 @@ def test_files_and_directories_are_private_even_under_umask_000(
     tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     store = tmp_path / "backups" / "store"  # backupd creates both levels
-    cfg = config_file(
-        sample_db,
-        fs_path=store,
-        extra_job={"globals": True},
-    )
+    cfg = config_file(sample_db, fs_path=store, extra_job={"globals": True})
     out = _under_umask_000("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     dirs, files = _modes(tmp_path / "backups")
@@ -621,11 +614,7 @@ async def test_an_outdated_pg_dump_is_warned_once_per_run(
         f'exec "{PG_BIN}/pg_dump" "$@"\n'
     )
     (bindir / "pg_dump").chmod(0o755)
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-        extra_source={"pg_bin_dir": bindir},
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir})
     config = load_config(cfg)
     job, source = config.jobs["app"], config.sources["main"]
     pool = StorePool()
@@ -648,11 +637,7 @@ async def test_an_outdated_pg_dump_is_warned_once_per_run(
 async def test_a_current_pg_dump_is_not_warned_about(
     tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-        extra_source={"pg_bin_dir": PG_BIN},
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": PG_BIN})
     config = load_config(cfg)
     job = config.jobs["app"]
     pool = StorePool()
@@ -672,10 +657,7 @@ def test_check_notes_secrets_absent_here_and_connect_needs_them(
 ) -> None:
     """`check` by hand lacks the service's environment: absent secrets are noted, not errors;
     `check --connect` must reach the sources, so there they are errors."""
-    cfg = config_file(
-        sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db)
     configs.edit(cfg, {"source.main.password": {"env": "BACKUPD_TEST_UNSET_SECRET"}})
     out = run_cli("check", "-c", str(cfg))
     assert out.returncode == 0, out.stderr

@@ -62,7 +62,6 @@ def daemon(
     hostile = HOSTILE.replace("\\", "\\\\").replace('"', '\\"')
     cfg = config_file(
         sample_db,
-        fs_path=tmp_path / "store",
         http_listen=f"127.0.0.1:{port}",
         extra_job={"retention": {"keep_last": 2}},
         extra=f'[job.bad]\nsource = "main"\nstorage = ["local"]\ndatabases = ["{hostile}"]\n',

@@ -95,14 +95,10 @@ async def test_filesystem_sweep_removes_old_leftovers_only(
 async def test_s3_sweep_aborts_old_multipart_uploads_and_deletes_orphans(
     sample_db: str,
     config_file: ConfigFile,
-    s3_server: str,
     s3_bucket: str,
     s3_client: Any,
 ) -> None:
-    cfg = config_file(
-        sample_db,
-        s3=(s3_server, s3_bucket),
-    )
+    cfg = config_file(sample_db, fs_path=None, s3=True)
     config = load_config(cfg)
     pool = StorePool()
     try:
@@ -143,11 +139,7 @@ async def test_sweeper_never_touches_the_folder_of_a_run_in_progress(
     # pg_dump writes its output, then the wrapper holds stdout open: the upload stays open.
     bindir = wrapped_bin_dir(tmp_path / "bin", f'"$REAL" "$@"\nexec -a hold-{marker} sleep 300')
     fs = tmp_path / "store"
-    cfg = config_file(
-        sample_db,
-        fs_path=fs,
-        extra_source={"pg_bin_dir": bindir},
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir})
     config = load_config(_with_grace(cfg, fs, "1s"))
     assert config.storages["local"].abandoned_upload_grace == 1
     pool = StorePool()

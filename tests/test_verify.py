@@ -175,11 +175,7 @@ def test_recorded_counts_are_those_of_the_dump_even_under_writes(
 def test_restore_drill_needs_a_target(
     tmp_path: Path, config_file: ConfigFile, sample_db: str, pg_password_file: Path
 ) -> None:
-    cfg = config_file(
-        sample_db,
-        path=tmp_path / "backupd.toml",
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db, path=tmp_path / "backupd.toml")
     _backup(cfg)
     out = _verify(cfg, "--restore")
     assert out.returncode == 2
@@ -255,7 +251,6 @@ def test_scheduled_verification_sets_the_metric_and_notifies_failures(
     cfg = config_file(
         sample_db,
         path=tmp_path / "backupd.toml",
-        fs_path=tmp_path / "store",
         http_listen=f"127.0.0.1:{http_port}",
         extra_job=schedule,
         extra=(
