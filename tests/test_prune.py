@@ -35,7 +35,7 @@ from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
 from tests import configs
 from tests.configs import ConfigFile
-from tests.helpers import restamp, run_cli, write_config
+from tests.helpers import restamp, run_cli
 from tests.pgcluster import SAMPLE_SQL, PgCluster
 
 
@@ -185,16 +185,9 @@ class RefusingStore(FilesystemStore):
 
 
 async def _store_with_backups(
-    tmp_path: Path, pg: PgCluster, db: str, password_file: Path, n: int, policy: str
+    tmp_path: Path, config_file: ConfigFile, db: str, n: int, policy: str
 ) -> tuple[Job, RefusingStore, list[Manifest]]:
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=password_file,
-        database=db,
-        fs_path=tmp_path / "store",
-        extra_job=policy + "\n",
-    )
+    cfg = config_file(db, path=tmp_path / "backupd.toml", extra_job=policy + "\n")
     config = load_config(cfg)
     job = config.jobs["app"]
     storage = config.storages["local"]
@@ -209,10 +202,10 @@ async def _store_with_backups(
 
 
 async def test_partial_delete_failures_are_counted_and_retried_by_the_next_prune(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     job, store, (oldest, middle, newest) = await _store_with_backups(
-        tmp_path, pg, sample_db, pg_password_file, 3, "retention = { keep_last = 1 }"
+        tmp_path, config_file, sample_db, 3, "retention = { keep_last = 1 }"
     )
     oldest_data = oldest.object_key(oldest.objects[0])
     store.refuse = {oldest_data, middle.manifest_key}
@@ -240,10 +233,10 @@ async def test_partial_delete_failures_are_counted_and_retried_by_the_next_prune
 
 
 async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without_data(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     job, store, (oldest, newest) = await _store_with_backups(
-        tmp_path, pg, sample_db, pg_password_file, 2, "retention = { keep_last = 1 }"
+        tmp_path, config_file, sample_db, 2, "retention = { keep_last = 1 }"
     )
     store.hang_on_data = True
     task = asyncio.create_task(prune_job(job, store))
@@ -267,7 +260,7 @@ async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without
 
 
 async def test_partial_backups_never_let_retention_delete_a_database_s_newest_copy(
-    tmp_path: Path, config_file: ConfigFile, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, config_file: ConfigFile, pg: PgCluster, sample_db: str
 ) -> None:
     """Issue 12, finding 7: two partial backups lacking `billing` follow two complete
     ones; keep_last = 1 keeps the newest partial and the newest complete (the newest
