@@ -18,7 +18,7 @@ import pytest
 from tests import configs
 from tests.daemon_proc import DaemonProcess
 from tests.faultproxy import FaultProxy
-from tests.helpers import BIG_SQL, write_config
+from tests.helpers import BIG_SQL, moto_client, write_config
 from tests.objstores import (
     ObjectStore,
     S3Target,
@@ -27,7 +27,13 @@ from tests.objstores import (
     start_rgw,
     start_swift,
 )
-from tests.pgcluster import SAMPLE_SQL, PgCluster, free_port, make_cluster
+from tests.pgcluster import (
+    SAMPLE_SQL,
+    PgCluster,
+    free_port,
+    scratch_database,
+    temp_cluster,
+)
 
 # Never reach for instance metadata or real AWS from a test.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -38,24 +44,13 @@ os.environ.pop("AWS_PROFILE", None)
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PgCluster]:
-    base = Path(tempfile.mkdtemp(prefix="backupd-pg-"))
-    os.chmod(base, 0o755)
-    cluster = make_cluster(base / "cluster")
-    try:
-        yield cluster
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
+    yield from temp_cluster("backupd-pg-")
 
 
 @pytest.fixture
 def sample_db(pg: PgCluster) -> Iterator[str]:
     """A fresh database with a few tables, a schema, a view and indexes."""
-    name = "app_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(SAMPLE_SQL, name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, SAMPLE_SQL, "app_")
 
 
 @pytest.fixture(scope="session")
@@ -75,31 +70,14 @@ def s3_server() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(s3_server: str) -> str:
     """A new empty bucket on the moto server."""
-    import boto3
-
     name = "bkt-" + uuid.uuid4().hex[:12]
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing-secret",
-    )
-    client.create_bucket(Bucket=name)
+    moto_client(s3_server).create_bucket(Bucket=name)
     return name
 
 
 @pytest.fixture
 def s3_client(s3_server: str):  # type: ignore[no-untyped-def]
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing-secret",
-    )
+    return moto_client(s3_server)
 
 
 @pytest.fixture
@@ -146,11 +124,7 @@ def config_file(
 def big_db(pg: PgCluster) -> Iterator[str]:
     """A database whose uncompressed dump spans several 5 MiB S3 parts (`BIG_SQL`);
     read-only, shared by the module."""
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_SQL, name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_SQL, "big_")
 
 
 @pytest.fixture

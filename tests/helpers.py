@@ -36,6 +36,19 @@ def write_config(path: Path, pg: PgCluster, **keys: Any) -> Path:
     )
 
 
+def moto_client(endpoint: str) -> Any:
+    """A boto3 S3 client for the moto server at `endpoint`, with the tests' credentials."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+    )
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120, input: bytes | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -19,16 +19,12 @@ from backupd.daemon.runner import StorePool
 from backupd.operations.backup import Trigger, run_backup
 from tests.configs import ConfigFile
 from tests.helpers import BIG_TABLE_SQL, run_cli, sha256_file, wrapped_bin_dir
-from tests.pgcluster import PG_BIN, PgCluster, wait_for
+from tests.pgcluster import PG_BIN, PgCluster, scratch_database, wait_for
 
 
 @pytest.fixture
 def big_db(pg: PgCluster):  # type: ignore[no-untyped-def]
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_TABLE_SQL, name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_TABLE_SQL, "big_")
 
 
 def _fs_files(root: Path) -> list[Path]:

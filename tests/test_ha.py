@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from backupd.catalog.manifest import MANIFEST_SUFFIX
@@ -40,7 +39,7 @@ from backupd.storage import open_store
 from backupd.storage.base import Store
 from tests.daemon_proc import DaemonProcess
 from tests.faultproxy import Delay, FaultProxy, Rule
-from tests.helpers import wrapped_bin_dir, write_config
+from tests.helpers import moto_client, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.test_objstores import BUCKETS
 from tests.test_storage_contract import NO_WAIT_RETRY, s3_config, target_config
@@ -321,13 +320,7 @@ def _start_nodes(
 
 
 def _manifests_s3(endpoint: str, bucket: str) -> list[dict[str, Any]]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing-secret",
-    )
+    client = moto_client(endpoint)
     out = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="prod/"):
         for item in page.get("Contents", []):

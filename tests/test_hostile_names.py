@@ -24,20 +24,13 @@ import pytest
 from tests import configs
 from tests.fakepg import fake_postgres
 from tests.helpers import run_cli, write_config
-from tests.pgcluster import PG_BIN, PgCluster, make_cluster
+from tests.pgcluster import PG_BIN, PgCluster, make_cluster, temp_cluster
 
 
 @pytest.fixture(scope="module")
 def own_pg() -> Iterator[PgCluster]:
     """A cluster for this module alone: `databases = ["*"]` sees only what these tests made."""
-    base = Path(tempfile.mkdtemp(prefix="backupd-hostile-"))
-    os.chmod(base, 0o755)
-    cluster = make_cluster(base / "cluster")
-    try:
-        yield cluster
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
+    yield from temp_cluster("backupd-hostile-")
 
 
 def conninfo(pg: PgCluster, database: str) -> str:

@@ -25,7 +25,7 @@ from backupd.storage import open_store
 from tests.faultproxy import ErrorReply, FaultProxy, Rule
 from tests.helpers import BIG_TABLE_SQL, no_wait_retry, run_cli, write_config
 from tests.objstores import S3Target, make_ca_and_server_cert
-from tests.pgcluster import PgCluster, wait_for
+from tests.pgcluster import PgCluster, scratch_database, wait_for
 from tests.test_storage_contract import MULTIPART_SIZE, read_object, target_config, write_object
 
 SLOW = [pytest.mark.slow, pytest.mark.timeout(360)]
@@ -42,11 +42,7 @@ ONE_TRY = no_wait_retry(attempts=1)
 
 @pytest.fixture
 def big_db(pg: PgCluster) -> Iterator[str]:
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_TABLE_SQL, name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_TABLE_SQL, "big_")
 
 
 def _keys(target: S3Target) -> list[str]:

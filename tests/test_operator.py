@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config
-from tests.pgcluster import PgCluster, wait_for
+from tests.pgcluster import PgCluster, scratch_database, wait_for
 
 
 def gated_bin_dir(base: Path) -> tuple[Path, Path]:
@@ -34,11 +33,7 @@ def gated_bin_dir(base: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def big_db(pg: PgCluster) -> Iterator[str]:
     """A database whose dump is a few MiB, so a run's bytes show before its dump ends."""
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_TABLE_SQL.replace("120000", "40000"), name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_TABLE_SQL.replace("120000", "40000"), "big_")
 
 
 def operator_config(

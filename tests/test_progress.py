@@ -16,7 +16,7 @@ import pytest
 from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli
-from tests.pgcluster import PgCluster
+from tests.pgcluster import PgCluster, scratch_database
 from tests.test_operator import gated_bin_dir
 
 CLEAR = "\r\x1b[K"
@@ -72,11 +72,7 @@ def on_pty(
 
 @pytest.fixture
 def big_db(pg: PgCluster) -> Iterator[str]:
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_TABLE_SQL.replace("120000", "40000"), name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_TABLE_SQL.replace("120000", "40000"), "big_")
 
 
 @pytest.fixture
