@@ -7,13 +7,20 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from backupd.catalog.manifest import FailedDatabase, Manifest, new_backup_id, rfc3339, stem_for
+from backupd.config.model import Config, Job
+from backupd.daemon.runner import Runner, StorePool
+from backupd.observe.metrics import Metrics
+from backupd.operations.backup import Trigger
+from backupd.operations.prune import prune_after_success
 from backupd.storage import RetrySettings
+from backupd.storage.base import Store
 from tests import configs
 from tests.pgcluster import PG_BIN, PgCluster
 
@@ -144,3 +151,25 @@ def restamp(
     (root / copy.manifest_key).parent.mkdir(parents=True, exist_ok=True)
     (root / copy.manifest_key).write_bytes(copy.to_json())
     return copy
+
+
+async def runs_with_prune(config: Config, n: int, metrics: Metrics | None = None) -> list[str]:
+    """`n` successful runs of job app, each followed by its prune; their stems, oldest first."""
+
+    async def after(
+        config: Config, job: Job, manifest: Manifest, stores: Mapping[str, Store]
+    ) -> None:
+        await prune_after_success(config, job, manifest, stores, metrics=metrics)
+
+    pool = StorePool()
+    runner = Runner(config, pool, after_success=after)
+    stems = []
+    try:
+        for _ in range(n):
+            run = await runner.wait(runner.submit("app", Trigger()))
+            assert run.state == "success", run.error
+            assert run.backup is not None
+            stems.append(run.backup)
+    finally:
+        await pool.aclose()
+    return stems

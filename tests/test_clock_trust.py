@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,39 +25,12 @@ from backupd.catalog.manifest import (
 )
 from backupd.catalog.retention import FUTURE_TOLERANCE
 from backupd.config.file import load_config
-from backupd.config.model import Config, Job
-from backupd.daemon.runner import Runner, StorePool
 from backupd.observe.metrics import Metrics
-from backupd.operations.backup import Trigger
-from backupd.operations.prune import prune_after_success
-from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
 from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import restamp, run_cli
+from tests.helpers import restamp, run_cli, runs_with_prune
 from tests.pgcluster import free_port, wait_for
-
-
-async def _runs(config: Config, n: int, metrics: Metrics) -> list[str]:
-    """`n` successful runs of job app, each followed by its prune; their stems."""
-
-    async def after(
-        config: Config, job: Job, manifest: Manifest, stores: Mapping[str, Store]
-    ) -> None:
-        await prune_after_success(config, job, manifest, stores, metrics=metrics)
-
-    pool = StorePool()
-    runner = Runner(config, pool, after_success=after)
-    stems = []
-    try:
-        for _ in range(n):
-            run = await runner.wait(runner.submit("app", Trigger()))
-            assert run.state == "success", run.error
-            assert run.backup is not None
-            stems.append(run.backup)
-    finally:
-        await pool.aclose()
-    return stems
 
 
 async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
@@ -73,11 +46,11 @@ async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
     store = FilesystemStore(config.storages["local"])  # type: ignore[arg-type]
     await store.open()
     metrics = Metrics()
-    (first,) = await _runs(config, 1, metrics)
+    (first,) = await runs_with_prune(config, 1, metrics)
     (manifest,) = await list_backups(store, "app")
     ahead = restamp(fs, manifest, datetime.now(UTC) + timedelta(days=200))
 
-    stems = await _runs(config, 3, metrics)
+    stems = await runs_with_prune(config, 3, metrics)
 
     # Each run's backup survived its own prune; the next run's prune deleted it.
     remaining = await list_backups(store, "app")

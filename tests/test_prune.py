@@ -12,7 +12,7 @@ import json
 import re
 import tomllib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,14 @@ from backupd.catalog.manifest import (
 from backupd.config.file import load_config
 from backupd.config.model import Config, FilesystemStorage, Job
 from backupd.daemon.maintenance import sweep
-from backupd.daemon.runner import Runner, StorePool
+from backupd.daemon.runner import StorePool
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger, run_backup
-from backupd.operations.prune import prune_after_success, prune_job
-from backupd.storage.base import Store
+from backupd.operations.prune import prune_job
 from backupd.storage.filesystem import FilesystemStore
 from tests import configs
 from tests.configs import ConfigFile
-from tests.helpers import restamp, run_cli
+from tests.helpers import restamp, run_cli, runs_with_prune
 from tests.pgcluster import SAMPLE_SQL, PgCluster
 
 
@@ -55,28 +54,6 @@ def _keys_of(manifests: Sequence[Manifest]) -> set[str]:
 
 def _retention(cfg: Path, policy: str) -> None:
     configs.edit(cfg, {"job.app.retention": tomllib.loads(policy)["retention"]})
-
-
-async def _runs(config: Config, n: int, metrics: Metrics | None = None) -> list[str]:
-    """`n` successful runs of job app, each followed by its prune; their stems, oldest first."""
-
-    async def after(
-        config: Config, job: Job, manifest: Manifest, stores: Mapping[str, Store]
-    ) -> None:
-        await prune_after_success(config, job, manifest, stores, metrics=metrics)
-
-    pool = StorePool()
-    runner = Runner(config, pool, after_success=after)
-    stems = []
-    try:
-        for _ in range(n):
-            run = await runner.wait(runner.submit("app", Trigger()))
-            assert run.state == "success", run.error
-            assert run.backup is not None
-            stems.append(run.backup)
-    finally:
-        await pool.aclose()
-    return stems
 
 
 async def _listing(config: Config, storage: str) -> list[Manifest]:
@@ -116,7 +93,7 @@ async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
         extra_job={"retention": {"keep_last": 2}},
     )
     metrics = Metrics()
-    stems = await _runs(load_config(cfg), 4, metrics)
+    stems = await runs_with_prune(load_config(cfg), 4, metrics)
 
     # Two backups remain in each storage, the two newest, and nothing else of the others.
     config = load_config(cfg)
@@ -136,7 +113,7 @@ async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
 
     # More backups under a looser policy, then a stricter one: the dry run plans, deletes nothing.
     _retention(cfg, "retention = { keep_last = 10 }")
-    stems += await _runs(load_config(cfg), 3)
+    stems += await runs_with_prune(load_config(cfg), 3)
     _retention(cfg, "retention = { keep_last = 3 }")
     before = (_fs_keys(fs), _s3_keys(s3_client, s3_bucket))
     out = run_cli("prune", "app", "--dry-run", "-c", str(cfg))
