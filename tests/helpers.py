@@ -69,6 +69,16 @@ def run_cli(
     )
 
 
+def restore_to(
+    cfg: Path, pg: PgCluster, database: str, *args: str, job: str = "app"
+) -> subprocess.CompletedProcess[str]:
+    """`backupd restore JOB --to` the database `database` of `pg`, with its password."""
+    to = pg.dsn(database)
+    return run_cli(
+        "restore", job, "-c", str(cfg), "--to", to, *args, env={"PGPASSWORD": pg.password}
+    )
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

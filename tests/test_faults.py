@@ -49,7 +49,7 @@ from tests.faultproxy import (
     Rule,
     TruncateUpstream,
 )
-from tests.helpers import no_wait_retry, run_cli, wrapped_bin_dir
+from tests.helpers import no_wait_retry, restore_to, run_cli, wrapped_bin_dir
 from tests.pgcluster import PgCluster, wait_for
 
 MiB = 1024 * 1024
@@ -187,15 +187,7 @@ async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_ba
     target = "restored_" + uuid.uuid4().hex[:6]
     pg.createdb(target)
     try:
-        out = run_cli(
-            "restore",
-            "app",
-            "-c",
-            str(cfg),
-            "--to",
-            pg.dsn(target),
-            env={"PGPASSWORD": pg.password},
-        )
+        out = restore_to(cfg, pg, target)
         assert out.returncode == 0, out.stderr
         assert pg.row_counts(target) == pg.row_counts(big_db) == {"public.blobs": 200000}
     finally:
