@@ -34,7 +34,7 @@ from tests.pgcluster import free_port, wait_for
 
 
 async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
-    tmp_path: Path, config_file: ConfigFile, sample_db: str, pg_password_file: Path
+    tmp_path: Path, config_file: ConfigFile, sample_db: str
 ) -> None:
     fs = tmp_path / "store"
     cfg = config_file(

@@ -173,7 +173,7 @@ def test_recorded_counts_are_those_of_the_dump_even_under_writes(
 
 
 def test_restore_drill_needs_a_target(
-    tmp_path: Path, config_file: ConfigFile, sample_db: str, pg_password_file: Path
+    tmp_path: Path, config_file: ConfigFile, sample_db: str
 ) -> None:
     cfg = config_file(sample_db, path=tmp_path / "backupd.toml")
     _backup(cfg)
