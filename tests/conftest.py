@@ -11,10 +11,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests import configs
 from tests.daemon_proc import DaemonProcess
+from tests.faultproxy import FaultProxy
+from tests.helpers import BIG_SQL, moto_client, write_config
 from tests.objstores import (
     ObjectStore,
     S3Target,
@@ -23,7 +27,13 @@ from tests.objstores import (
     start_rgw,
     start_swift,
 )
-from tests.pgcluster import SAMPLE_SQL, PgCluster, free_port, make_cluster
+from tests.pgcluster import (
+    SAMPLE_SQL,
+    PgCluster,
+    free_port,
+    scratch_database,
+    temp_cluster,
+)
 
 # Never reach for instance metadata or real AWS from a test.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -34,24 +44,13 @@ os.environ.pop("AWS_PROFILE", None)
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PgCluster]:
-    base = Path(tempfile.mkdtemp(prefix="backupd-pg-"))
-    os.chmod(base, 0o755)
-    cluster = make_cluster(base / "cluster")
-    try:
-        yield cluster
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
+    yield from temp_cluster("backupd-pg-")
 
 
 @pytest.fixture
 def sample_db(pg: PgCluster) -> Iterator[str]:
     """A fresh database with a few tables, a schema, a view and indexes."""
-    name = "app_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(SAMPLE_SQL, name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, SAMPLE_SQL, "app_")
 
 
 @pytest.fixture(scope="session")
@@ -71,31 +70,14 @@ def s3_server() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(s3_server: str) -> str:
     """A new empty bucket on the moto server."""
-    import boto3
-
     name = "bkt-" + uuid.uuid4().hex[:12]
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing-secret",
-    )
-    client.create_bucket(Bucket=name)
+    moto_client(s3_server).create_bucket(Bucket=name)
     return name
 
 
 @pytest.fixture
 def s3_client(s3_server: str):  # type: ignore[no-untyped-def]
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing-secret",
-    )
+    return moto_client(s3_server)
 
 
 @pytest.fixture
@@ -104,6 +86,76 @@ def pg_password_file(tmp_path: Path, pg: PgCluster) -> Path:
     path.write_text(pg.password + "\n")
     path.chmod(0o600)
     return path
+
+
+@pytest.fixture
+def config_file(
+    request: pytest.FixtureRequest, tmp_path: Path, pg: PgCluster, pg_password_file: Path
+) -> configs.ConfigFile:
+    """`config_file(database, **keys)`: `helpers.write_config` for this test's cluster and
+    password file, written to `tmp_path / "b.toml"` unless `path=` says otherwise, with the
+    filesystem store in `tmp_path / "store"` unless `fs_path=` says otherwise (None: none);
+    `s3=True` adds the test's moto bucket (`s3_server`, `s3_bucket`)."""
+
+    def write(
+        database: str,
+        *,
+        path: Path | None = None,
+        fs_path: Path | None = tmp_path / "store",
+        s3: tuple[str, str] | bool | None = None,
+        **keys: Any,
+    ) -> Path:
+        if s3 is True:
+            s3 = (request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket"))
+        return write_config(
+            path or tmp_path / "b.toml",
+            pg,
+            password_file=pg_password_file,
+            database=database,
+            fs_path=fs_path,
+            s3=s3 or None,
+            **keys,
+        )
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def big_db(pg: PgCluster) -> Iterator[str]:
+    """A database whose uncompressed dump spans several 5 MiB S3 parts (`BIG_SQL`);
+    read-only, shared by the module."""
+    yield from scratch_database(pg, BIG_SQL, "big_")
+
+
+@pytest.fixture
+def proxy(s3_server: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the moto server (`tests/faultproxy.py`)."""
+    with FaultProxy(s3_server, seed=8) as fp:
+        yield fp
+
+
+@pytest.fixture
+def proxied_config(
+    tmp_path: Path, config_file: configs.ConfigFile, s3_bucket: str
+) -> configs.ConfigFile:
+    """`proxied_config(database, endpoint=proxy.url, **keys)`: a config whose store
+    `offsite` is `s3_bucket` behind a proxy (path-style addressing, which the proxy needs),
+    written to `tmp_path / "backupd.toml"`."""
+
+    def write(
+        database: str,
+        *,
+        endpoint: str,
+        bucket: str = s3_bucket,
+        fs_path: Path | None = None,
+        **keys: Any,
+    ) -> Path:
+        extra = configs.merge({"addressing_style": "path"}, keys.pop("s3_extra", None))
+        path = tmp_path / "backupd.toml"
+        s3 = (endpoint, bucket)
+        return config_file(database, path=path, fs_path=fs_path, s3=s3, s3_extra=extra, **keys)
+
+    return write
 
 
 def _object_store(kind: str) -> Iterator[ObjectStore]:

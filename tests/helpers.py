@@ -7,13 +7,21 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from backupd.catalog.manifest import FailedDatabase, Manifest, new_backup_id, rfc3339, stem_for
+from backupd.config.model import Config, Job
+from backupd.daemon.runner import Runner, StorePool
+from backupd.observe.metrics import Metrics
+from backupd.operations.backup import Trigger
+from backupd.operations.prune import prune_after_success
 from backupd.storage import RetrySettings
+from backupd.storage.base import Store
+from tests import configs
 from tests.pgcluster import PG_BIN, PgCluster
 
 BACKUPD = [sys.executable, "-m", "backupd"]
@@ -28,78 +36,24 @@ def no_wait_retry(attempts: int = 3, timeout: float = 60.0) -> RetrySettings:
     )
 
 
-def write_config(
-    path: Path,
-    pg: PgCluster,
-    *,
-    password_file: Path,
-    database: str,
-    fs_path: Path | None = None,
-    s3: tuple[str, str] | None = None,
-    s3_env: tuple[str, str] = ("BACKUPD_TEST_AWS_KEY", "BACKUPD_TEST_AWS_SECRET"),
-    s3_extra: str = "",
-    job: str = "app",
-    extra_job: str = "",
-    extra_source: str = "",
-    extra_daemon: str = "",
-    extra: str = "",
-    storage_names: list[str] | None = None,
-    http_listen: str = "",
-) -> Path:
-    """A config with one source, the given stores, and one job using all of them."""
-    stores = []
-    blocks = []
-    if fs_path is not None:
-        stores.append("local")
-        blocks.append(f'[storage.local]\ntype = "filesystem"\npath = "{fs_path}"\n')
-    if s3 is not None:
-        endpoint, bucket = s3
-        stores.append("offsite")
-        blocks.append(
-            textwrap.dedent(f"""\
-            [storage.offsite]
-            type = "s3"
-            bucket = "{bucket}"
-            prefix = "prod/"
-            endpoint_url = "{endpoint}"
-            region = "us-east-1"
-            access_key_id = {{ env = "{s3_env[0]}" }}
-            secret_access_key = {{ env = "{s3_env[1]}" }}
-            part_size = "5MiB"
-            """)
-            + s3_extra
-        )
-    names = storage_names or stores
-    sock = path.parent / "run" / "control.sock"
-    text = (
-        textwrap.dedent(f"""\
-        [daemon]
-        socket = "{sock}"
-        http_listen = "{http_listen}"
-        {extra_daemon}
-
-        [source.main]
-        type = "postgres"
-        dsn = "{pg.dsn(database)}"
-        password = {{ file = "{password_file}" }}
-        {extra_source}
-
-        """)
-        + "\n".join(blocks)
-        + textwrap.dedent(f"""
-
-        [job.{job}]
-        source = "main"
-        storage = {names!r}
-        min_size = "1KiB"
-        retry = {{ max_attempts = 1, initial_delay = "1s", max_delay = "1s" }}
-        """).replace("'", '"')
-        + extra_job
-        + "\n"
-        + extra
+def write_config(path: Path, pg: PgCluster, **keys: Any) -> Path:
+    """`configs.app_config` written to `path`, its control socket in `path`'s folder."""
+    return configs.write(
+        path, configs.app_config(pg, socket=path.parent / "run" / "control.sock", **keys)
     )
-    path.write_text(text)
-    return path
+
+
+def moto_client(endpoint: str) -> Any:
+    """A boto3 S3 client for the moto server at `endpoint`, with the tests' credentials."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+    )
 
 
 def run_cli(
@@ -112,6 +66,16 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, **(env or {})},
         input=input.decode() if input is not None else None,
+    )
+
+
+def restore_to(
+    cfg: Path, pg: PgCluster, database: str, *args: str, job: str = "app"
+) -> subprocess.CompletedProcess[str]:
+    """`backupd restore JOB --to` the database `database` of `pg`, with its password."""
+    to = pg.dsn(database)
+    return run_cli(
+        "restore", job, "-c", str(cfg), "--to", to, *args, env={"PGPASSWORD": pg.password}
     )
 
 
@@ -148,6 +112,14 @@ def wrapped_bin_dir(base: Path, body: str) -> Path:
             link.symlink_to(PG_BIN / tool)
     return base
 
+
+# 200,000 rows of md5 text: about 21 MB as an uncompressed custom dump, five 5 MiB parts.
+BIG_SQL = """
+CREATE TABLE blobs (id serial PRIMARY KEY, a text, b text, c text);
+INSERT INTO blobs (a, b, c)
+  SELECT md5(g::text), md5((g * 7)::text), md5((g * 13)::text)
+  FROM generate_series(1, 200000) g;
+"""
 
 BIG_TABLE_SQL = """
 CREATE TABLE blobs (id serial PRIMARY KEY, a text, b text, c text);
@@ -189,3 +161,25 @@ def restamp(
     (root / copy.manifest_key).parent.mkdir(parents=True, exist_ok=True)
     (root / copy.manifest_key).write_bytes(copy.to_json())
     return copy
+
+
+async def runs_with_prune(config: Config, n: int, metrics: Metrics | None = None) -> list[str]:
+    """`n` successful runs of job app, each followed by its prune; their stems, oldest first."""
+
+    async def after(
+        config: Config, job: Job, manifest: Manifest, stores: Mapping[str, Store]
+    ) -> None:
+        await prune_after_success(config, job, manifest, stores, metrics=metrics)
+
+    pool = StorePool()
+    runner = Runner(config, pool, after_success=after)
+    stems = []
+    try:
+        for _ in range(n):
+            run = await runner.wait(runner.submit("app", Trigger()))
+            assert run.state == "success", run.error
+            assert run.backup is not None
+            stems.append(run.backup)
+    finally:
+        await pool.aclose()
+    return stems

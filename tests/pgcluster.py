@@ -13,7 +13,10 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +58,12 @@ class PgCluster:
     def sockdir(self) -> Path:
         return self.base / "sock"
 
-    def dsn(self, database: str = "postgres", with_password: bool = False) -> str:
+    def dsn(
+        self, database: str = "postgres", with_password: bool = False, port: int | None = None
+    ) -> str:
+        """The cluster's DSN; `port` points it elsewhere (a proxy, a port nobody listens on)."""
         auth = f"{self.user}:{self.password}" if with_password else self.user
-        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{auth}@127.0.0.1:{port or self.port}/{database}"
 
     def _as_owner(self, argv: list[str]) -> list[str]:
         owner = _owner()
@@ -225,3 +231,25 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def temp_cluster(prefix: str) -> Iterator[PgCluster]:
+    """A cluster of its own in a new temporary folder, stopped and removed afterwards
+    (`yield from` it in a fixture)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o755)  # the cluster belongs to the postgres user when run as root
+    cluster = make_cluster(base / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def scratch_database(pg: PgCluster, sql: str, prefix: str) -> Iterator[str]:
+    """A new database filled by `sql`, dropped afterwards (`yield from` it in a fixture)."""
+    name = prefix + uuid.uuid4().hex[:8]
+    pg.createdb(name)
+    pg.psql(sql, name)
+    yield name
+    pg.dropdb(name)

@@ -15,12 +15,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import backupd
+from tests import configs
 from tests.pgcluster import PASSWORD, PG_BIN, PgCluster, _owner, free_port, wait_for
 
 CHECKOUT = str(Path(backupd.__file__).resolve().parent.parent)
@@ -98,6 +100,30 @@ class PhysicalSetup:
         self.pg.psql(f"ALTER SYSTEM SET archive_command = '{cmd}'")
         self.pg.psql("SELECT pg_reload_conf()")
 
+    @contextmanager
+    def archiving(self) -> Iterator[None]:
+        """The cluster archives its WAL with `backupd wal-push` of this job, until the end."""
+        self.use_archive_command()
+        try:
+            yield
+        finally:
+            self.pg.psql("ALTER SYSTEM SET archive_command = ''")
+            self.pg.psql("SELECT pg_reload_conf()")
+
+    def restored(self, name: str) -> Path:
+        return self.base / "restores" / name
+
+    def restore(
+        self, name: str, *args: str, port: int | None = None, ok: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """`backupd restore` of the job into `restored(name)`; with `port`, started there;
+        with `ok`, asserted to succeed (as `ok()` does)."""
+        mkdir_owned(self.base / "restores")
+        start = ["--start", "--port", str(port)] if port is not None else []
+        data_dir = str(self.restored(name))
+        argv = ["restore", "-c", str(self.config), self.job, "--data-dir", data_dir]
+        return (self.ok if ok else self.cli)(*argv, *args, *start)
+
     def switch_and_wait_archived(self, timeout: float = 60) -> str:
         """Switch to a new WAL segment and wait until the old one is archived."""
         # pg_switch_wal() returns the end of the segment it closed: that segment's name.
@@ -148,7 +174,12 @@ def make_physical_cluster(base: Path) -> PgCluster:
 
 
 def physical_setup(
-    pg: PgCluster, base: Path, *, extra_job: str = "", job: str = "pitr", http_listen: str = ""
+    pg: PgCluster,
+    base: Path,
+    *,
+    extra_job: Mapping[str, Any] | str = "",
+    job: str = "pitr",
+    http_listen: str = "",
 ) -> PhysicalSetup:
     mkdir_owned(base)
     os.chmod(base, 0o755)
@@ -159,32 +190,42 @@ def physical_setup(
     secret.chmod(0o600)
     chown_owner(secret)
     config = base / "backupd.toml"
-    config.write_text(
-        textwrap.dedent(f"""\
-        [daemon]
-        socket = "{base}/run/control.sock"
-        http_listen = "{http_listen}"
-
-        [source.main]
-        type = "postgres"
-        dsn = "host=127.0.0.1 port={pg.port} user={REPL_USER} dbname=postgres"
-        password = {{ file = "{secret}" }}
-        pg_bin_dir = "{PG_BIN}"
-
-        [storage.local]
-        type = "filesystem"
-        path = "{store}"
-
-        [job.{job}]
-        source = "main"
-        kind = "physical"
-        storage = ["local"]
-        retry = {{ max_attempts = 1, initial_delay = "1s", max_delay = "1s" }}
-        """)
-        + extra_job
-    )
+    extra, tail = configs.split_fragment(extra_job)
+    doc = {
+        "daemon": {"socket": f"{base}/run/control.sock", "http_listen": http_listen},
+        "source": {
+            "main": {
+                "type": "postgres",
+                "dsn": f"host=127.0.0.1 port={pg.port} user={REPL_USER} dbname=postgres",
+                "password": {"file": str(secret)},
+                "pg_bin_dir": str(PG_BIN),
+            }
+        },
+        "storage": {"local": {"type": "filesystem", "path": str(store)}},
+        "job": {
+            job: configs.merge(
+                {
+                    "source": "main",
+                    "kind": "physical",
+                    "storage": ["local"],
+                    "retry": dict(configs.ONE_ATTEMPT),
+                },
+                extra,
+            )
+        },
+    }
+    configs.write(config, configs.merge(doc, tail))
     chown_owner(config)
     return PhysicalSetup(pg=pg, base=base, config=config, store=store, job=job)
+
+
+def batches(port: int, table: str) -> str:
+    """`A100,B20`: the rows of `table` counted by its `batch` column, on the server at `port`."""
+    return query(
+        port,
+        "SELECT string_agg(batch || count, ',') FROM "
+        f"(SELECT batch, count(*) FROM {table} GROUP BY 1 ORDER BY 1) s",
+    )
 
 
 def temp_base(prefix: str) -> Iterator[Path]:

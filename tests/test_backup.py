@@ -17,17 +17,14 @@ from backupd.catalog.listing import list_backups
 from backupd.config.file import load_config
 from backupd.daemon.runner import StorePool
 from backupd.operations.backup import Trigger, run_backup
-from tests.helpers import BIG_TABLE_SQL, run_cli, sha256_file, wrapped_bin_dir, write_config
-from tests.pgcluster import PG_BIN, PgCluster, wait_for
+from tests.configs import ConfigFile
+from tests.helpers import BIG_TABLE_SQL, run_cli, sha256_file, wrapped_bin_dir
+from tests.pgcluster import PG_BIN, PgCluster, scratch_database, wait_for
 
 
 @pytest.fixture
 def big_db(pg: PgCluster):  # type: ignore[no-untyped-def]
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_TABLE_SQL, name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_TABLE_SQL, "big_")
 
 
 def _fs_files(root: Path) -> list[Path]:
@@ -44,22 +41,14 @@ def _uploads(s3_client, bucket: str) -> list[dict]:  # type: ignore[no-untyped-d
 
 def test_backup_to_s3_and_filesystem_restores_with_standard_tools(
     tmp_path: Path,
+    config_file: ConfigFile,
     pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
-    s3_server: str,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-    )
+    cfg = config_file(sample_db, path=tmp_path / "backupd.toml", s3=True)
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
 
@@ -130,16 +119,9 @@ def test_backup_to_s3_and_filesystem_restores_with_standard_tools(
 
 
 def test_download_gives_the_plain_dump(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-        extra_job='format = "plain"\ncompression = "gzip:6"\n',
-    )
+    cfg = config_file(sample_db, extra_job='format = "plain"\ncompression = "gzip:6"\n')
     assert run_cli("backup", "app", "-c", str(cfg)).returncode == 0
     out = run_cli("download", "app", "-c", str(cfg), "-o", str(tmp_path / "app.sql"))
     assert out.returncode == 0, out.stderr
@@ -158,24 +140,18 @@ def test_download_gives_the_plain_dump(
 
 def test_pg_dump_killed_midway_publishes_nothing(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
-    s3_server: str,
+    config_file: ConfigFile,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", '"$REAL" "$@" | head -c 7000000\nkill -9 $$')
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=big_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job='compression = "none"\n',
+    cfg = config_file(
+        big_db,
+        s3=True,
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"compression": "none"},
     )
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
@@ -188,21 +164,12 @@ def test_pg_dump_killed_midway_publishes_nothing(
 
 def test_missing_database_fails_once_with_a_clear_error(
     tmp_path: Path,
-    pg: PgCluster,
-    pg_password_file: Path,
-    s3_server: str,
+    config_file: ConfigFile,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database="no_such_db",
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-    )
+    cfg = config_file("no_such_db", s3=True)
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
     assert 'database "no_such_db" does not exist' in out.stderr or "no_such_db" in out.stderr
@@ -211,19 +178,10 @@ def test_missing_database_fails_once_with_a_clear_error(
     assert _fs_files(fs) == []
 
 
-def test_tiny_dump_is_a_failure(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
-) -> None:
+def test_tiny_dump_is_a_failure(tmp_path: Path, sample_db: str, config_file: ConfigFile) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", "printf 'PGDMP'\nexit 0")
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
-        extra_source=f'pg_bin_dir = "{bindir}"',
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir})
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
     assert "below min_size" in out.stderr
@@ -232,24 +190,20 @@ def test_tiny_dump_is_a_failure(
 
 async def test_cancel_mid_upload_aborts_and_kills_pg_dump(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
-    s3_server: str,
+    config_file: ConfigFile,
     s3_bucket: str,
     s3_client,  # type: ignore[no-untyped-def]
 ) -> None:
     marker = uuid.uuid4().hex
     # pg_dump writes its data, then the wrapper keeps stdout open as if the dump went on.
     bindir = wrapped_bin_dir(tmp_path / "bin", f'"$REAL" "$@"\nexec -a sleeper-{marker} sleep 300')
-    cfg_path = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=big_db,
-        s3=(s3_server, s3_bucket),
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job='compression = "none"\n',
+    cfg_path = config_file(
+        big_db,
+        fs_path=None,
+        s3=True,
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"compression": "none"},
     )
     config = load_config(cfg_path)
     job = config.jobs["app"]
@@ -281,18 +235,10 @@ def _pids(pattern: str) -> list[str]:
 
 
 def test_password_never_in_argv_or_logs(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", 'exec "$REAL" "$@"')
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job="globals = true\n",
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir}, extra_job={"globals": True})
     out = run_cli("--log-level", "debug", "backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     calls = (bindir / "calls.log").read_text()
@@ -316,15 +262,9 @@ def test_password_never_in_argv_or_logs(
 
 
 async def test_password_not_in_structlog_events(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg_path = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg_path = config_file(sample_db)
     config = load_config(cfg_path)
     job = config.jobs["app"]
     pool = StorePool()
@@ -355,16 +295,10 @@ def test_check_reports_every_error_with_its_path(tmp_path: Path) -> None:
 
 
 def test_backup_error_when_secret_file_is_readable_by_others(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, config_file: ConfigFile
 ) -> None:
     os.chmod(pg_password_file, 0o644)
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db)
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 1
     assert "chmod 600" in out.stderr and pg.password not in out.stderr

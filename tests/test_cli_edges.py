@@ -12,20 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from tests import configs
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, write_config
+from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli
 from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.test_operator import gated_bin_dir
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path) -> Path:
-    return write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
+def cfg(tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile) -> Path:
+    return config_file(
+        sample_db,
     )
 
 
@@ -65,32 +63,27 @@ def test_help_says_where_the_config_is_and_verify_options_have_text() -> None:
 
 
 def test_log_format_console_is_honoured_by_one_shot_commands(cfg: Path) -> None:
-    text = cfg.read_text().replace("[daemon]\n", '[daemon]\nlog_format = "console"\n', 1)
-    cfg.write_text(text)
+    configs.edit(cfg, {"daemon.log_format": "console"})
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines and all(not line.startswith("{") for line in lines), out.stderr
     assert any("backup_started" in line for line in lines)
     # And JSON when the config says json (stderr is not a terminal either way).
-    cfg.write_text(text.replace('log_format = "console"', 'log_format = "json"'))
+    configs.edit(cfg, {"daemon.log_format": "json"})
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stderr.splitlines()[0])["event"]
 
 
 @pytest.fixture
-def big_cfg(tmp_path: Path, pg: PgCluster, pg_password_file: Path) -> Iterator[Path]:
+def big_cfg(tmp_path: Path, pg: PgCluster, config_file: ConfigFile) -> Iterator[Path]:
     name = "big_" + uuid.uuid4().hex[:8]
     pg.createdb(name)
     pg.psql(BIG_TABLE_SQL.replace("120000", "20000"), name)
     try:
-        yield write_config(
-            tmp_path / "b.toml",
-            pg,
-            password_file=pg_password_file,
-            database=name,
-            fs_path=tmp_path / "store",
+        yield config_file(
+            name,
         )
     finally:
         pg.dropdb(name)
@@ -146,17 +139,10 @@ def test_restore_into_a_missing_database_suggests_create(
 
 
 def test_ctrl_c_on_trigger_wait_says_the_run_goes_on(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir, gate = gated_bin_dir(tmp_path / "gated")
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{bindir}"',
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir})
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         err_path = tmp_path / "trigger.err"
@@ -186,31 +172,22 @@ def test_ctrl_c_on_trigger_wait_says_the_run_goes_on(
 
 
 def test_health_asks_where_the_config_says_the_daemon_listens(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     port = free_port()
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-        http_listen=f"0.0.0.0:{port}",
-    )
+    cfg = config_file(sample_db, http_listen=f"0.0.0.0:{port}")
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         ok = d.cli("health")
         assert ok.returncode == 0, ok.stderr
         assert f"http://127.0.0.1:{port}/healthz" in ok.stdout  # the wildcard, asked on loopback
         # Without http_listen: a ping on the control socket.
-        cfg.write_text(cfg.read_text().replace(f'http_listen = "0.0.0.0:{port}"', ""))
+        configs.edit(cfg, {"daemon.http_listen": configs.DELETE})
         ping = d.cli("health")
         assert ping.returncode == 0 and "control socket" in ping.stdout, ping.stderr
     finally:
         d.stop()
     assert d.cli("health").returncode == 3
-    cfg.write_text(
-        cfg.read_text().replace("[daemon]\n", f'[daemon]\nhttp_listen = "127.0.0.1:{port}"\n')
-    )
+    configs.edit(cfg, {"daemon.http_listen": f"127.0.0.1:{port}"})
     down = d.cli("health")
     assert down.returncode == 3 and f"127.0.0.1:{port}/healthz" in down.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,61 +22,32 @@ from backupd.catalog.listing import find_backup, list_backups
 from backupd.catalog.manifest import Manifest
 from backupd.catalog.retention import FUTURE_TOLERANCE
 from backupd.config.file import load_config
-from backupd.config.model import Config, Job
-from backupd.daemon.runner import Runner, StorePool
 from backupd.observe.metrics import Metrics
-from backupd.operations.backup import Trigger
-from backupd.operations.prune import prune_after_success
-from backupd.storage.base import Store
 from backupd.storage.filesystem import FilesystemStore
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import restamp, run_cli, write_config
-from tests.pgcluster import PgCluster, free_port, wait_for
-
-
-async def _runs(config: Config, n: int, metrics: Metrics) -> list[str]:
-    """`n` successful runs of job app, each followed by its prune; their stems."""
-
-    async def after(
-        config: Config, job: Job, manifest: Manifest, stores: Mapping[str, Store]
-    ) -> None:
-        await prune_after_success(config, job, manifest, stores, metrics=metrics)
-
-    pool = StorePool()
-    runner = Runner(config, pool, after_success=after)
-    stems = []
-    try:
-        for _ in range(n):
-            run = await runner.wait(runner.submit("app", Trigger()))
-            assert run.state == "success", run.error
-            assert run.backup is not None
-            stems.append(run.backup)
-    finally:
-        await pool.aclose()
-    return stems
+from tests.helpers import restamp, run_cli, runs_with_prune
+from tests.pgcluster import free_port, wait_for
 
 
 async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, config_file: ConfigFile, sample_db: str
 ) -> None:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
-        extra_job="retention = { keep_last = 1 }\n",
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
+        extra_job={"retention": {"keep_last": 1}},
     )
     config = load_config(cfg)
     store = FilesystemStore(config.storages["local"])  # type: ignore[arg-type]
     await store.open()
     metrics = Metrics()
-    (first,) = await _runs(config, 1, metrics)
+    (first,) = await runs_with_prune(config, 1, metrics)
     (manifest,) = await list_backups(store, "app")
     ahead = restamp(fs, manifest, datetime.now(UTC) + timedelta(days=200))
 
-    stems = await _runs(config, 3, metrics)
+    stems = await runs_with_prune(config, 3, metrics)
 
     # Each run's backup survived its own prune; the next run's prune deleted it.
     remaining = await list_backups(store, "app")
@@ -114,9 +85,8 @@ async def test_a_backup_200_days_ahead_makes_keep_last_1_delete_no_new_backup(
 
 def test_start_up_scan_catches_up_and_reports_no_future_success(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
-    pg_password_file: Path,
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
     """Only a backup 200 days ahead in storage, and a yearly schedule whose last fire
@@ -124,12 +94,9 @@ def test_start_up_scan_catches_up_and_reports_no_future_success(
     never shows the future."""
     fs = tmp_path / "store"
     port = free_port()
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
         extra_job='schedule = "0 0 1 1 *"\ncatch_up = true\n',
         http_listen=f"127.0.0.1:{port}",
     )

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import configs
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import write_config
 from tests.pgcluster import PgCluster, free_port
@@ -41,10 +42,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, pg: PgCluster) -> Iterator[
         password_file=password,
         database="postgres",
         fs_path=base / "store",
-        extra_daemon='log_level = "debug"',
+        extra_daemon={"log_level": "debug"},
     )
     # The job's database is a port nobody listens on: a fuzzed trigger fails in milliseconds.
-    cfg.write_text(cfg.read_text().replace(f":{pg.port}/", f":{free_port()}/"))
+    configs.edit(cfg, {"source.main.dsn": pg.dsn("postgres", port=free_port())})
     d = DaemonProcess(cfg, base / "daemon.log").start()
     try:
         yield d

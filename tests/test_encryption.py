@@ -30,7 +30,8 @@ from backupd.stream.age import (
     load_identities,
     parse_recipient,
 )
-from tests.helpers import run_cli, write_config
+from tests.configs import ConfigFile
+from tests.helpers import run_cli
 from tests.pgcluster import PG_BIN, PgCluster
 
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 5_000_000]
@@ -263,16 +264,12 @@ def encrypted_backup(
     tmp_path: Path,
     pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     keys: tuple[AgeKey, AgeKey, AgeKey],
 ) -> EncryptedBackup:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
+    cfg = config_file(
+        sample_db,
         extra_job=(
             f'encryption = {{ recipients = ["{keys[0].recipient}", "{keys[1].recipient}"] }}\n'
         ),

@@ -37,6 +37,7 @@ from backupd.errors import StorageError
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger, run_backup
 from backupd.storage import Store, open_store
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.fakeclock import FakeClock
 from tests.faultproxy import (
@@ -48,7 +49,7 @@ from tests.faultproxy import (
     Rule,
     TruncateUpstream,
 )
-from tests.helpers import no_wait_retry, run_cli, wrapped_bin_dir, write_config
+from tests.helpers import no_wait_retry, restore_to, run_cli, wrapped_bin_dir
 from tests.pgcluster import PgCluster, wait_for
 from tests.test_runner import fake_manifest
 
@@ -56,62 +57,7 @@ MiB = 1024 * 1024
 
 FAST_RETRY = no_wait_retry(attempts=6)
 
-# 200,000 rows of md5 text: about 21 MB as an uncompressed custom dump, five 5 MiB parts.
-BIG_SQL = """
-CREATE TABLE blobs (id serial PRIMARY KEY, a text, b text, c text);
-INSERT INTO blobs (a, b, c)
-  SELECT md5(g::text), md5((g * 7)::text), md5((g * 13)::text)
-  FROM generate_series(1, 200000) g;
-"""
-
-
 # -- fixtures and helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def big_db(pg: PgCluster) -> Iterator[str]:
-    """A database whose dump spans several S3 parts; read-only, shared by the module."""
-    name = "faults_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_SQL, name)
-    yield name
-    pg.dropdb(name)
-
-
-@pytest.fixture
-def proxy(s3_server: str) -> Iterator[FaultProxy]:
-    with FaultProxy(s3_server, seed=8) as fp:
-        yield fp
-
-
-def proxied_config(
-    tmp_path: Path,
-    pg: PgCluster,
-    password_file: Path,
-    database: str,
-    *,
-    endpoint: str,
-    bucket: str,
-    storage_extra: str = "",
-    max_attempts: int = 1,
-    **kwargs: Any,
-) -> Path:
-    """write_config's config with path-style S3 addressing (required behind the proxy)."""
-    path = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=password_file,
-        database=database,
-        s3=(endpoint, bucket),
-        **kwargs,
-    )
-    text = path.read_text().replace(
-        'region = "us-east-1"\n',
-        f'region = "us-east-1"\naddressing_style = "path"\n{storage_extra}',
-    )
-    text = text.replace("max_attempts = 1,", f"max_attempts = {max_attempts},")
-    path.write_text(text)
-    return path
 
 
 @asynccontextmanager
@@ -180,10 +126,9 @@ def listed(cfg: Path) -> list[dict[str, Any]]:
 
 
 async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_backup(
-    tmp_path: Path,
     pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    proxied_config: ConfigFile,
     proxy: FaultProxy,
     s3_bucket: str,
     s3_client: Any,
@@ -193,13 +138,9 @@ async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_ba
     one now and then still runs out, and then the run's next attempt
     (max_attempts = 3) starts that backup over."""
     cfg = proxied_config(
-        tmp_path,
-        pg,
-        pg_password_file,
         big_db,
         endpoint=proxy.url,
-        bucket=s3_bucket,
-        extra_job='compression = "none"\n',
+        extra_job={"compression": "none"},
         max_attempts=3,
     )
     config = load_config(cfg)
@@ -247,15 +188,7 @@ async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_ba
     target = "restored_" + uuid.uuid4().hex[:6]
     pg.createdb(target)
     try:
-        out = run_cli(
-            "restore",
-            "app",
-            "-c",
-            str(cfg),
-            "--to",
-            pg.dsn(target),
-            env={"PGPASSWORD": pg.password},
-        )
+        out = restore_to(cfg, pg, target)
         assert out.returncode == 0, out.stderr
         assert pg.row_counts(target) == pg.row_counts(big_db) == {"public.blobs": 200000}
     finally:
@@ -273,10 +206,8 @@ async def test_thirty_percent_of_s3_requests_failing_still_gives_a_restorable_ba
 
 @pytest.mark.parametrize("problem", ["AccessDenied", "NoSuchBucket"])
 async def test_refusal_fails_the_run_once_without_a_retry_storm(
-    tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    proxied_config: ConfigFile,
     proxy: FaultProxy,
     s3_bucket: str,
     problem: str,
@@ -288,9 +219,6 @@ async def test_refusal_fails_the_run_once_without_a_retry_storm(
     else:
         bucket = "missing-" + uuid.uuid4().hex[:8]  # moto itself answers NoSuchBucket
     cfg = proxied_config(
-        tmp_path,
-        pg,
-        pg_password_file,
         sample_db,
         endpoint=proxy.url,
         bucket=bucket,
@@ -312,10 +240,8 @@ async def test_refusal_fails_the_run_once_without_a_retry_storm(
 
 @pytest.mark.parametrize("times", [1, None], ids=["once", "always"])
 async def test_complete_answering_200_with_an_error(
-    tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    proxied_config: ConfigFile,
     proxy: FaultProxy,
     s3_bucket: str,
     s3_client: Any,
@@ -328,13 +254,9 @@ async def test_complete_answering_200_with_an_error(
     assemble is deleted, so nothing is left that looks like data.
     """
     cfg = proxied_config(
-        tmp_path,
-        pg,
-        pg_password_file,
         big_db,
         endpoint=proxy.url,
-        bucket=s3_bucket,
-        extra_job='compression = "none"\n',
+        extra_job={"compression": "none"},
     )
     config = load_config(cfg)
     job = config.jobs["app"]
@@ -358,10 +280,8 @@ async def test_complete_answering_200_with_an_error(
 
 
 async def test_a_part_the_store_kept_short_fails_the_run(
-    tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    proxied_config: ConfigFile,
     proxy: FaultProxy,
     s3_bucket: str,
     s3_client: Any,
@@ -372,15 +292,11 @@ async def test_a_part_the_store_kept_short_fails_the_run(
     check of the completed object's size can notice.
     """
     cfg = proxied_config(
-        tmp_path,
-        pg,
-        pg_password_file,
         big_db,
         endpoint=proxy.url,
-        bucket=s3_bucket,
-        extra_job='compression = "none"\n',
+        extra_job={"compression": "none"},
+        s3_extra={"part_size": "6MiB"},
     )
-    cfg.write_text(cfg.read_text().replace('part_size = "5MiB"', 'part_size = "6MiB"'))
     config = load_config(cfg)
     job = config.jobs["app"]
     proxy.add(Rule(TruncateUpstream(5 * MiB), ops=("UploadPart",), query={"partNumber": "1"}))
@@ -394,9 +310,8 @@ async def test_a_part_the_store_kept_short_fails_the_run(
 
 async def test_a_target_failing_at_complete_takes_back_the_target_that_completed(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    proxied_config: ConfigFile,
     proxy: FaultProxy,
     s3_bucket: str,
     s3_client: Any,
@@ -405,14 +320,10 @@ async def test_a_target_failing_at_complete_takes_back_the_target_that_completed
     the run fails, and the finished file is deleted, not left for the sweeper."""
     fs = tmp_path / "store"
     cfg = proxied_config(
-        tmp_path,
-        pg,
-        pg_password_file,
         big_db,
         endpoint=proxy.url,
-        bucket=s3_bucket,
         fs_path=fs,
-        extra_job='compression = "none"\n',
+        extra_job={"compression": "none"},
     )
     held = proxy.add(
         Rule(
@@ -438,9 +349,8 @@ async def test_a_target_failing_at_complete_takes_back_the_target_that_completed
 @pytest.mark.parametrize("seed", range(1, 13))
 async def test_random_faults_never_half_publish(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    proxied_config: ConfigFile,
     s3_server: str,
     s3_bucket: str,
     s3_client: Any,
@@ -454,14 +364,10 @@ async def test_random_faults_never_half_publish(
     fs = tmp_path / "store"
     with FaultProxy(s3_server, seed=seed) as proxy:
         cfg = proxied_config(
-            tmp_path,
-            pg,
-            pg_password_file,
             big_db,
             endpoint=proxy.url,
-            bucket=s3_bucket,
             fs_path=fs,
-            extra_job='compression = "none"\n',
+            extra_job={"compression": "none"},
             max_attempts=2,
         )
         config = load_config(cfg)
@@ -521,9 +427,8 @@ STAGES: dict[str, tuple[Callable[[], Rule], tuple[int, int]]] = {
 )
 def test_kill_9_at_each_stage_leaves_nothing_listed_and_the_restart_sweeps(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    proxied_config: ConfigFile,
     proxy: FaultProxy,
     s3_bucket: str,
     s3_client: Any,
@@ -537,15 +442,11 @@ def test_kill_9_at_each_stage_leaves_nothing_listed_and_the_restart_sweeps(
     marker = "pgdump-" + uuid.uuid4().hex
     bindir = wrapped_bin_dir(tmp_path / "bin", f'exec -a {marker} "$REAL" "$@"')
     cfg = proxied_config(
-        tmp_path,
-        pg,
-        pg_password_file,
         big_db,
         endpoint=proxy.url,
-        bucket=s3_bucket,
-        storage_extra='abandoned_upload_grace = "1s"\n',
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job='compression = "none"\n',
+        s3_extra='abandoned_upload_grace = "1s"\n',
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"compression": "none"},
     )
     make_rule, (left_uploads, left_objects) = STAGES[stage]
     rule = proxy.add(make_rule())
@@ -610,8 +511,7 @@ async def test_postgres_restarted_mid_dump_fails_the_attempt_and_the_retry_succe
     tmp_path: Path,
     pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
-    s3_server: str,
+    config_file: ConfigFile,
     s3_bucket: str,
     s3_client: Any,
 ) -> None:
@@ -625,16 +525,7 @@ async def test_postgres_restarted_mid_dump_fails_the_attempt_and_the_retry_succe
         f'  while [ ! -e "{go}" ]; do sleep 0.05; done; cat; }}',
     )
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=big_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-        extra_source=f'pg_bin_dir = "{bindir}"',
-    )
-    cfg.write_text(cfg.read_text().replace("max_attempts = 1,", "max_attempts = 3,"))
+    cfg = config_file(big_db, s3=True, extra_source={"pg_bin_dir": bindir}, max_attempts=3)
     config = load_config(cfg)
 
     async def restart_when_streaming() -> None:
@@ -662,26 +553,15 @@ async def test_postgres_restarted_mid_dump_fails_the_attempt_and_the_retry_succe
 @pytest.mark.parametrize("output", ["", "PGDMP"], ids=["empty", "tiny"])
 async def test_pg_dump_exiting_0_with_too_little_output_is_a_failure(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
-    s3_server: str,
+    config_file: ConfigFile,
     s3_bucket: str,
     s3_client: Any,
     output: str,
 ) -> None:
     bindir = wrapped_bin_dir(tmp_path / "bin", f"printf '{output}'\nexit 0")
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-        extra_source=f'pg_bin_dir = "{bindir}"',
-    )
-    cfg.write_text(cfg.read_text().replace("max_attempts = 1,", "max_attempts = 3,"))
+    cfg = config_file(sample_db, s3=True, extra_source={"pg_bin_dir": bindir}, max_attempts=3)
     run, metrics = await run_job(load_config(cfg))
     assert run.state == "failure" and run.attempts == 1  # not transient: never retried
     assert f"is {len(output)} bytes, below min_size 1024" in (run.error or "")
@@ -716,9 +596,8 @@ def small_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 )
 async def test_full_filesystem_fails_the_run_and_publishes_no_other_target(
     tmp_path: Path,
-    pg: PgCluster,
     big_db: str,
-    pg_password_file: Path,
+    proxied_config: ConfigFile,
     proxy: FaultProxy,
     s3_bucket: str,
     s3_client: Any,
@@ -729,15 +608,11 @@ async def test_full_filesystem_fails_the_run_and_publishes_no_other_target(
     marker = "pgdump-" + uuid.uuid4().hex
     bindir = wrapped_bin_dir(tmp_path / "bin", f'exec -a {marker} "$REAL" "$@"')
     cfg = proxied_config(
-        tmp_path,
-        pg,
-        pg_password_file,
         big_db,
         endpoint=proxy.url,
-        bucket=s3_bucket,
         fs_path=small_fs,
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job='compression = "none"\n',
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"compression": "none"},
         max_attempts=3,
     )
     run, metrics = await run_job(load_config(cfg))

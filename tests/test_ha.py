@@ -13,12 +13,12 @@ import itertools
 import json
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from backupd.catalog.manifest import MANIFEST_SUFFIX
@@ -39,7 +39,7 @@ from backupd.storage import open_store
 from backupd.storage.base import Store
 from tests.daemon_proc import DaemonProcess
 from tests.faultproxy import Delay, FaultProxy, Rule
-from tests.helpers import wrapped_bin_dir, write_config
+from tests.helpers import moto_client, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.test_objstores import BUCKETS
 from tests.test_storage_contract import NO_WAIT_RETRY, s3_config, target_config
@@ -269,46 +269,58 @@ async def test_conditional_writes_moto(s3_server: str, s3_bucket: str) -> None:
 # -- several real daemons ----------------------------------------------------------------
 
 
-def _node_config(
-    tmp_path: Path,
-    name: str,
-    pg: PgCluster,
-    sample_db: str,
-    password_file: Path,
-    *,
-    s3: tuple[str, str] | None = None,
-    fs: Path | None = None,
-    schedule: str,
-    lease: float = LEASE,
-    bin_dir: Path | None = None,
-    http_listen: str = "",
-    catch_up: bool = True,
-) -> Path:
-    home = tmp_path / name
-    home.mkdir()
-    return write_config(
-        home / "b.toml",
-        pg,
-        password_file=password_file,
-        database=sample_db,
-        fs_path=fs,
-        s3=s3,
-        s3_extra='addressing_style = "path"\n',
-        extra_daemon=f'node = "{name}"\nha = {{ enabled = true, lease = "{lease:g}s" }}',
-        extra_source=f'pg_bin_dir = "{bin_dir}"' if bin_dir else "",
-        extra_job=f'schedule = "{schedule}"\ncatch_up = {str(catch_up).lower()}\n',
-        http_listen=http_listen,
-    )
+NodeConfig = Callable[..., Path]
+
+
+@pytest.fixture
+def node_config(
+    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+) -> NodeConfig:
+    """`node_config(name, schedule=..., **keys)`: the config of HA node `name` (its own
+    folder under tmp_path), backing up `sample_db` to the shared store `s3` or `fs`."""
+
+    def write(
+        name: str,
+        *,
+        s3: tuple[str, str] | None = None,
+        fs: Path | None = None,
+        schedule: str,
+        lease: float = LEASE,
+        bin_dir: Path | None = None,
+        http_listen: str = "",
+        catch_up: bool = True,
+    ) -> Path:
+        home = tmp_path / name
+        home.mkdir()
+        return write_config(
+            home / "b.toml",
+            pg,
+            password_file=pg_password_file,
+            database=sample_db,
+            fs_path=fs,
+            s3=s3,
+            s3_extra={"addressing_style": "path"},
+            extra_daemon={"node": name, "ha": {"enabled": True, "lease": f"{lease:g}s"}},
+            extra_source={"pg_bin_dir": bin_dir} if bin_dir else None,
+            extra_job={"schedule": schedule, "catch_up": catch_up},
+            http_listen=http_listen,
+        )
+
+    return write
+
+
+def _start_nodes(
+    node_config: NodeConfig, daemons: list[DaemonProcess], tmp_path: Path, **keys: Any
+) -> None:
+    """Three HA daemons n0, n1, n2 with the same job; `http_listen` is n0's alone."""
+    http_listen = keys.pop("http_listen", "")
+    for i in range(3):
+        cfg = node_config(f"n{i}", http_listen=http_listen if i == 0 else "", **keys)
+        daemons.append(DaemonProcess(cfg, tmp_path / f"n{i}.log").start())
 
 
 def _manifests_s3(endpoint: str, bucket: str) -> list[dict[str, Any]]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing-secret",
-    )
+    client = moto_client(endpoint)
     out = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="prod/"):
         for item in page.get("Contents", []):
@@ -347,9 +359,7 @@ def _rfc3339(slot: str) -> str:
 def test_three_daemons_one_backup_per_slot(
     kind: str,
     tmp_path: Path,
-    pg: PgCluster,
-    sample_db: str,
-    pg_password_file: Path,
+    node_config: NodeConfig,
     s3_server: str,
     s3_bucket: str,
     daemons: list[DaemonProcess],
@@ -358,19 +368,8 @@ def test_three_daemons_one_backup_per_slot(
     fs = tmp_path / "shared-store" if kind == "filesystem" else None
     s3 = (s3_server, s3_bucket) if kind == "moto" else None
     port = free_port()
-    for i in range(3):
-        cfg = _node_config(
-            tmp_path,
-            f"n{i}",
-            pg,
-            sample_db,
-            pg_password_file,
-            s3=s3,
-            fs=fs,
-            schedule="*/3 * * * * *",
-            http_listen=f"127.0.0.1:{port}" if i == 0 else "",
-        )
-        daemons.append(DaemonProcess(cfg, tmp_path / f"n{i}.log").start())
+    keys = {"s3": s3, "fs": fs, "http_listen": f"127.0.0.1:{port}"}
+    _start_nodes(node_config, daemons, tmp_path, schedule="*/3 * * * * *", **keys)
 
     def manifests() -> list[dict[str, Any]]:
         return _manifests_s3(s3_server, s3_bucket) if s3 else _manifests_fs(fs)  # type: ignore[arg-type]
@@ -415,9 +414,7 @@ def test_three_daemons_one_backup_per_slot(
 @pytest.mark.slow
 def test_kill_holder_another_node_publishes_the_slot(
     tmp_path: Path,
-    pg: PgCluster,
-    sample_db: str,
-    pg_password_file: Path,
+    node_config: NodeConfig,
     s3_server: str,
     s3_bucket: str,
     daemons: list[DaemonProcess],
@@ -425,19 +422,8 @@ def test_kill_holder_another_node_publishes_the_slot(
     """kill -9 the daemon running a slot: another takes it over within lease + dump time."""
     dump_seconds = 5
     bin_dir = wrapped_bin_dir(tmp_path / "bin", f'sleep {dump_seconds}\nexec "$REAL" "$@"')
-    for i in range(3):
-        cfg = _node_config(
-            tmp_path,
-            f"n{i}",
-            pg,
-            sample_db,
-            pg_password_file,
-            s3=(s3_server, s3_bucket),
-            schedule="*/20 * * * * *",
-            bin_dir=bin_dir,
-            catch_up=False,
-        )
-        daemons.append(DaemonProcess(cfg, tmp_path / f"n{i}.log").start())
+    keys = {"s3": (s3_server, s3_bucket), "bin_dir": bin_dir, "catch_up": False}
+    _start_nodes(node_config, daemons, tmp_path, schedule="*/20 * * * * *", **keys)
 
     def holder() -> tuple[DaemonProcess, str] | None:
         """The node with a run in progress, and the slot it claimed for it."""
@@ -491,20 +477,14 @@ def test_kill_holder_another_node_publishes_the_slot(
 
 def test_store_ignoring_conditional_writes_fails_ha_startup(
     tmp_path: Path,
-    pg: PgCluster,
-    sample_db: str,
-    pg_password_file: Path,
+    node_config: NodeConfig,
     s3_server: str,
     s3_bucket: str,
 ) -> None:
     with FaultProxy(s3_server) as proxy:
         proxy.strip_conditions = True
-        cfg = _node_config(
-            tmp_path,
+        cfg = node_config(
             "n0",
-            pg,
-            sample_db,
-            pg_password_file,
             s3=(proxy.url, s3_bucket),
             schedule="0 0 * * *",
         )
@@ -519,9 +499,7 @@ def test_store_ignoring_conditional_writes_fails_ha_startup(
 @pytest.mark.slow
 def test_delayed_renewals_old_holder_stops_before_new_one_publishes(
     tmp_path: Path,
-    pg: PgCluster,
-    sample_db: str,
-    pg_password_file: Path,
+    node_config: NodeConfig,
     s3_server: str,
     s3_bucket: str,
     daemons: list[DaemonProcess],
@@ -533,12 +511,8 @@ def test_delayed_renewals_old_holder_stops_before_new_one_publishes(
         # Every renewal (a PutObject with If-Match) of node a is held for 3 leases.
         # (The first two are the start-up self-test's probes: they pass.)
         proxy.add(Rule(Delay(seconds=3 * LEASE), ops=("PutObject",), header="If-Match", after=2))
-        cfg_a = _node_config(
-            tmp_path,
+        cfg_a = node_config(
             "a",
-            pg,
-            sample_db,
-            pg_password_file,
             s3=(proxy.url, s3_bucket),
             schedule="*/30 * * * * *",
             bin_dir=bin_dir,
@@ -558,12 +532,8 @@ def test_delayed_renewals_old_holder_stops_before_new_one_publishes(
         slot = wait_for(fresh_claim, 75, what="node a claiming a slot at its time")
         wait_for(lambda: bool(_events(a, "run_started")), 45, what="node a running a slot")
         # b starts now: its catch-up finds the slot claimed by a and watches it.
-        cfg_b = _node_config(
-            tmp_path,
+        cfg_b = node_config(
             "b",
-            pg,
-            sample_db,
-            pg_password_file,
             s3=(s3_server, s3_bucket),
             schedule="*/30 * * * * *",
             bin_dir=bin_dir,

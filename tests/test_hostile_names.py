@@ -21,22 +21,16 @@ from typing import Any
 
 import pytest
 
+from tests import configs
 from tests.fakepg import fake_postgres
 from tests.helpers import run_cli, write_config
-from tests.pgcluster import PG_BIN, PgCluster, make_cluster
+from tests.pgcluster import PG_BIN, PgCluster, make_cluster, temp_cluster
 
 
 @pytest.fixture(scope="module")
 def own_pg() -> Iterator[PgCluster]:
     """A cluster for this module alone: `databases = ["*"]` sees only what these tests made."""
-    base = Path(tempfile.mkdtemp(prefix="backupd-hostile-"))
-    os.chmod(base, 0o755)
-    cluster = make_cluster(base / "cluster")
-    try:
-        yield cluster
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
+    yield from temp_cluster("backupd-hostile-")
 
 
 def conninfo(pg: PgCluster, database: str) -> str:
@@ -312,9 +306,8 @@ def test_keyword_value_dsn_works_at_run_time(own_pg: PgCluster, tmp_path: Path) 
     make_database(own_pg, "kv_db")
     try:
         cfg = config(tmp_path, own_pg, 'format = "plain"\n')
-        text = cfg.read_text()
         keyword = f"host=127.0.0.1 port={own_pg.port} user={own_pg.user} dbname=kv_db"
-        cfg.write_text(text.replace(f'dsn = "{own_pg.dsn("postgres")}"', f'dsn = "{keyword}"'))
+        configs.edit(cfg, {"source.main.dsn": keyword})
         assert keyword in cfg.read_text()
         out = run_cli("backup", "app", "-c", str(cfg))
         assert out.returncode == 0, out.stderr

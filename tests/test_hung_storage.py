@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ import pytest
 from backupd.errors import TransientStorageError
 from backupd.storage import open_store
 from backupd.storage.base import CLEANUP_DEADLINE
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.faultproxy import Delay, FaultProxy, Rule
 from tests.helpers import no_wait_retry
-from tests.pgcluster import PgCluster, wait_for
-from tests.test_faults import BIG_SQL, listed, proxied_config, uploads
+from tests.pgcluster import wait_for
+from tests.test_faults import listed, uploads
 from tests.test_storage_contract import s3_config
 
 MiB = 1024 * 1024
@@ -36,51 +37,33 @@ MiB = 1024 * 1024
 SLACK = 5.0
 
 
-@pytest.fixture(scope="module")
-def big_db(pg: PgCluster) -> Iterator[str]:
-    """A database whose uncompressed dump spans several 5 MiB parts."""
-    name = "hung_db"
-    pg.createdb(name)
-    pg.psql(BIG_SQL, name)
-    yield name
-    pg.dropdb(name)
+HungDaemon = Callable[..., tuple[DaemonProcess, Path, Rule]]
 
 
 @pytest.fixture
-def proxy(s3_server: str) -> Iterator[FaultProxy]:
-    with FaultProxy(s3_server, seed=12) as fp:
-        yield fp
-
-
 def hung_daemon(
     tmp_path: Path,
-    pg: PgCluster,
-    db: str,
-    password_file: Path,
+    big_db: str,
     proxy: FaultProxy,
-    bucket: str,
+    proxied_config: ConfigFile,
     daemons: list[DaemonProcess],
-    *,
-    extra_job: str = "",
-    extra_daemon: str = "",
-) -> tuple[DaemonProcess, Path, Rule]:
-    """A daemon whose job uploads through the proxy; the returned rule holds part 2."""
-    cfg = proxied_config(
-        tmp_path,
-        pg,
-        password_file,
-        db,
-        endpoint=proxy.url,
-        bucket=bucket,
-        extra_job='compression = "none"\n' + extra_job,
-        extra_daemon=extra_daemon,
-    )
-    stall = proxy.add(
-        Rule(Delay(3600, after_bytes=MiB), ops=("UploadPart",), query={"partNumber": "2"})
-    )
-    d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
-    daemons.append(d)
-    return d, cfg, stall
+) -> HungDaemon:
+    """`hung_daemon(**keys)`: a daemon whose job uploads `big_db` through the proxy, with
+    `keys` (`extra_job`, `extra_daemon`) in its config; the returned rule holds part 2."""
+
+    def start(
+        *, extra_job: dict[str, Any] | None = None, **keys: Any
+    ) -> tuple[DaemonProcess, Path, Rule]:
+        job = {"compression": "none", **(extra_job or {})}
+        cfg = proxied_config(big_db, endpoint=proxy.url, extra_job=job, **keys)
+        stall = proxy.add(
+            Rule(Delay(3600, after_bytes=MiB), ops=("UploadPart",), query={"partNumber": "2"})
+        )
+        d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        daemons.append(d)
+        return d, cfg, stall
+
+    return start
 
 
 def connections_to(url: str) -> list[str]:
@@ -176,27 +159,14 @@ async def test_a_store_that_stops_answering_fails_each_request_after_read_timeou
 
 @pytest.mark.slow
 def test_job_timeout_on_a_hung_store_fails_the_run_in_bounded_time(
-    tmp_path: Path,
-    pg: PgCluster,
-    big_db: str,
-    pg_password_file: Path,
+    hung_daemon: HungDaemon,
     proxy: FaultProxy,
     s3_bucket: str,
     s3_client: Any,
-    daemons: list[DaemonProcess],
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
     timeout = 6.0
-    d, cfg, stall = hung_daemon(
-        tmp_path,
-        pg,
-        big_db,
-        pg_password_file,
-        proxy,
-        s3_bucket,
-        daemons,
-        extra_job=f'timeout = "{timeout:g}s"\n',
-    )
+    d, cfg, stall = hung_daemon(extra_job={"timeout": f"{timeout:g}s"})
     t0 = time.monotonic()
     run_id = trigger(d)
     hang_store(proxy, stall)
@@ -227,16 +197,11 @@ def test_job_timeout_on_a_hung_store_fails_the_run_in_bounded_time(
 
 @pytest.mark.slow
 def test_cancel_on_a_hung_store_ends_the_run_in_bounded_time(
-    tmp_path: Path,
-    pg: PgCluster,
-    big_db: str,
-    pg_password_file: Path,
+    hung_daemon: HungDaemon,
     proxy: FaultProxy,
-    s3_bucket: str,
-    daemons: list[DaemonProcess],
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
-    d, _, stall = hung_daemon(tmp_path, pg, big_db, pg_password_file, proxy, s3_bucket, daemons)
+    d, _, stall = hung_daemon()
     run_id = trigger(d)
     hang_store(proxy, stall)
     t0 = time.monotonic()
@@ -255,26 +220,12 @@ def test_cancel_on_a_hung_store_ends_the_run_in_bounded_time(
 
 @pytest.mark.slow
 def test_sigterm_on_a_hung_store_exits_after_the_grace_and_records_a_failure(
-    tmp_path: Path,
-    pg: PgCluster,
-    big_db: str,
-    pg_password_file: Path,
+    hung_daemon: HungDaemon,
     proxy: FaultProxy,
-    s3_bucket: str,
-    daemons: list[DaemonProcess],
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
     grace = 2.0
-    d, _, stall = hung_daemon(
-        tmp_path,
-        pg,
-        big_db,
-        pg_password_file,
-        proxy,
-        s3_bucket,
-        daemons,
-        extra_daemon=f'shutdown_grace = "{grace:g}s"',
-    )
+    d, _, stall = hung_daemon(extra_daemon={"shutdown_grace": f"{grace:g}s"})
     run_id = trigger(d)
     hang_store(proxy, stall)
     t0 = time.monotonic()

@@ -24,10 +24,10 @@ from backupd.config.model import Config
 from backupd.daemon import control
 from backupd.daemon.lifecycle import schedule_entries
 from backupd.daemon.scheduler import ScheduleLoop
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.fakeclock import FakeClock
-from tests.helpers import wrapped_bin_dir, write_config
-from tests.pgcluster import PgCluster
+from tests.helpers import wrapped_bin_dir
 
 
 def proc_status(pid: int, field: str) -> int:
@@ -53,9 +53,8 @@ async def ask(sock: str, payload: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.slow
 async def test_fifty_triggers_at_once_run_four_at_a_time_and_all_complete(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     daemons: list[DaemonProcess],
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
@@ -67,12 +66,8 @@ async def test_fifty_triggers_at_once_run_four_at_a_time_and_all_complete(
         f'sleep 0.3\necho "end $$" >> "{events}"\nexit $rc',
     )
     jobs = "".join(f'[job.j{n}]\nsource = "main"\nstorage = ["local"]\n' for n in range(50))
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
+    cfg = config_file(
+        sample_db,
         extra_daemon="max_concurrent_jobs = 4",
         extra_source=f'pg_bin_dir = "{bindir}"\nmax_concurrent = 50',
         extra=jobs,
@@ -220,19 +215,12 @@ async def one_client(sock: str, sent: bytes, expect: set[str] | None) -> str:
 
 async def test_five_hundred_socket_clients_at_once_some_malformed(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     daemons: list[DaemonProcess],
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db)
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
     assert d.proc is not None

@@ -33,9 +33,11 @@ from backupd.catalog.manifest import (
     stem_for,
 )
 from backupd.storage.filesystem import FilesystemStore
+from tests import configs
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import run_cli, write_config
-from tests.pgcluster import PgCluster, free_port, wait_for
+from tests.helpers import run_cli
+from tests.pgcluster import free_port, wait_for
 
 MARK = "HOSTILE"  # in every hostile value: no message may echo it
 STARTED = datetime(2026, 11, 20, 2, 0, tzinfo=UTC)
@@ -269,24 +271,19 @@ def _samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 @pytest.mark.slow
 def test_hostile_manifests_next_to_good_backups_break_no_command(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
-    pg_password_file: Path,
-    s3_server: str,
     s3_bucket: str,
     s3_client: Any,
     record_testsuite_property: Callable[[str, object], None],
 ) -> None:
     fs = tmp_path / "store"
     port = free_port()
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-        extra_job="retention = { keep_last = 10 }\n",
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
+        s3=True,
+        extra_job={"retention": {"keep_last": 10}},
         http_listen=f"127.0.0.1:{port}",
     )
     c = ("-c", str(cfg))
@@ -368,7 +365,7 @@ def test_hostile_manifests_next_to_good_backups_break_no_command(
     assert warned == bad_keys
 
     # prune: keep_last = 1 deletes the older good backup, and nothing of the bad ones.
-    cfg.write_text(cfg.read_text().replace("keep_last = 10", "keep_last = 1"))
+    configs.edit(cfg, {"job.app.retention.keep_last": 1})
     out = run_cli("prune", "app", *c)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("INVALID") == 2 * n_bad

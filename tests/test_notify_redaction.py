@@ -27,9 +27,9 @@ from backupd.config import model as config
 from backupd.observe import logs
 from backupd.observe.metrics import Metrics
 from backupd.observe.notify import Notifications, RunEvent
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import write_config
-from tests.pgcluster import PgCluster, free_port, wait_for
+from tests.pgcluster import free_port, wait_for
 from tests.test_metrics import value
 from tests.webhook_server import (
     WebhookServer,
@@ -227,9 +227,8 @@ async def test_an_unreachable_or_invalid_secret_url_is_named_but_never_logged(
 @pytest.mark.slow
 def test_a_daemon_at_debug_level_never_logs_its_secret_notifier_urls(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
-    pg_password_file: Path,
     server: WebhookServer,
     record_property: Callable[[str, object], None],
 ) -> None:
@@ -256,13 +255,10 @@ def test_a_daemon_at_debug_level_never_logs_its_secret_notifier_urls(
         f'on = ["start", "success", "failure"]\ntimeout = "1s"\n\n'
         for name in urls
     )
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-        extra_daemon='log_level = "debug"',
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
+        extra_daemon={"log_level": "debug"},
         extra_job=f"notify = {json.dumps(list(urls))}\n",
         extra=notifiers,
     )

@@ -23,9 +23,9 @@ import pytest
 from backupd.config.model import S3Storage
 from backupd.storage import open_store
 from tests.faultproxy import ErrorReply, FaultProxy, Rule
-from tests.helpers import BIG_TABLE_SQL, no_wait_retry, run_cli, write_config
+from tests.helpers import BIG_TABLE_SQL, no_wait_retry, restore_to, run_cli, write_config
 from tests.objstores import S3Target, make_ca_and_server_cert
-from tests.pgcluster import PgCluster, wait_for
+from tests.pgcluster import PgCluster, scratch_database, wait_for
 from tests.test_storage_contract import MULTIPART_SIZE, read_object, target_config, write_object
 
 SLOW = [pytest.mark.slow, pytest.mark.timeout(360)]
@@ -42,11 +42,7 @@ ONE_TRY = no_wait_retry(attempts=1)
 
 @pytest.fixture
 def big_db(pg: PgCluster) -> Iterator[str]:
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_TABLE_SQL, name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_TABLE_SQL, "big_")
 
 
 def _keys(target: S3Target) -> list[str]:
@@ -119,15 +115,7 @@ def test_backup_restore_prune_sweep_end_to_end(
     target_db = "restored_" + uuid.uuid4().hex[:6]
     pg.createdb(target_db)
     try:
-        out = run_cli(
-            "restore",
-            "app",
-            "-c",
-            str(cfg),
-            "--to",
-            pg.dsn(target_db),
-            env={"PGPASSWORD": pg.password},
-        )
+        out = restore_to(cfg, pg, target_db)
         assert out.returncode == 0, out.stderr
         assert pg.row_counts(target_db) == pg.row_counts(big_db)
     finally:

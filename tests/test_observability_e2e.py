@@ -31,9 +31,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from backupd import __version__
 from backupd.catalog.manifest import folder_for, parse_rfc3339
 from backupd.config.file import load_config
+from tests import configs
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import BACKUPD, wrapped_bin_dir, write_config
-from tests.pgcluster import PgCluster, free_port, wait_for
+from tests.helpers import BACKUPD, wrapped_bin_dir
+from tests.pgcluster import free_port, wait_for
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 PROMTOOL = Path("/usr/bin/promtool")
@@ -42,8 +44,7 @@ NO_RETRY_WAIT = 'retry = { max_attempts = 2, initial_delay = "0s", max_delay = "
 
 def _config(
     tmp_path: Path,
-    pg: PgCluster,
-    password_file: Path,
+    config_file: ConfigFile,
     database: str,
     *,
     extra_job: str = "",
@@ -51,19 +52,13 @@ def _config(
 ) -> tuple[Path, int]:
     """A config with job `ok` on a filesystem store and HTTP on a free loopback port."""
     port = free_port()
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=password_file,
-        database=database,
-        fs_path=tmp_path / "store",
+    cfg = config_file(
+        database,
+        path=tmp_path / "backupd.toml",
         job="ok",
         extra_job=extra_job,
         extra=extra,
-    )
-    # write_config always writes `http_listen = ""`; a second key would be a TOML error.
-    cfg.write_text(
-        cfg.read_text().replace('http_listen = ""', f'http_listen = "127.0.0.1:{port}"', 1)
+        http_listen=f"127.0.0.1:{port}",
     )
     return cfg, port
 
@@ -118,7 +113,7 @@ def _trigger_ok(d: DaemonProcess, job: str = "ok") -> dict[str, Any]:
 
 def test_metrics_after_a_success_and_failures_are_complete_and_lint_clean(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
     pg_password_file: Path,
     daemons: list[DaemonProcess],
@@ -144,8 +139,7 @@ storage = ["local"]
     # Scheduled once a year, without catch-up: it has a next run but never fires here.
     cfg, port = _config(
         tmp_path,
-        pg,
-        pg_password_file,
+        config_file,
         sample_db,
         extra_job='schedule = "0 0 1 1 *"\ncatch_up = false\n',
         extra=extra,
@@ -227,14 +221,12 @@ storage = ["local"]
 
 def test_health_endpoints_while_running_and_nothing_listens_after_sigterm(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
     pg_password_file: Path,
     daemons: list[DaemonProcess],
 ) -> None:
-    cfg, port = _config(
-        tmp_path, pg, pg_password_file, sample_db, extra_job='schedule = "0 0 1 1 *"\n'
-    )
+    cfg, port = _config(tmp_path, config_file, sample_db, extra_job='schedule = "0 0 1 1 *"\n')
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
     _trigger_ok(d)
@@ -258,12 +250,11 @@ def test_health_endpoints_while_running_and_nothing_listens_after_sigterm(
 
 def test_restarted_daemon_reports_last_success_from_storage(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     daemons: list[DaemonProcess],
 ) -> None:
-    cfg, port = _config(tmp_path, pg, pg_password_file, sample_db)
+    cfg, port = _config(tmp_path, config_file, sample_db)
     first = DaemonProcess(cfg, tmp_path / "first.log").start()
     daemons.append(first)
     manifest = _trigger_ok(first)
@@ -289,25 +280,19 @@ def test_restarted_daemon_reports_last_success_from_storage(
 
 def test_running_gauge_counts_queued_runs_and_a_cancelled_one_leaves_it_at_zero(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     daemons: list[DaemonProcess],
 ) -> None:
     # Each dump holds its pipe open after pg_dump, so `ok` keeps the only slot.
     bindir = wrapped_bin_dir(tmp_path / "bin", '"$REAL" "$@"\nexec sleep 300')
     cfg, port = _config(
         tmp_path,
-        pg,
-        pg_password_file,
+        config_file,
         sample_db,
         extra='[job.queued]\nsource = "main"\nstorage = ["local"]\n',
     )
-    cfg.write_text(
-        cfg.read_text()
-        .replace("[daemon]\n", "[daemon]\nmax_concurrent_jobs = 1\n", 1)
-        .replace('type = "postgres"\n', f'type = "postgres"\npg_bin_dir = "{bindir}"\n', 1)
-    )
+    configs.edit(cfg, {"daemon.max_concurrent_jobs": 1, "source.main.pg_bin_dir": bindir})
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
 
@@ -342,12 +327,11 @@ def test_running_gauge_counts_queued_runs_and_a_cancelled_one_leaves_it_at_zero(
 @pytest.mark.skipif(not PROMETHEUS.exists(), reason="needs Debian's prometheus package")
 def test_real_prometheus_scrapes_the_last_success(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     daemons: list[DaemonProcess],
 ) -> None:
-    cfg, port = _config(tmp_path, pg, pg_password_file, sample_db)
+    cfg, port = _config(tmp_path, config_file, sample_db)
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
     manifest = _trigger_ok(d)
@@ -404,9 +388,9 @@ def test_real_prometheus_scrapes_the_last_success(
 
 
 def test_sd_notify_ready_after_sockets_then_watchdog_then_stopping(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg, port = _config(tmp_path, pg, pg_password_file, sample_db)
+    cfg, port = _config(tmp_path, config_file, sample_db)
     control = Path(load_config(cfg).daemon.socket)
     notify_path = tmp_path / "notify.sock"
     received: list[str] = []
@@ -485,17 +469,15 @@ def receiver() -> Iterator[tuple[int, queue.Queue[tuple[str, str, dict[str, Any]
 
 def test_webhook_receives_the_success_of_a_run(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     daemons: list[DaemonProcess],
     receiver: tuple[int, queue.Queue[tuple[str, str, dict[str, Any]]]],
 ) -> None:
     hook_port, posts = receiver
     cfg, _ = _config(
         tmp_path,
-        pg,
-        pg_password_file,
+        config_file,
         sample_db,
         extra_job='notify = ["hook"]\n',
         extra=(

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config
-from tests.pgcluster import PgCluster, wait_for
+from tests.pgcluster import PgCluster, scratch_database, wait_for
 
 
 def gated_bin_dir(base: Path) -> tuple[Path, Path]:
@@ -33,11 +33,7 @@ def gated_bin_dir(base: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def big_db(pg: PgCluster) -> Iterator[str]:
     """A database whose dump is a few MiB, so a run's bytes show before its dump ends."""
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_TABLE_SQL.replace("120000", "40000"), name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_TABLE_SQL.replace("120000", "40000"), "big_")
 
 
 def operator_config(
@@ -171,22 +167,13 @@ def _listed(cfg: Path, storage: str) -> list[dict]:  # type: ignore[type-arg]
 @pytest.mark.slow
 def test_delete_one_backup_manifest_first_and_never_the_only_one_by_accident(
     tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
+    config_file: ConfigFile,
     s3_bucket: str,
-    s3_server: str,
     s3_client: Any,
 ) -> None:
     store = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=store,
-        s3=(s3_server, s3_bucket),
-    )
+    cfg = config_file(sample_db, fs_path=store, s3=True)
     c = ("-c", str(cfg))
     assert run_cli("backup", "app", *c).returncode == 0
     (only,) = _listed(cfg, "local")

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import configs
 from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.physical import (
     PhysicalSetup,
+    batches,
     make_physical_cluster,
     mkdir_owned,
     physical_setup,
@@ -99,19 +101,7 @@ def test_restore_to_a_time_and_to_the_latest(setup: PhysicalSetup) -> None:
 
     out_dir = mkdir_owned(setup.base / "restores")
     port = free_port()
-    first = setup.cli(
-        "restore",
-        "-c",
-        str(setup.config),
-        setup.job,
-        "--data-dir",
-        str(out_dir / "t1"),
-        "--time",
-        t1,
-        "--start",
-        "--port",
-        str(port),
-    )
+    first = setup.restore("t1", "--time", t1, port=port)
     try:
         assert first.returncode == 0, first.stdout + first.stderr
         assert "restorable:" in first.stderr
@@ -121,41 +111,14 @@ def test_restore_to_a_time_and_to_the_latest(setup: PhysicalSetup) -> None:
         stop_server(out_dir / "t1")
 
     port2 = free_port()
-    latest = setup.cli(
-        "restore",
-        "-c",
-        str(setup.config),
-        setup.job,
-        "--data-dir",
-        str(out_dir / "latest"),
-        "--latest",
-        "--start",
-        "--port",
-        str(port2),
-    )
+    latest = setup.restore("latest", "--latest", port=port2)
     try:
         assert latest.returncode == 0, latest.stdout + latest.stderr
-        assert (
-            query(
-                port2,
-                "SELECT string_agg(batch || count, ',') FROM "
-                "(SELECT batch, count(*) FROM pitr_rows GROUP BY 1 ORDER BY 1) s",
-            )
-            == "A1000,B500"
-        )
+        assert batches(port2, "pitr_rows") == "A1000,B500"
     finally:
         stop_server(out_dir / "latest")
 
-    early = setup.cli(
-        "restore",
-        "-c",
-        str(setup.config),
-        setup.job,
-        "--data-dir",
-        str(out_dir / "early"),
-        "--time",
-        "2001-01-01T00:00:00Z",
-    )
+    early = setup.restore("early", "--time", "2001-01-01T00:00:00Z")
     assert early.returncode == 2
     assert "outside the restorable:" in early.stderr
     assert not (out_dir / "early").exists()
@@ -321,29 +284,11 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
     out = mkdir_owned(s.base / "restores")
     rport = free_port()
     t0 = time.monotonic()
-    restored = s.cli(
-        "restore",
-        "-c",
-        str(s.config),
-        s.job,
-        "--data-dir",
-        str(out / "latest"),
-        "--latest",
-        "--start",
-        "--port",
-        str(rport),
-    )
+    restored = s.restore("latest", "--latest", port=rport)
     try:
         assert restored.returncode == 0, restored.stdout + restored.stderr
         print(f"restore --latest --start: {time.monotonic() - t0:.1f}s; {restored.stdout}")
-        assert (
-            query(
-                rport,
-                "SELECT string_agg(batch || count, ',') FROM "
-                "(SELECT batch, count(*) FROM cont_rows GROUP BY 1 ORDER BY 1) s",
-            )
-            == "A100,C50,D-marker-7f3a25,E-after-restart5"
-        )
+        assert batches(rport, "cont_rows") == "A100,C50,D-marker-7f3a25,E-after-restart5"
     finally:
         stop_server(out / "latest")
         pg.psql("SELECT pg_drop_replication_slot('backupd_test_cont')")
@@ -354,10 +299,9 @@ def test_list_verify_and_retention_follow_the_wal_chain(
     phys_pg: PgCluster, owned_base: Path
 ) -> None:
     s = physical_setup(
-        phys_pg, owned_base / "job", job="chain", extra_job="retention = { keep_last = 1 }\n"
+        phys_pg, owned_base / "job", job="chain", extra_job={"retention": {"keep_last": 1}}
     )
-    s.use_archive_command()
-    try:
+    with s.archiving():
         s.ok("backup", "-c", str(s.config), s.job)
         phys_pg.psql(
             "CREATE TABLE IF NOT EXISTS chain_rows (i int); INSERT INTO chain_rows VALUES (1)"
@@ -402,9 +346,6 @@ def test_list_verify_and_retention_follow_the_wal_chain(
             in bad.stdout
         )
         assert "WAL chain broken" in s.ok("list", "-c", str(s.config), s.job).stdout
-    finally:
-        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
-        phys_pg.psql("SELECT pg_reload_conf()")
 
 
 @pytest.mark.slow
@@ -425,35 +366,18 @@ def test_encrypted_base_backup_and_wal_restore_with_the_identity(
     identity.write_text(secret + "\n")
     identity.chmod(0o600)
     chown_owner(identity)
-    s.use_archive_command()
-    try:
+    with s.archiving():
         phys_pg.psql("DROP TABLE IF EXISTS sealed_rows; CREATE TABLE sealed_rows (i int)")
         s.ok("backup", "-c", str(s.config), s.job)
         phys_pg.psql("INSERT INTO sealed_rows SELECT generate_series(1, 321)")
         newest = s.switch_and_wait_archived()
-    finally:
-        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
-        phys_pg.psql("SELECT pg_reload_conf()")
     assert list((s.store / s.job / "wal/00000001").glob(f"{newest}.zst.age"))
     out = mkdir_owned(s.base / "restores")
     without = s.cli("restore", "-c", str(s.config), s.job, "--data-dir", str(out / "x"))
     assert without.returncode == 1 and "--identity" in without.stderr
     assert not (out / "x").exists()  # a failed restore leaves DIR as it found it
     port = free_port()
-    restored = s.cli(
-        "restore",
-        "-c",
-        str(s.config),
-        s.job,
-        "--data-dir",
-        str(out / "latest"),
-        "--latest",
-        "--start",
-        "--port",
-        str(port),
-        "--identity",
-        str(identity),
-    )
+    restored = s.restore("latest", "--latest", "--identity", str(identity), port=port)
     try:
         assert restored.returncode == 0, restored.stdout + restored.stderr
         assert query(port, "SELECT count(*) FROM sealed_rows") == "321"
@@ -468,29 +392,14 @@ def test_a_promoted_copy_keeps_archiving_on_the_next_timeline(
     from tests.physical import OwnedDaemon
 
     s = physical_setup(phys_pg, owned_base / "job", job="tl")
-    s.use_archive_command()
-    try:
+    with s.archiving():
         phys_pg.psql("DROP TABLE IF EXISTS tl_rows; CREATE TABLE tl_rows (batch text)")
         s.ok("backup", "-c", str(s.config), s.job)
         phys_pg.psql("INSERT INTO tl_rows SELECT 'A' FROM generate_series(1, 10)")
         s.switch_and_wait_archived()
-    finally:
-        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
-        phys_pg.psql("SELECT pg_reload_conf()")
     out = mkdir_owned(s.base / "restores")
     port = free_port()
-    s.ok(
-        "restore",
-        "-c",
-        str(s.config),
-        s.job,
-        "--data-dir",
-        str(out / "primary2"),
-        "--latest",
-        "--start",
-        "--port",
-        str(port),
-    )
+    s.restore("primary2", "--latest", port=port, ok=True)
     # The promoted copy becomes the source of the same job (a failover): the daemon
     # creates the slot there and archives timeline 2 into the same archive.
     promoted = physical_setup(
@@ -499,9 +408,7 @@ def test_a_promoted_copy_keeps_archiving_on_the_next_timeline(
         job="tl",
         extra_job=f'wal = {{ slot = "backupd_tl", spool = "{owned_base}/job2/spool" }}\n',
     )
-    promoted.config.write_text(
-        promoted.config.read_text().replace(str(promoted.store), str(s.store))
-    )
+    configs.edit(promoted.config, {"storage.local.path": s.store})
     daemon = OwnedDaemon(promoted).start()
     try:
         assert query(port, "SELECT timeline_id FROM pg_control_checkpoint()") == "2"
@@ -531,28 +438,12 @@ def test_a_promoted_copy_keeps_archiving_on_the_next_timeline(
         stop_server(out / "primary2")
 
     port3 = free_port()
-    again = s.cli(
-        "restore",
-        "-c",
-        str(s.config),
-        s.job,
-        "--data-dir",
-        str(out / "after"),
-        "--latest",
-        "--start",
-        "--port",
-        str(port3),
-    )
+    again = s.restore("after", "--latest", port=port3)
     try:
         assert again.returncode == 0, again.stdout + again.stderr
-        assert (
-            query(
-                port3,
-                "SELECT string_agg(batch || count, ',') FROM "
-                "(SELECT batch, count(*) FROM tl_rows GROUP BY 1 ORDER BY 1) s",
-            )
-            == "A10,B20"
-        ), (out / "after" / "backupd-restore.log").read_text()[-3000:]
+        assert batches(port3, "tl_rows") == "A10,B20", (
+            out / "after" / "backupd-restore.log"
+        ).read_text()[-3000:]
         assert query(port3, "SELECT timeline_id FROM pg_control_checkpoint()") == "3"
     finally:
         stop_server(out / "after")
@@ -569,15 +460,11 @@ def test_verify_restore_drills_into_a_throwaway_server_and_runs_pg_amcheck(
         # no verify.target: a physical drill brings its own server
         extra_job='verify = { schedule = "0 6 * * 0", restore = true }\n',
     )
-    s.use_archive_command()
-    try:
+    with s.archiving():
         phys_pg.psql("DROP TABLE IF EXISTS drill_rows; CREATE TABLE drill_rows (i int PRIMARY KEY)")
         s.ok("backup", "-c", str(s.config), s.job)
         phys_pg.psql("INSERT INTO drill_rows SELECT generate_series(1, 5000)")
         s.switch_and_wait_archived()
-    finally:
-        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
-        phys_pg.psql("SELECT pg_reload_conf()")
     t0 = time.monotonic()
     out = s.cli("verify", "-c", str(s.config), s.job, "--restore", timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -593,42 +480,18 @@ def test_on_s3_a_base_backup_and_its_wal_restore(
     phys_pg: PgCluster, owned_base: Path, s3_server: str, s3_bucket: str
 ) -> None:
     s = physical_setup(phys_pg, owned_base / "job", job="ons3")
-    s.config.write_text(
-        s.config.read_text().replace('storage = ["local"]', 'storage = ["offsite"]')
-        + f"""
-[storage.offsite]
-type = "s3"
-bucket = "{s3_bucket}"
-prefix = "prod/"
-endpoint_url = "{s3_server}"
-access_key_id = {{ env = "BACKUPD_TEST_AWS_KEY" }}
-secret_access_key = {{ env = "BACKUPD_TEST_AWS_SECRET" }}
-"""
-    )
-    s.use_archive_command()
-    try:
+    offsite = configs.s3_storage(s3_server, s3_bucket)
+    del offsite["region"], offsite["part_size"]  # as the README's example: the defaults
+    configs.edit(s.config, {"job.ons3.storage": ["offsite"], "storage.offsite": offsite})
+    with s.archiving():
         phys_pg.psql("DROP TABLE IF EXISTS s3_rows; CREATE TABLE s3_rows (i int)")
         s.ok("backup", "-c", str(s.config), s.job)
         phys_pg.psql("INSERT INTO s3_rows SELECT generate_series(1, 77)")
         s.switch_and_wait_archived()
-    finally:
-        phys_pg.psql("ALTER SYSTEM SET archive_command = ''")
-        phys_pg.psql("SELECT pg_reload_conf()")
     assert not list(s.store.iterdir())  # everything went to S3
     out = mkdir_owned(s.base / "restores")
     port = free_port()
-    restored = s.cli(
-        "restore",
-        "-c",
-        str(s.config),
-        s.job,
-        "--data-dir",
-        str(out / "latest"),
-        "--latest",
-        "--start",
-        "--port",
-        str(port),
-    )
+    restored = s.restore("latest", "--latest", port=port)
     try:
         assert restored.returncode == 0, restored.stdout + restored.stderr
         assert query(port, "SELECT count(*) FROM s3_rows") == "77"

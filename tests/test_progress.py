@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, write_config
-from tests.pgcluster import PgCluster
+from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli
+from tests.pgcluster import PgCluster, scratch_database
 from tests.test_operator import gated_bin_dir
 
 CLEAR = "\r\x1b[K"
@@ -71,25 +72,14 @@ def on_pty(
 
 @pytest.fixture
 def big_db(pg: PgCluster) -> Iterator[str]:
-    name = "big_" + uuid.uuid4().hex[:8]
-    pg.createdb(name)
-    pg.psql(BIG_TABLE_SQL.replace("120000", "40000"), name)
-    yield name
-    pg.dropdb(name)
+    yield from scratch_database(pg, BIG_TABLE_SQL.replace("120000", "40000"), "big_")
 
 
 @pytest.fixture
-def gated(tmp_path: Path, pg: PgCluster, big_db: str, pg_password_file: Path) -> tuple[Path, Path]:
+def gated(tmp_path: Path, pg: PgCluster, big_db: str, config_file: ConfigFile) -> tuple[Path, Path]:
     """A config whose job `app` dumps a few MiB, then waits for the gate file."""
     bindir, gate = gated_bin_dir(tmp_path / "gated")
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=big_db,
-        fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{bindir}"',
-    )
+    cfg = config_file(big_db, extra_source={"pg_bin_dir": bindir})
     return cfg, gate
 
 

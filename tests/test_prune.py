@@ -10,8 +10,9 @@ import asyncio
 import builtins
 import json
 import re
+import tomllib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,14 @@ from backupd.catalog.manifest import MANIFEST_SUFFIX, FailedDatabase, Manifest, 
 from backupd.config.file import load_config
 from backupd.config.model import Config, FilesystemStorage, Job
 from backupd.daemon.maintenance import sweep
-from backupd.daemon.runner import Runner, StorePool
+from backupd.daemon.runner import StorePool
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger, run_backup
-from backupd.operations.prune import prune_after_success, prune_job
-from backupd.storage.base import Store
+from backupd.operations.prune import prune_job
 from backupd.storage.filesystem import FilesystemStore
-from tests.helpers import restamp, run_cli, write_config
+from tests import configs
+from tests.configs import ConfigFile
+from tests.helpers import restamp, run_cli, runs_with_prune
 from tests.pgcluster import SAMPLE_SQL, PgCluster
 
 
@@ -46,30 +48,7 @@ def _keys_of(manifests: Sequence[Manifest]) -> set[str]:
 
 
 def _retention(cfg: Path, policy: str) -> None:
-    text = re.sub(r"retention = \{[^}]*\}\n", "", cfg.read_text())
-    cfg.write_text(text.replace('min_size = "1KiB"\n', f'min_size = "1KiB"\n{policy}\n', 1))
-
-
-async def _runs(config: Config, n: int, metrics: Metrics | None = None) -> list[str]:
-    """`n` successful runs of job app, each followed by its prune; their stems, oldest first."""
-
-    async def after(
-        config: Config, job: Job, manifest: Manifest, stores: Mapping[str, Store]
-    ) -> None:
-        await prune_after_success(config, job, manifest, stores, metrics=metrics)
-
-    pool = StorePool()
-    runner = Runner(config, pool, after_success=after)
-    stems = []
-    try:
-        for _ in range(n):
-            run = await runner.wait(runner.submit("app", Trigger()))
-            assert run.state == "success", run.error
-            assert run.backup is not None
-            stems.append(run.backup)
-    finally:
-        await pool.aclose()
-    return stems
+    configs.edit(cfg, {"job.app.retention": tomllib.loads(policy)["retention"]})
 
 
 async def _listing(config: Config, storage: str) -> list[Manifest]:
@@ -96,25 +75,20 @@ def _plan(stdout: str) -> dict[str, dict[str, list[str]]]:
 
 async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
-    pg_password_file: Path,
-    s3_server: str,
     s3_bucket: str,
     s3_client: Any,
 ) -> None:
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
-        s3=(s3_server, s3_bucket),
-        extra_job="retention = { keep_last = 2 }\n",
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
+        s3=True,
+        extra_job={"retention": {"keep_last": 2}},
     )
     metrics = Metrics()
-    stems = await _runs(load_config(cfg), 4, metrics)
+    stems = await runs_with_prune(load_config(cfg), 4, metrics)
 
     # Two backups remain in each storage, the two newest, and nothing else of the others.
     config = load_config(cfg)
@@ -134,7 +108,7 @@ async def test_keep_last_prunes_after_each_run_and_prune_applies_its_dry_run(
 
     # More backups under a looser policy, then a stricter one: the dry run plans, deletes nothing.
     _retention(cfg, "retention = { keep_last = 10 }")
-    stems += await _runs(load_config(cfg), 3)
+    stems += await runs_with_prune(load_config(cfg), 3)
     _retention(cfg, "retention = { keep_last = 3 }")
     before = (_fs_keys(fs), _s3_keys(s3_client, s3_bucket))
     out = run_cli("prune", "app", "--dry-run", "-c", str(cfg))
@@ -183,16 +157,9 @@ class RefusingStore(FilesystemStore):
 
 
 async def _store_with_backups(
-    tmp_path: Path, pg: PgCluster, db: str, password_file: Path, n: int, policy: str
+    tmp_path: Path, config_file: ConfigFile, db: str, n: int, policy: str
 ) -> tuple[Job, RefusingStore, list[Manifest]]:
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=password_file,
-        database=db,
-        fs_path=tmp_path / "store",
-        extra_job=policy + "\n",
-    )
+    cfg = config_file(db, path=tmp_path / "backupd.toml", extra_job=policy + "\n")
     config = load_config(cfg)
     job = config.jobs["app"]
     storage = config.storages["local"]
@@ -207,10 +174,10 @@ async def _store_with_backups(
 
 
 async def test_partial_delete_failures_are_counted_and_retried_by_the_next_prune(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     job, store, (oldest, middle, newest) = await _store_with_backups(
-        tmp_path, pg, sample_db, pg_password_file, 3, "retention = { keep_last = 1 }"
+        tmp_path, config_file, sample_db, 3, "retention = { keep_last = 1 }"
     )
     oldest_data = oldest.object_key(oldest.objects[0])
     store.refuse = {oldest_data, middle.manifest_key}
@@ -238,10 +205,10 @@ async def test_partial_delete_failures_are_counted_and_retried_by_the_next_prune
 
 
 async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without_data(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     job, store, (oldest, newest) = await _store_with_backups(
-        tmp_path, pg, sample_db, pg_password_file, 2, "retention = { keep_last = 1 }"
+        tmp_path, config_file, sample_db, 2, "retention = { keep_last = 1 }"
     )
     store.hang_on_data = True
     task = asyncio.create_task(prune_job(job, store))
@@ -265,7 +232,7 @@ async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without
 
 
 async def test_partial_backups_never_let_retention_delete_a_database_s_newest_copy(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, config_file: ConfigFile, pg: PgCluster, sample_db: str
 ) -> None:
     """Issue 12, finding 7: two partial backups lacking `billing` follow two complete
     ones; keep_last = 1 keeps the newest partial and the newest complete (the newest
@@ -275,12 +242,9 @@ async def test_partial_backups_never_let_retention_delete_a_database_s_newest_co
     try:
         pg.psql(SAMPLE_SQL, billing)
         fs = tmp_path / "store"
-        cfg = write_config(
-            tmp_path / "backupd.toml",
-            pg,
-            password_file=pg_password_file,
-            database=sample_db,
-            fs_path=fs,
+        cfg = config_file(
+            sample_db,
+            path=tmp_path / "backupd.toml",
             extra_job=f'databases = ["{sample_db}", "{billing}"]\n'
             "retention = { keep_last = 10 }\n",
         )
@@ -309,7 +273,7 @@ async def test_partial_backups_never_let_retention_delete_a_database_s_newest_co
     listed = json.loads(run_cli("list", "app", "-c", str(cfg), "--json").stdout)
     assert listed[0]["failed"] == [{"database": billing, "error": failed[0].error}]
 
-    cfg.write_text(cfg.read_text().replace("keep_last = 10", "keep_last = 1"))
+    configs.edit(cfg, {"job.app.retention.keep_last": 1})
     out = run_cli("prune", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"keep          {partials[1].stem}  (newest, last 1)" in out.stdout

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli, write_config
+from tests.configs import ConfigFile
+from tests.helpers import run_cli
 from tests.pgcluster import PG_BIN, SAMPLE_SQL, PgCluster
 
 
@@ -27,17 +28,8 @@ def dbs(pg: PgCluster) -> Iterator[list[str]]:
         pg.dropdb(name)
 
 
-def _backup(
-    tmp_path: Path, pg: PgCluster, password_file: Path, database: str, extra_job: str = ""
-) -> Path:
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=password_file,
-        database=database,
-        fs_path=tmp_path / "store",
-        extra_job=extra_job,
-    )
+def _backup(config_file: ConfigFile, database: str, extra_job: str = "") -> Path:
+    cfg = config_file(database, extra_job=extra_job)
     out = run_cli("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     return cfg
@@ -52,7 +44,7 @@ def _restore(cfg: Path, pg: PgCluster, *args: str):  # type: ignore[no-untyped-d
     [("custom", "src"), ("plain", "src"), ("custom", "Src Ü"), ("plain", "Src Ü")],
 )
 def test_create_makes_the_typed_database_and_never_touches_the_source(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, dbs: list[str], fmt: str, prefix: str
+    tmp_path: Path, pg: PgCluster, config_file: ConfigFile, dbs: list[str], fmt: str, prefix: str
 ) -> None:
     src, new = _name(prefix), _name("new")
     dbs += [src, new]
@@ -60,7 +52,7 @@ def test_create_makes_the_typed_database_and_never_touches_the_source(
     pg.psql(SAMPLE_SQL, src)
     pg.psql(f"COMMENT ON DATABASE \"{src}\" IS 'the source''s comment'")
     pg.psql(f"ALTER DATABASE \"{src}\" SET work_mem = '7MB'")
-    cfg = _backup(tmp_path, pg, pg_password_file, src, f'format = "{fmt}"\n')
+    cfg = _backup(config_file, src, f'format = "{fmt}"\n')
     before = pg.row_counts(src)
 
     # The old README form (--to the maintenance database): refused, it exists.
@@ -92,14 +84,14 @@ def test_create_makes_the_typed_database_and_never_touches_the_source(
 
 @pytest.mark.parametrize("fmt", ["custom", "plain"])
 def test_a_restore_into_an_existing_database_skips_the_database_entries(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, dbs: list[str], fmt: str
+    tmp_path: Path, pg: PgCluster, config_file: ConfigFile, dbs: list[str], fmt: str
 ) -> None:
     src, target = _name("src"), _name("tgt")
     dbs += [src, target]
     pg.createdb(src)
     pg.psql(SAMPLE_SQL, src)
     pg.psql(f"COMMENT ON DATABASE \"{src}\" IS 'source'")
-    cfg = _backup(tmp_path, pg, pg_password_file, src, f'format = "{fmt}"\n')
+    cfg = _backup(config_file, src, f'format = "{fmt}"\n')
     pg.createdb(target)
     out = _restore(cfg, pg, "--to", pg.dsn(target))
     assert out.returncode == 0, out.stderr
@@ -109,13 +101,13 @@ def test_a_restore_into_an_existing_database_skips_the_database_entries(
 
 
 def test_a_failed_restore_leaves_the_target_as_it_was(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, dbs: list[str]
+    tmp_path: Path, pg: PgCluster, config_file: ConfigFile, dbs: list[str]
 ) -> None:
     src, target = _name("src"), _name("tgt")
     dbs += [src, target]
     pg.createdb(src)
     pg.psql(SAMPLE_SQL, src)
-    cfg = _backup(tmp_path, pg, pg_password_file, src)
+    cfg = _backup(config_file, src)
     pg.createdb(target)
     assert _restore(cfg, pg, "--to", pg.dsn(target)).returncode == 0
     pg.psql("CREATE VIEW customer_names AS SELECT name FROM customers", target)
@@ -129,13 +121,13 @@ def test_a_failed_restore_leaves_the_target_as_it_was(
 
 
 def test_table_patterns_schema_qualified_and_unmatched(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, dbs: list[str]
+    tmp_path: Path, pg: PgCluster, config_file: ConfigFile, dbs: list[str]
 ) -> None:
     src, target = _name("src"), _name("tgt")
     dbs += [src, target]
     pg.createdb(src)
     pg.psql(SAMPLE_SQL, src)
-    cfg = _backup(tmp_path, pg, pg_password_file, src)
+    cfg = _backup(config_file, src)
     pg.createdb(target)
     out = _restore(cfg, pg, "--to", pg.dsn(target), "--table", "public.custmers")
     assert out.returncode == 2
@@ -150,7 +142,7 @@ def test_table_patterns_schema_qualified_and_unmatched(
 
 
 def test_a_database_named_globals_and_the_roles_dump_stay_apart(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, dbs: list[str]
+    tmp_path: Path, pg: PgCluster, config_file: ConfigFile, dbs: list[str]
 ) -> None:
     target = _name("tgt")
     dbs += ["globals", target]
@@ -159,7 +151,7 @@ def test_a_database_named_globals_and_the_roles_dump_stay_apart(
         "CREATE TABLE only_in_globals_db (id int); INSERT INTO only_in_globals_db VALUES (1)",
         "globals",
     )
-    cfg = _backup(tmp_path, pg, pg_password_file, "globals", 'format = "plain"\nglobals = true\n')
+    cfg = _backup(config_file, "globals", 'format = "plain"\nglobals = true\n')
     manifest = json.loads(run_cli("list", "-c", str(cfg), "--json").stdout)[0]
     objects = {(o["database"], o["kind"]): o["key"] for o in manifest["objects"]}
     assert set(objects) == {("globals", "database"), ("", "globals")}
@@ -174,14 +166,14 @@ def test_a_database_named_globals_and_the_roles_dump_stay_apart(
 
 
 def test_globals_into_a_cluster_with_existing_roles(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, sample_db: str
+    tmp_path: Path, pg: PgCluster, config_file: ConfigFile, sample_db: str
 ) -> None:
     tag = uuid.uuid4().hex[:6]
     kept, lost = f"regress_kept_{tag}", f"regress_lost_{tag}"
     pg.psql(f"CREATE ROLE {kept} LOGIN; CREATE ROLE {lost} NOLOGIN")
     pg.psql(f"GRANT {kept} TO {lost}; ALTER ROLE {lost} SET work_mem = '3MB'")
     try:
-        cfg = _backup(tmp_path, pg, pg_password_file, sample_db, "globals = true\n")
+        cfg = _backup(config_file, sample_db, "globals = true\n")
         pg.psql(f"DROP ROLE {lost}")
         out = _restore(cfg, pg, "--globals", "--to", pg.dsn("postgres"))
         assert out.returncode == 0, out.stderr
@@ -199,7 +191,7 @@ def test_globals_into_a_cluster_with_existing_roles(
 
 
 def test_verify_restore_counts_rows_of_user_defined_types(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, dbs: list[str]
+    tmp_path: Path, pg: PgCluster, config_file: ConfigFile, dbs: list[str]
 ) -> None:
     src = _name("src")
     dbs.append(src)
@@ -209,9 +201,7 @@ def test_verify_restore_counts_rows_of_user_defined_types(
         "CREATE TABLE shapes (id int, b boxed); INSERT INTO shapes VALUES (1, ROW('(1,2)'))",
         src,
     )
-    cfg = _backup(
-        tmp_path, pg, pg_password_file, src, f'verify = {{ target = "{pg.dsn("postgres")}" }}\n'
-    )
+    cfg = _backup(config_file, src, f'verify = {{ target = "{pg.dsn("postgres")}" }}\n')
     out = run_cli("verify", "app", "-c", str(cfg), "--restore")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
@@ -246,7 +236,7 @@ def test_globals_plan_skips_statements_about_existing_roles() -> None:
 
 
 def test_globals_with_a_tablespace_say_they_are_not_atomic_and_what_was_applied(
-    tmp_path: Path, pg: PgCluster, pg_password_file: Path, sample_db: str
+    tmp_path: Path, pg: PgCluster, config_file: ConfigFile, sample_db: str
 ) -> None:
     tag = uuid.uuid4().hex[:6]
     role, space = f"regress_role_{tag}", f"regress_space_{tag}"
@@ -269,7 +259,7 @@ def test_globals_with_a_tablespace_say_they_are_not_atomic_and_what_was_applied(
         capture_output=True,
     )
     try:
-        cfg = _backup(tmp_path, pg, pg_password_file, sample_db, "globals = true\n")
+        cfg = _backup(config_file, sample_db, "globals = true\n")
         pg.psql(f"DROP ROLE {role}")
         pg.psql(f"DROP TABLESPACE {space}")
         # An in-place tablespace is dumped with a relative location, which CREATE

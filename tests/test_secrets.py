@@ -33,6 +33,8 @@ from backupd.daemon.runner import StorePool
 from backupd.errors import SecretError
 from backupd.operations.backup import Trigger, run_backup
 from backupd.sources.postgres import cve_2024_7348_fix
+from tests import configs
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PG_BIN, PgCluster, free_port, wait_for
@@ -119,16 +121,15 @@ def test_backup_reads_the_password_from_credentials_directory(
 
 @pytest.mark.parametrize("connect", [[], ["--connect"]])
 def test_check_refuses_a_group_readable_password_file(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path, connect: list[str]
+    tmp_path: Path,
+    pg: PgCluster,
+    sample_db: str,
+    pg_password_file: Path,
+    config_file: ConfigFile,
+    connect: list[str],
 ) -> None:
     pg_password_file.chmod(0o640)
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db)
     out = run_cli("check", *connect, "-c", str(cfg))
     assert out.returncode == 2
     assert (
@@ -155,9 +156,7 @@ def _check_password(
         database=database,
         fs_path=tmp_path / "store",
     )
-    cfg.write_text(
-        cfg.read_text().replace('password = { file = "placeholder" }', f"password = {ref}")
-    )
+    configs.edit(cfg, {"source.main.password": tomllib.loads(f"ref = {ref}")["ref"]})
     return run_cli("check", "-c", str(cfg), env=env, timeout=timeout)
 
 
@@ -272,17 +271,15 @@ def _config_with_markers(
         database=database,
         fs_path=tmp_path / "store",
         s3=s3,
-        extra_source=f'pg_bin_dir = "{bindir}"',
-        extra_job="globals = true\n",
+        extra_source={"pg_bin_dir": bindir},
+        extra_job={"globals": True},
         extra_daemon=extra_daemon,
         http_listen=http_listen,
     )
     text = cfg.read_text()
     assert S3_SECRET_LINE in text
-    cfg.write_text(
-        text.replace(S3_SECRET_LINE, f'secret_access_key = {{ file = "{markers.s3_secret_file}" }}')
-    )
-    return cfg
+    secret = {"file": str(markers.s3_secret_file)}
+    return configs.edit(cfg, {"storage.offsite.secret_access_key": secret})
 
 
 def _proc_snapshot_bin(base: Path) -> Path:
@@ -349,7 +346,8 @@ def test_errors_and_tracebacks_at_debug_level_carry_no_secret(
 
     # A storage failure in the middle of a run (the bucket is gone).
     broken = tmp_path / "broken.toml"
-    broken.write_text(cfg.read_text().replace(s3_bucket, "no-such-bucket-" + uuid.uuid4().hex[:8]))
+    broken.write_text(cfg.read_text())
+    configs.edit(broken, {"storage.offsite.bucket": "no-such-bucket-" + uuid.uuid4().hex[:8]})
     failed = run_cli("--log-level", "debug", "backup", "app", "-c", str(broken))
     assert failed.returncode == 1
     # A failing command whose error is logged with its traceback at debug level.
@@ -450,17 +448,10 @@ def _under_umask_000(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_files_and_directories_are_private_even_under_umask_000(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     store = tmp_path / "backups" / "store"  # backupd creates both levels
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=store,
-        extra_job="globals = true\n",
-    )
+    cfg = config_file(sample_db, fs_path=store, extra_job={"globals": True})
     out = _under_umask_000("backup", "app", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     dirs, files = _modes(tmp_path / "backups")
@@ -538,17 +529,14 @@ def test_the_daemon_keeps_secrets_out_of_logs_metrics_socket_and_argv(
         sample_db,
         (s3_server, s3_bucket),
         bindir,
-        extra_daemon='log_level = "debug"',
+        extra_daemon={"log_level": "debug"},
         http_listen=f"127.0.0.1:{port}",
     )
     # A third secret: the webhook URL's token, from a file.
     token = "hooktoken-" + uuid.uuid4().hex
     url_file = _private_file(tmp_path / "webhook-url", f"{webhook[0]}/hook/{token}")
-    cfg.write_text(
-        cfg.read_text()
-        + f'notify = ["hook"]\n[notify.hook]\ntype = "webhook"\nurl = {{ file = "{url_file}" }}\n'
-        'on = ["success"]\n'
-    )
+    hook = {"type": "webhook", "url": {"file": str(url_file)}, "on": ["success"]}
+    configs.edit(cfg, {"job.app.notify": ["hook"], "notify": {"hook": hook}})
     daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
     old_umask = os.umask(0)  # the daemon inherits it, and must not rely on it
     try:
@@ -616,7 +604,7 @@ def test_cve_2024_7348_fixed_releases(version: str, fixed_in: str | None) -> Non
 
 
 async def test_an_outdated_pg_dump_is_warned_once_per_run(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -626,14 +614,7 @@ async def test_an_outdated_pg_dump_is_warned_once_per_run(
         f'exec "{PG_BIN}/pg_dump" "$@"\n'
     )
     (bindir / "pg_dump").chmod(0o755)
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{bindir}"',
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir})
     config = load_config(cfg)
     job, source = config.jobs["app"], config.sources["main"]
     pool = StorePool()
@@ -654,16 +635,9 @@ async def test_an_outdated_pg_dump_is_warned_once_per_run(
 
 
 async def test_a_current_pg_dump_is_not_warned_about(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-        extra_source=f'pg_bin_dir = "{PG_BIN}"',
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": PG_BIN})
     config = load_config(cfg)
     job = config.jobs["app"]
     pool = StorePool()
@@ -679,23 +653,12 @@ async def test_a_current_pg_dump_is_not_warned_about(
 
 
 def test_check_notes_secrets_absent_here_and_connect_needs_them(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     """`check` by hand lacks the service's environment: absent secrets are noted, not errors;
     `check --connect` must reach the sources, so there they are errors."""
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-    )
-    cfg.write_text(
-        cfg.read_text().replace(
-            f'password = {{ file = "{pg_password_file}" }}',
-            'password = { env = "BACKUPD_TEST_UNSET_SECRET" }',
-        )
-    )
+    cfg = config_file(sample_db)
+    configs.edit(cfg, {"source.main.password": {"env": "BACKUPD_TEST_UNSET_SECRET"}})
     out = run_cli("check", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
     assert "not checked here: source.main.password: secret environment variable" in out.stderr

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
-from tests.helpers import write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
 
 CHROMIUM = shutil.which("chromium")
@@ -56,18 +56,14 @@ def text_of(fragment: str) -> str:
 
 @pytest.fixture
 def daemon(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, pg: PgCluster, sample_db: str, config_file: ConfigFile
 ) -> Iterator[tuple[DaemonProcess, str]]:
     port = free_port()
     hostile = HOSTILE.replace("\\", "\\\\").replace('"', '\\"')
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
+    cfg = config_file(
+        sample_db,
         http_listen=f"127.0.0.1:{port}",
-        extra_job="retention = { keep_last = 2 }\n",
+        extra_job={"retention": {"keep_last": 2}},
         extra=f'[job.bad]\nsource = "main"\nstorage = ["local"]\ndatabases = ["{hostile}"]\n',
     )
     d = DaemonProcess(cfg, tmp_path / "daemon.log").start()

@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import time
+import tomllib
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,8 @@ from backupd.daemon.maintenance import Maintenance, sweep
 from backupd.daemon.runner import Runner, StorePool
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger, run_backup
+from tests import configs
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, wait_for
@@ -37,11 +40,10 @@ def _age(path: Path, seconds: float) -> None:
 
 def _with_grace(cfg: Path, fs: Path, grace: str) -> Path:
     """Set `abandoned_upload_grace` of the filesystem storage at `fs`."""
-    text = cfg.read_text()
-    cfg.write_text(
-        text.replace(f'path = "{fs}"\n', f'path = "{fs}"\nabandoned_upload_grace = "{grace}"\n')
-    )
-    return cfg
+    (name,) = [
+        n for n, t in tomllib.loads(cfg.read_text())["storage"].items() if t["path"] == str(fs)
+    ]
+    return configs.edit(cfg, {f"storage.{name}.abandoned_upload_grace": grace})
 
 
 def _files(root: Path) -> set[str]:
@@ -92,21 +94,12 @@ async def test_filesystem_sweep_removes_old_leftovers_only(
 
 
 async def test_s3_sweep_aborts_old_multipart_uploads_and_deletes_orphans(
-    tmp_path: Path,
-    pg: PgCluster,
     sample_db: str,
-    pg_password_file: Path,
-    s3_server: str,
+    config_file: ConfigFile,
     s3_bucket: str,
     s3_client: Any,
 ) -> None:
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        s3=(s3_server, s3_bucket),
-    )
+    cfg = config_file(sample_db, fs_path=None, s3=True)
     config = load_config(cfg)
     pool = StorePool()
     try:
@@ -141,20 +134,13 @@ async def test_s3_sweep_aborts_old_multipart_uploads_and_deletes_orphans(
 
 
 async def test_sweeper_never_touches_the_folder_of_a_run_in_progress(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
 ) -> None:
     marker = uuid.uuid4().hex
     # pg_dump writes its output, then the wrapper holds stdout open: the upload stays open.
     bindir = wrapped_bin_dir(tmp_path / "bin", f'"$REAL" "$@"\nexec -a hold-{marker} sleep 300')
     fs = tmp_path / "store"
-    cfg = write_config(
-        tmp_path / "b.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=fs,
-        extra_source=f'pg_bin_dir = "{bindir}"',
-    )
+    cfg = config_file(sample_db, extra_source={"pg_bin_dir": bindir})
     config = load_config(_with_grace(cfg, fs, "1s"))
     assert config.storages["local"].abandoned_upload_grace == 1
     pool = StorePool()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.configs import ConfigFile
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PG_BIN, PgCluster, free_port, wait_for
@@ -162,9 +163,7 @@ def test_recorded_counts_are_those_of_the_dump_even_under_writes(
         '-c "INSERT INTO audit_log (payload) SELECT md5(g::text) FROM generate_series(1, 7) g"\n'
         'exec "$REAL" "$@"',
     )
-    cfg = _config(
-        tmp_path, pg, sample_db, pg_password_file, extra_source=f'pg_bin_dir = "{bindir}"'
-    )
+    cfg = _config(tmp_path, pg, sample_db, pg_password_file, extra_source={"pg_bin_dir": bindir})
     manifest = _backup(cfg)
     assert manifest["tables"][sample_db]["public.audit_log"] == 2000
     assert pg.row_counts(sample_db)["public.audit_log"] == 2007
@@ -174,15 +173,9 @@ def test_recorded_counts_are_those_of_the_dump_even_under_writes(
 
 
 def test_restore_drill_needs_a_target(
-    tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
+    tmp_path: Path, config_file: ConfigFile, sample_db: str
 ) -> None:
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
-    )
+    cfg = config_file(sample_db, path=tmp_path / "backupd.toml")
     _backup(cfg)
     out = _verify(cfg, "--restore")
     assert out.returncode == 2
@@ -248,20 +241,16 @@ def _verify_metric(port: int, job: str, result: str) -> float | None:
 
 def test_scheduled_verification_sets_the_metric_and_notifies_failures(
     tmp_path: Path,
-    pg: PgCluster,
+    config_file: ConfigFile,
     sample_db: str,
-    pg_password_file: Path,
     hook: tuple[int, queue.Queue[dict[str, Any]]],
 ) -> None:
     hook_port, posts = hook
     http_port = free_port()
     schedule = 'verify = { schedule = "*/2 * * * * *", restore = false }\n'
-    cfg = write_config(
-        tmp_path / "backupd.toml",
-        pg,
-        password_file=pg_password_file,
-        database=sample_db,
-        fs_path=tmp_path / "store",
+    cfg = config_file(
+        sample_db,
+        path=tmp_path / "backupd.toml",
         http_listen=f"127.0.0.1:{http_port}",
         extra_job=schedule,
         extra=(
