@@ -80,7 +80,7 @@ def _config(
 # -- end to end on each store --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["moto", *REAL])
+@pytest.mark.parametrize("kind", [pytest.param("moto", marks=SLOW), *REAL])
 def test_backup_restore_prune_sweep_end_to_end(
     kind: str,
     request: pytest.FixtureRequest,

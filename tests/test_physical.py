@@ -124,6 +124,7 @@ def test_restore_to_a_time_and_to_the_latest(setup: PhysicalSetup) -> None:
     assert not (out_dir / "early").exists()
 
 
+@pytest.mark.slow
 def test_a_server_compressed_base_backup_restores_and_replays(
     phys_pg: PgCluster, tmp_path: Path
 ) -> None:

@@ -17,6 +17,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from backupd.catalog.listing import list_backups
 from backupd.catalog.manifest import MANIFEST_SUFFIX, FailedDatabase, Manifest, now_utc
 from backupd.config.file import load_config
@@ -231,6 +233,7 @@ async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without
     assert _fs_keys(store.root) == _keys_of(remaining)
 
 
+@pytest.mark.slow
 async def test_partial_backups_never_let_retention_delete_a_database_s_newest_copy(
     tmp_path: Path, config_file: ConfigFile, pg: PgCluster, sample_db: str
 ) -> None:

@@ -41,7 +41,12 @@ def _restore(cfg: Path, pg: PgCluster, *args: str):  # type: ignore[no-untyped-d
 
 @pytest.mark.parametrize(
     ("fmt", "prefix"),
-    [("custom", "src"), ("plain", "src"), ("custom", "Src Ü"), ("plain", "Src Ü")],
+    [
+        ("custom", "src"),
+        ("plain", "src"),
+        pytest.param("custom", "Src Ü", marks=pytest.mark.slow),
+        pytest.param("plain", "Src Ü", marks=pytest.mark.slow),
+    ],
 )
 def test_create_makes_the_typed_database_and_never_touches_the_source(
     tmp_path: Path, pg: PgCluster, config_file: ConfigFile, dbs: list[str], fmt: str, prefix: str

@@ -333,6 +333,7 @@ def test_no_secret_in_argv_environment_logs_or_manifests_at_debug_level(
     markers.assert_absent(listed.stdout + listed.stderr, "list --json")
 
 
+@pytest.mark.slow
 def test_errors_and_tracebacks_at_debug_level_carry_no_secret(
     tmp_path: Path,
     markers: Markers,

@@ -73,6 +73,7 @@ def daemon(
         d.stop()
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_status_page_in_chromium(daemon: tuple[DaemonProcess, str], tmp_path: Path) -> None:
     d, url = daemon

@@ -77,6 +77,7 @@ def test_a_good_backup_verifies_in_both_backends(
         assert lines[-1] == "verified: ok"
 
 
+@pytest.mark.slow
 def test_damage_to_a_stored_backup_fails_verify_with_its_reason(
     tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
 ) -> None:
@@ -282,6 +283,7 @@ def test_scheduled_verification_sets_the_metric_and_notifies_failures(
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_restore_download_and_verify_give_the_same_reason_for_damage(
     tmp_path: Path, pg: PgCluster, sample_db: str, pg_password_file: Path
 ) -> None:

@@ -142,6 +142,7 @@ def test_encrypted_wal_needs_the_identity(tmp_path: Path) -> None:
     assert out.read_bytes() == history.read_bytes()
 
 
+@pytest.mark.slow
 def test_on_s3_too_every_store_gets_the_segment_and_either_serves_it(
     tmp_path: Path, s3_server: str, s3_bucket: str, s3_client: Any
 ) -> None:
