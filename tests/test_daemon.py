@@ -13,6 +13,7 @@ from pathlib import Path
 from backupd.config.file import load_config
 from backupd.daemon.runner import Runner, StorePool
 from backupd.operations.backup import Trigger
+from tests import configs
 from tests.daemon_proc import DaemonProcess
 from tests.helpers import BACKUPD, BIG_TABLE_SQL, run_cli, wrapped_bin_dir, write_config
 from tests.pgcluster import PgCluster, free_port, wait_for
@@ -223,12 +224,13 @@ async def test_retries_until_the_source_comes_back(
         database=sample_db,
         fs_path=tmp_path / "store",
     )
-    text = cfg_path.read_text().replace(f":{pg.port}/", f":{port}/")
-    text = text.replace(
-        'retry = { max_attempts = 1, initial_delay = "1s", max_delay = "1s" }',
-        'retry = { max_attempts = 5, initial_delay = "1s", max_delay = "10s" }',
+    configs.edit(
+        cfg_path,
+        {
+            "source.main.dsn": pg.dsn(sample_db, port=port),
+            "job.app.retry": {"max_attempts": 5, "initial_delay": "1s", "max_delay": "10s"},
+        },
     )
-    cfg_path.write_text(text)
     config = load_config(cfg_path)
     delays: list[float] = []
     proxy: list[asyncio.Server] = []
@@ -275,8 +277,7 @@ async def test_permanent_error_is_not_retried(
         database="missing_db",
         fs_path=tmp_path / "store",
     )
-    text = cfg_path.read_text().replace("max_attempts = 1", "max_attempts = 4")
-    cfg_path.write_text(text)
+    configs.edit(cfg_path, {"job.app.retry.max_attempts": 4})
     delays: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:
