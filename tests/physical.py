@@ -15,7 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +225,20 @@ def batches(port: int, table: str) -> str:
         port,
         "SELECT string_agg(batch || count, ',') FROM "
         f"(SELECT batch, count(*) FROM {table} GROUP BY 1 ORDER BY 1) s",
+    )
+
+
+def wait_slot_streaming(pg: PgCluster, slot: str, timeout: float, logs: Callable[[], str]) -> None:
+    """Until pg_receivewal streams through `slot` (the slot is active); `logs` for the failure."""
+    wait_for(
+        lambda: (
+            pg.psql(
+                f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active"
+            )
+            == "1"
+        ),
+        timeout,
+        what=f"the slot {slot} streaming: {logs()[-2000:]}",
     )
 
 

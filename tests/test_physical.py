@@ -21,6 +21,7 @@ from tests.physical import (
     query,
     stop_server,
     temp_base,
+    wait_slot_streaming,
 )
 
 
@@ -203,17 +204,7 @@ def test_daemon_archives_continuously_and_loses_nothing_across_kill_9(
     pg = s.pg
     daemon = OwnedDaemon(s).start()
     try:
-        wait_for(
-            lambda: (
-                pg.psql(
-                    "SELECT count(*) FROM pg_replication_slots "
-                    "WHERE slot_name = 'backupd_test_cont' AND active"
-                )
-                == "1"
-            ),
-            60,
-            what=f"the slot streaming: {daemon.logs()[-2000:]}",
-        )
+        wait_slot_streaming(pg, "backupd_test_cont", 60, daemon.logs)
         pg.psql("DROP TABLE IF EXISTS cont_rows; CREATE TABLE cont_rows (batch text)")
         s.ok("backup", "-c", str(s.config), s.job)
         pg.psql("INSERT INTO cont_rows SELECT 'A' FROM generate_series(1, 100)")

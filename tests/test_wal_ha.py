@@ -27,6 +27,7 @@ from tests.physical import (
     query,
     stop_server,
     temp_base,
+    wait_slot_streaming,
 )
 
 LEASE = 6.0
@@ -114,16 +115,7 @@ def test_one_node_archives_and_another_takes_over_after_kill_9(
         return [d for d in daemons if _events(d, "wal_receiver_running")]
 
     wait_for(lambda: len(holders()) >= 1, 60, what="a node running pg_receivewal")
-    wait_for(
-        lambda: (
-            pg.psql(
-                f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active"
-            )
-            == "1"
-        ),
-        60,
-        what="the slot streaming: " + "".join(d.logs()[-1500:] for d in daemons),
-    )
+    wait_slot_streaming(pg, SLOT, 60, lambda: "".join(d.logs()[-1500:] for d in daemons))
     pg.psql("DROP TABLE IF EXISTS ha_rows; CREATE TABLE ha_rows (batch text)")
     s.ok("backup", "-c", str(s.config), s.job)
     pg.psql("INSERT INTO ha_rows SELECT 'A' FROM generate_series(1, 100)")

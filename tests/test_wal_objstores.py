@@ -29,6 +29,7 @@ from tests.physical import (
     query,
     stop_server,
     temp_base,
+    wait_slot_streaming,
 )
 from tests.test_objstores import BUCKETS
 
@@ -157,17 +158,7 @@ def test_the_daemon_archives_to_the_real_store_and_restore_latest_has_every_row(
     pg = s.pg
     daemon = OwnedDaemon(s).start()
     try:
-        wait_for(
-            lambda: (
-                pg.psql(
-                    "SELECT count(*) FROM pg_replication_slots "
-                    f"WHERE slot_name = '{slot}' AND active"
-                )
-                == "1"
-            ),
-            90,
-            what=f"the slot streaming: {daemon.logs()[-2000:]}",
-        )
+        wait_slot_streaming(pg, slot, 90, daemon.logs)
         pg.psql("DROP TABLE IF EXISTS objd_rows; CREATE TABLE objd_rows (batch text)")
         s.ok("backup", "-c", str(s.config), s.job)
         pg.psql("INSERT INTO objd_rows SELECT 'A' FROM generate_series(1, 100)")

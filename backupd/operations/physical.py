@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Unpack
 
-import asyncpg
 import structlog
 
 from backupd import __version__
@@ -66,8 +65,7 @@ async def preflight(source: PostgresSource, password: str | None) -> PhysicalSer
     Each missing piece is an error that says what to change on the server.
     """
     where = redact_dsn(source.dsn)
-    conn = await postgres.connect(source.dsn, password)
-    try:
+    async with postgres.settings_connection(source.dsn, password) as conn:
         row = await conn.fetchrow(
             "SELECT current_setting('server_version_num')::int AS num, "
             "current_setting('server_version') AS version, "
@@ -80,12 +78,6 @@ async def preflight(source: PostgresSource, password: str | None) -> PhysicalSer
             "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender')::int "
             "AS walsenders"
         )
-    except (OSError, asyncpg.ConnectionDoesNotExistError) as exc:
-        raise SourceUnavailable(f"connection to {where} lost: {exc}") from None
-    except asyncpg.PostgresError as exc:
-        raise SourceError(f"cannot read the server's settings on {where}: {exc}") from None
-    finally:
-        await conn.close()
     assert row is not None
     if not row["replication"]:
         raise SourceError(

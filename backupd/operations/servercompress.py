@@ -21,12 +21,9 @@ warning says why (a backup taken beats a CPU saved).
 
 from __future__ import annotations
 
-import asyncpg
 import structlog
 
-from backupd.config.dsn import redact_dsn
 from backupd.config.model import Job, PostgresSource
-from backupd.errors import SourceError, SourceUnavailable
 from backupd.sources import postgres
 from backupd.stream.codecs import decompressor
 
@@ -44,17 +41,9 @@ def wanted(job: Job) -> bool:
 
 async def unsupported_reason(job: Job, source: PostgresSource, password: str | None) -> str | None:
     """Why the server cannot compress this job's base backups, or None when it can."""
-    where = redact_dsn(source.dsn)
-    conn = await postgres.connect(source.dsn, password)
-    try:
+    async with postgres.settings_connection(source.dsn, password) as conn:
         num = int(await conn.fetchval("SELECT current_setting('server_version_num')::int"))
         values = await conn.fetchval(_ENUMVALS) if num >= 150000 else None
-    except (OSError, asyncpg.ConnectionDoesNotExistError) as exc:
-        raise SourceUnavailable(f"connection to {where} lost: {exc}") from None
-    except asyncpg.PostgresError as exc:
-        raise SourceError(f"cannot read the server's settings on {where}: {exc}") from None
-    finally:
-        await conn.close()
     return reason_for(job.compression.algorithm, num, values)
 
 

@@ -129,6 +129,22 @@ async def connect(
         raise SourceError(f"cannot connect to {where}: {exc}") from None
 
 
+@contextlib.asynccontextmanager
+async def settings_connection(dsn: str, password: str | None) -> AsyncIterator[asyncpg.Connection]:
+    """A connection for reading the server's settings; closed after, and what fails
+    while it is used becomes a source error (a lost connection: transient)."""
+    where = redact_dsn(dsn)
+    conn = await connect(dsn, password)
+    try:
+        yield conn
+    except (OSError, asyncpg.ConnectionDoesNotExistError) as exc:
+        raise SourceUnavailable(f"connection to {where} lost: {exc}") from None
+    except asyncpg.PostgresError as exc:
+        raise SourceError(f"cannot read the server's settings on {where}: {exc}") from None
+    finally:
+        await conn.close()
+
+
 async def preflight(source: PostgresSource, job: Job, password: str | None) -> ServerInfo:
     """Reach the server, read its version, resolve `databases`."""
     conn = await connect(source.dsn, password)
