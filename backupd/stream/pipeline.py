@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from backupd.storage.base import Upload
 from backupd.stream.codecs import Encoder
 
-CHUNK_SIZE = 1 << 20  # bytes read from the pipe at once
+CHUNK_SIZE = 256 << 10  # bytes read from the pipe at once (1 MiB held ~5 MB more at the peak)
 QUEUE_DEPTH = 4  # encoded chunks waiting for the targets
 PIPE_SIZE = 1 << 20  # kernel pipe buffer asked for (F_SETPIPE_SZ)
 _F_SETPIPE_SZ = 1031
