@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests import configs
 from tests.objstores import S3Target
 from tests.pgcluster import PgCluster, free_port, wait_for
 from tests.physical import (
@@ -57,18 +58,19 @@ def _on_store(s: PhysicalSetup, target: S3Target) -> PhysicalSetup:
         path.write_text(os.environ[env] + "\n")
         path.chmod(0o600)
         chown_owner(path)
-    s.config.write_text(
-        s.config.read_text().replace('storage = ["local"]', 'storage = ["real"]')
-        + f"""
-[storage.real]
-type = "s3"
-bucket = "{target.bucket}"
-prefix = "pitr/"
-endpoint_url = "{target.endpoint}"
-addressing_style = "path"
-access_key_id = {{ file = "{s.base}/s3-key" }}
-secret_access_key = {{ file = "{s.base}/s3-secret" }}
-"""
+    configs.edit(
+        s.config,
+        {
+            f"job.{s.job}.storage": ["real"],
+            "storage.real": configs.s3_storage(
+                target.endpoint,
+                target.bucket,
+                prefix="pitr/",
+                addressing_style="path",
+                access_key_id={"file": str(s.base / "s3-key")},
+                secret_access_key={"file": str(s.base / "s3-secret")},
+            ),
+        },
     )
     return s
 
