@@ -333,12 +333,13 @@ class Runner:
         listeners hear the end. A run whose `_run` started is already done here."""
         if run.done:
             return
-        self._publish(RunChange("queued", job, run))
-        if run.interrupted is not None:
-            run.state, run.error = "failure", run.interrupted
-        else:
-            run.state, run.error = "cancelled", "cancelled"
-        self._finish(job, run, 0.0)
+        with structlog.contextvars.bound_contextvars(job=job.name, run_id=run.run_id):
+            self._publish(RunChange("queued", job, run))
+            if run.interrupted is not None:
+                run.state, run.error = "failure", run.interrupted
+            else:
+                run.state, run.error = "cancelled", "cancelled"
+            self._finish(job, run, 0.0)
 
     def cancel(self, run_id: str) -> Run:
         run = self._runs.get(run_id)
