@@ -203,57 +203,39 @@ def main() -> int:
         print(results["archiving"], flush=True)
 
         # 3. restore to the end, and the drill
-        rport = free_port()
-        t0 = time.monotonic()
-        subprocess.run(
-            as_owner(
-                [
-                    *_env(s),
-                    *backupd_argv(),
-                    "restore",
-                    "-c",
-                    str(s.config),
-                    s.job,
-                    "--data-dir",
-                    str(out / "restored"),
-                    "--latest",
-                    "--start",
-                    "--port",
-                    str(rport),
-                ]
-            ),
-            check=True,
-            capture_output=True,
-            cwd=s.base,
-        )
-        results["restore_latest_start_s"] = round(time.monotonic() - t0, 1)
-        stop_server(out / "restored")
+        def timed_restore(name: str, *target: str) -> float:
+            """Seconds for `restore --data-dir out/NAME TARGET --start`; the server is stopped."""
+            t0 = time.monotonic()
+            subprocess.run(
+                as_owner(
+                    [
+                        *_env(s),
+                        *backupd_argv(),
+                        "restore",
+                        "-c",
+                        str(s.config),
+                        s.job,
+                        "--data-dir",
+                        str(out / name),
+                        *target,
+                        "--start",
+                        "--port",
+                        str(free_port()),
+                    ]
+                ),
+                check=True,
+                capture_output=True,
+                cwd=s.base,
+            )
+            seconds = round(time.monotonic() - t0, 1)
+            stop_server(out / name)
+            return seconds
+
+        results["restore_latest_start_s"] = timed_restore("restored", "--latest")
         middle = bench_started + timedelta(seconds=args.duration / 2)
-        t0 = time.monotonic()
-        subprocess.run(
-            as_owner(
-                [
-                    *_env(s),
-                    *backupd_argv(),
-                    "restore",
-                    "-c",
-                    str(s.config),
-                    s.job,
-                    "--data-dir",
-                    str(out / "middle"),
-                    "--time",
-                    middle.isoformat(),
-                    "--start",
-                    "--port",
-                    str(free_port()),
-                ]
-            ),
-            check=True,
-            capture_output=True,
-            cwd=s.base,
+        results["restore_to_time_mid_load_start_s"] = timed_restore(
+            "middle", "--time", middle.isoformat()
         )
-        results["restore_to_time_mid_load_start_s"] = round(time.monotonic() - t0, 1)
-        stop_server(out / "middle")
         drill = subprocess.run(
             as_owner(
                 [*_env(s), *backupd_argv(), "verify", "-c", str(s.config), s.job, "--restore"]
