@@ -20,7 +20,11 @@ src=$(ls -d postgresql-15-*/ | head -1)
 cd "$src"
 [ -e config.status ] || ./configure --without-readline --without-icu --without-llvm \
   --with-pgport=5432 >configure.log 2>&1 || { tail -40 configure.log >&2; exit 1; }
-# A parallel make can race on the generated headers of a fresh tree: one serial retry.
-make -j2 -C src/test/regress all >build.log 2>&1 ||
-  make -C src/test/regress all >>build.log 2>&1 || { tail -60 build.log >&2; exit 1; }
+# PostgreSQL's make generates its headers (utils/errcodes.h, ...) only when it is the
+# top-level make (MAKELEVEL 0). Run from `make test-slow`, it would inherit the outer
+# make's MAKELEVEL and MAKEFLAGS (with its jobserver): clear them, and build the
+# generated headers first, explicitly.
+unset MAKELEVEL MAKEFLAGS MFLAGS
+{ make -C src/backend generated-headers &&
+  make -j2 -C src/test/regress all; } >build.log 2>&1 || { tail -60 build.log >&2; exit 1; }
 touch "$dir/.built"
