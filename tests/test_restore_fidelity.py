@@ -234,8 +234,10 @@ def regression_archive() -> Path:
     os.chmod(base, 0o755)  # the cluster belongs to the postgres user when run as root
     cluster = make_cluster(base / "cluster")
     try:
+        # Not an outer make's MAKELEVEL/MAKEFLAGS (CI runs this suite from `make`).
+        outer_make = {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in outer_make},
             "PGHOST": "127.0.0.1",
             "PGPORT": str(cluster.port),
             "PGUSER": cluster.user,
