@@ -52,6 +52,7 @@ from backupd.operations.backup import PartialBackup, Trigger, run_backup
 from backupd.operations.physical import run_base_backup
 from backupd.storage import RetrySettings, open_store
 from backupd.storage.base import CLEANUP_DEADLINE, Store
+from backupd.storage.opening import OpeningStore
 
 log = structlog.get_logger("backupd.runner")
 
@@ -69,24 +70,54 @@ class StorePool:
     Keyed by the (frozen) storage config, so a reload that changes a storage
     gets a new client while runs still using the old one keep it. `s3_retry`
     overrides how S3 requests are retried (tests use zero waits).
+
+    A store is opened once, in a task that concurrent callers share (a caller
+    cancelled meanwhile does not cancel it); an opening that fails is forgotten,
+    so the next call tries again. `opening()` does not wait for it at all.
     """
 
     def __init__(self, *, s3_retry: RetrySettings | None = None) -> None:
         self._stores: dict[Storage, Store] = {}
-        self._lock = asyncio.Lock()
+        self._openings: dict[Storage, asyncio.Task[Store]] = {}
         self._s3_retry = s3_retry
 
+    def _open(self, cfg: Storage) -> asyncio.Task[Store]:
+        task = self._openings.get(cfg)
+        if task is None:
+            task = asyncio.create_task(self._opened(cfg), name=f"open-storage-{cfg.name}")
+            # retrieved here too, for an opening nobody awaited (its run ended first)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._openings[cfg] = task
+        return task
+
+    async def _opened(self, cfg: Storage) -> Store:
+        try:
+            store = self._stores[cfg] = await open_store(cfg, s3_retry=self._s3_retry)
+        finally:
+            self._openings.pop(cfg, None)
+        return store
+
     async def get(self, cfg: Storage) -> Store:
-        async with self._lock:
-            store = self._stores.get(cfg)
-            if store is None:
-                store = self._stores[cfg] = await open_store(cfg, s3_retry=self._s3_retry)
-            return store
+        store = self._stores.get(cfg)
+        return store if store is not None else await asyncio.shield(self._open(cfg))
+
+    def opening(self, cfg: Storage) -> Store:
+        """The store for `cfg` at once: the open one, or one still opening, whose calls
+        wait for it (and whose uploads hold their first bytes meanwhile: `OpeningStore`)."""
+        store = self._stores.get(cfg)
+        return store if store is not None else OpeningStore(cfg.name, self._open(cfg))
 
     async def for_job(self, config: Config, job: Job) -> dict[str, Store]:
         return {name: await self.get(config.storages[name]) for name in job.storage}
 
+    def opening_for_job(self, config: Config, job: Job) -> dict[str, Store]:
+        return {name: self.opening(config.storages[name]) for name in job.storage}
+
     async def aclose(self) -> None:
+        if self._openings:  # bounded: an opening makes no request
+            _, late = await asyncio.wait(list(self._openings.values()), timeout=CLEANUP_DEADLINE)
+            for task in late:
+                task.cancel()
         stores, self._stores = list(self._stores.values()), {}
         for store in stores:
             try:
@@ -487,7 +518,8 @@ class Runner:
             )
 
     async def _attempts(self, config: Config, job: Job, run: Run) -> Manifest:
-        stores = await self.stores.for_job(config, job)
+        # Not waited for: the attempt's preflight and dump start while a store opens.
+        stores = self.stores.opening_for_job(config, job)
         source = config.sources[job.source]
         first = job.storage[0]
 
