@@ -12,7 +12,7 @@ import json
 import re
 import tomllib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from backupd.daemon.runner import StorePool
 from backupd.observe.metrics import Metrics
 from backupd.operations.backup import Trigger, run_backup
 from backupd.operations.prune import prune_job
+from backupd.storage.base import ObjectInfo
 from backupd.storage.filesystem import FilesystemStore
 from tests import configs
 from tests.configs import ConfigFile
@@ -204,6 +205,54 @@ async def test_partial_delete_failures_are_counted_and_retried_by_the_next_prune
     assert second.swept == 1 and second.errors == 0
     assert _fs_keys(store.root) == _keys_of([newest])
     assert metrics.registry.get_sample_value("backupd_retention_deleted_total", errors) == 2
+
+
+class CountingStore(RefusingStore):
+    """Counts listings, and the manifest reads in flight at once."""
+
+    def __init__(self, cfg: FilesystemStorage) -> None:
+        super().__init__(cfg)
+        self.listings: list[str] = []
+        self.reading = self.most_reading = 0
+
+    async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        self.listings.append(prefix)
+        return await super().list(prefix)
+
+    async def open_read(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        self.reading += 1
+        self.most_reading = max(self.most_reading, self.reading)
+        try:
+            await asyncio.sleep(0)  # every read that can start does, before any ends
+            async for chunk in super().open_read(key, chunk_size):
+                yield chunk
+        finally:
+            self.reading -= 1
+
+
+async def test_a_prune_lists_once_and_reads_manifests_at_once(
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
+) -> None:
+    """A store's round trips add up (Ceph RGW: ~50 ms a listing or a small read): the
+    orphan sweep reuses the prune's listing, less what it deleted, and manifests are read
+    READ_CONCURRENCY at a time."""
+    job, first, manifests = await _store_with_backups(
+        tmp_path, config_file, sample_db, 3, "retention = { keep_last = 1 }"
+    )
+    store = CountingStore(FilesystemStorage(name="local", path=str(first.root)))
+    oldest, middle, newest = manifests
+    # an orphan (a backup whose manifest a crash never wrote), older than the grace
+    orphan = oldest.object_key(oldest.objects[0]).replace(
+        oldest.stem, oldest.stem[:-8] + "0fab0fab"
+    )
+    (store.root / orphan).parent.mkdir(parents=True, exist_ok=True)
+    (store.root / orphan).write_bytes(b"left by a crash")
+
+    outcome = await prune_job(job, store, now=now_utc() + timedelta(hours=2), grace=3600)
+    assert store.listings == ["app/"]
+    assert store.most_reading == 3
+    assert sorted(outcome.deleted) == sorted([middle.stem, oldest.stem]) and outcome.swept == 1
+    assert _fs_keys(store.root) == _keys_of([newest])
 
 
 async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without_data(

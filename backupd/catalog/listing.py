@@ -7,6 +7,7 @@ and logged by its key and a short reason, never guessed at.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,9 +22,10 @@ from backupd.catalog.manifest import (
     now_utc,
 )
 from backupd.errors import NotFound, StorageError
-from backupd.storage.base import Store
+from backupd.storage.base import ObjectInfo, Store
 
 _READ_CHUNK = 64 * 1024
+READ_CONCURRENCY = 8  # manifests read at once by a listing
 
 log = structlog.get_logger("backupd.manifest")
 
@@ -47,6 +49,7 @@ class Listing:
     backups: list[Manifest]  # valid manifests, newest first (by started_at, then id)
     invalid: list[SkippedManifest]
     now: datetime  # what "in the future" was measured against
+    objects: tuple[ObjectInfo, ...] = ()  # the store listing it was read from (its prefix)
 
     @property
     def future(self) -> list[Manifest]:
@@ -111,28 +114,41 @@ async def scan_backups(
     """
     now = now or now_utc()
     prefix = f"{job}/" if job else ""
-    manifests = []
-    invalid = []
-    for info in await store.list(prefix):
-        if not info.key.endswith(MANIFEST_SUFFIX):
-            continue
+    objects = await store.list(prefix)
+    slots = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def read(info: ObjectInfo) -> Manifest | SkippedManifest | None:
         try:
             if info.size > MAX_MANIFEST_BYTES:
                 raise InvalidManifest(f"larger than {MAX_MANIFEST_BYTES} bytes")
-            manifest = await read_manifest(store, info.key)
+            async with slots:
+                return await read_manifest(store, info.key)
         except NotFound:
-            continue  # deleted between list and read (prune)
+            return None  # deleted between list and read (prune)
         except InvalidManifest as exc:
-            reason = str(exc)
+            return SkippedManifest(info.key, str(exc))
         except StorageError as exc:
-            reason = f"cannot be read: {exc}"
-        else:
-            manifests.append(manifest)
-            continue
-        log.warning("manifest_invalid", storage=store.name, key=info.key, reason=reason)
-        invalid.append(SkippedManifest(info.key, reason))
+            return SkippedManifest(info.key, f"cannot be read: {exc}")
+
+    # At once (a store's round trips add up); every read ends before an error is raised.
+    results = await asyncio.gather(
+        *(read(info) for info in objects if info.key.endswith(MANIFEST_SUFFIX)),
+        return_exceptions=True,
+    )
+    manifests = []
+    invalid = []
+    for result in results:  # in key order, as listed
+        if isinstance(result, BaseException):
+            raise result
+        if isinstance(result, Manifest):
+            manifests.append(result)
+        elif result is not None:
+            log.warning(
+                "manifest_invalid", storage=store.name, key=result.key, reason=result.reason
+            )
+            invalid.append(result)
     manifests.sort(key=lambda m: (m.started_at, m.id), reverse=True)
-    listing = Listing(manifests, invalid, now)
+    listing = Listing(manifests, invalid, now, tuple(objects))
     for m in listing.future:
         log.warning(
             "backup_in_future",

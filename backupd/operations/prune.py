@@ -165,8 +165,22 @@ async def prune_job(
             outcome.left[stem] = left
     if grace is not None:
         just_left = {key for keys in outcome.left.values() for key in keys}
+        # The listing scan_backups made, less what was just deleted: what a new listing
+        # would show (objects written since are newer than the cutoff anyway).
+        gone = {
+            key
+            for stem in outcome.deleted
+            for key in (
+                by_stem[stem].manifest_key,
+                *map(by_stem[stem].object_key, by_stem[stem].objects),
+            )
+        }
         deleted, _ = await delete_orphans(
-            store, f"{job.name}/", now - timedelta(seconds=grace), skip=just_left
+            store,
+            f"{job.name}/",
+            now - timedelta(seconds=grace),
+            skip=just_left,
+            objects=[o for o in listing.objects if o.key not in gone],
         )
         outcome.swept = deleted
     gone = set(outcome.deleted)
@@ -243,14 +257,16 @@ async def delete_orphans(
     protect: Collection[str] = (),
     skip: Collection[str] = (),
     removed: list[tuple[str, str]] | None = None,
+    objects: Sequence[ObjectInfo] | None = None,
 ) -> tuple[int, list[str]]:
     """Delete `orphaned_data` under `prefix` (except `skip`); returns (deleted, failed keys).
 
-    `removed` gets ("orphan", key) for each key deleted.
+    `removed` gets ("orphan", key) for each key deleted. `objects`: a listing of
+    `prefix` the caller already has, instead of a new one.
     """
-    orphans = [
-        key for key in orphaned_data(await store.list(prefix), cutoff, protect) if key not in skip
-    ]
+    if objects is None:
+        objects = await store.list(prefix)
+    orphans = [key for key in orphaned_data(objects, cutoff, protect) if key not in skip]
     if not orphans:
         return 0, []
     failed = await store.delete(orphans)
