@@ -26,8 +26,11 @@ from backupd.storage.base import (
     Versioned,
 )
 
-EARLY_BYTES = 8 * MiB
-"""Bytes (stored, i.e. compressed) an upload holds before its store is open."""
+EARLY_BYTES = 1 * MiB
+"""Bytes (stored, i.e. compressed) an upload holds before its store is open. Small:
+what matters is that pg_dump starts; it then fills its pipe and the stream's queue
+(~2 MiB more) by itself. Held bytes, once freed, stay in the process (the allocator
+keeps them): 8 MiB raised the peak RSS of a backup by ~7 MB for no measurable gain."""
 
 
 class OpeningStore:
