@@ -1,3 +1,3 @@
 from backupd import cli
 
-raise SystemExit(cli.main())
+cli.entry()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -405,3 +406,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def entry() -> NoReturn:
+    """The `backupd` program: `main()`, then out without tearing the interpreter down.
+
+    Freeing every module's objects at exit took ~0.13 s with aiobotocore loaded (median
+    of 10 alternating runs), which every one-shot `backupd backup` paid after its work was
+    done. By the time `main()` returns, its event loop has closed (children reaped,
+    executor threads joined, files closed), so what is left is to flush the output and
+    the standard logging handlers. An exception or `SystemExit` from `main()` (argparse's
+    usage errors) leaves the usual way.
+    """
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a reader gone away: nothing left to say
+            stream.flush()
+    os._exit(code)

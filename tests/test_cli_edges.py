@@ -102,6 +102,11 @@ def test_download_refuses_an_existing_file_and_stops_quietly_on_a_closed_pipe(
     forced = run_cli("download", "app", "-o", str(target), "--force", *c)
     assert forced.returncode == 0, forced.stderr
     assert target.stat().st_size > 1_000_000
+    # Through a pipe, every byte: the program leaves without interpreter teardown
+    # (`cli.entry`), after flushing what it wrote.
+    piped = subprocess.run([*BACKUPD, "download", "app", "-o", "-", *c], capture_output=True)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == target.read_bytes()
 
     # A reader that goes away (`| head -c 10`): exit 1, no traceback, nothing on stderr.
     read_fd, write_fd = os.pipe()
