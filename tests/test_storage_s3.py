@@ -397,3 +397,70 @@ async def test_bodies_are_hashed_for_the_signature_only_without_tls_or_a_checksu
         assert (options.get("payload_signing_enabled") is False) == unsigned
     finally:
         await store.aclose()
+
+
+# -- botocore's endpoint data for S3 alone (s3client.use_s3_endpoints_only) -------------
+
+
+def _sessions() -> tuple[Any, Any]:
+    from aiobotocore.session import get_session
+
+    from backupd.storage.s3client import use_s3_endpoints_only
+
+    whole, lean = get_session(), get_session()
+    assert use_s3_endpoints_only(lean)  # this botocore's internals are the ones it knows
+    return whole, lean
+
+
+def _outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return call(*args, **kwargs)
+    except Exception as exc:  # the same error, as much as the same answer
+        return type(exc).__name__
+
+
+def test_lean_endpoint_data_resolves_s3_exactly_as_the_whole_file() -> None:
+    whole, lean = _sessions()
+    full = whole._get_internal_component("endpoint_resolver")
+    s3_only = lean._get_internal_component("endpoint_resolver")
+    assert full is not s3_only
+    regions = {
+        region for partition in full._endpoint_data["partitions"] for region in partition["regions"]
+    } | {"aws-global", "us-east-1", "eu-west-1", "garage", "localhost"}
+    assert len(regions) > 30
+    for region in sorted(regions):
+        for dualstack in (False, True):
+            for fips in (False, True):
+                args = ("s3", region)
+                kwargs = {"use_dualstack_endpoint": dualstack, "use_fips_endpoint": fips}
+                ours = _outcome(s3_only.construct_endpoint, *args, **kwargs)
+                theirs = _outcome(full.construct_endpoint, *args, **kwargs)
+                assert ours == theirs, (region, dualstack, fips)
+        assert _outcome(s3_only.get_partition_for_region, region) == _outcome(
+            full.get_partition_for_region, region
+        )
+    assert s3_only.get_available_endpoints("s3") == full.get_available_endpoints("s3")
+    assert s3_only.get_available_partitions() == full.get_available_partitions()
+    # and it holds only S3: the other services are what it leaves out
+    assert full.get_available_endpoints("ec2") and not s3_only.get_available_endpoints("ec2")
+
+
+async def test_clients_on_lean_endpoint_data_are_the_same_clients() -> None:
+    keys = {"aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "secret"}
+    for endpoint_url, region in [
+        ("http://127.0.0.1:9000", "us-east-1"),
+        ("https://s3.example.net", "garage"),
+        (None, "eu-central-1"),
+        (None, "us-east-1"),
+        (None, "cn-north-1"),
+    ]:
+        seen = []
+        for session in _sessions():
+            async with session.create_client(
+                "s3", region_name=region, endpoint_url=endpoint_url, **keys
+            ) as client:
+                url = await client.generate_presigned_url(
+                    "get_object", Params={"Bucket": "b", "Key": "k"}, ExpiresIn=60
+                )
+                seen.append((client.meta.endpoint_url, client.meta.region_name, url.split("?")[0]))
+        assert seen[0] == seen[1], (endpoint_url, region)

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -52,9 +53,12 @@ async def open_client(cfg: S3Storage, exit_stack: AsyncExitStack) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
+    session = get_session()
+    if credentials:  # static keys: the session makes no client but this one (no STS, SSO)
+        await asyncio.to_thread(use_s3_endpoints_only, session)
     try:
         client = await exit_stack.enter_async_context(
-            get_session().create_client(
+            session.create_client(
                 "s3",
                 region_name=cfg.region or None,
                 endpoint_url=cfg.endpoint_url or None,
@@ -69,6 +73,47 @@ async def open_client(cfg: S3Storage, exit_stack: AsyncExitStack) -> Any:
         raise StorageError(f"s3 storage {cfg.name}: cannot set up the client: {exc}") from exc
     client.meta.events.register("before-call.s3.DeleteObjects", _delete_objects_content_md5)
     return client
+
+
+def use_s3_endpoints_only(session: Any) -> bool:
+    """Give `session` botocore's endpoint data for S3 alone; True if it took.
+
+    botocore keeps its whole `endpoints.json` (every AWS service, 1.2 MB of JSON) for
+    the life of a session: ~7 MB of Python objects, 7% of a backup's peak memory, to
+    resolve one service. The same file is read here, every partition kept whole and
+    only the `s3` entries of its services, and handed to the session as its endpoint
+    resolver: `construct_endpoint("s3", ...)` answers exactly as with the whole file
+    (tests/test_storage_s3.py compares them). Only for a session that makes no other
+    client: with static credentials, no credential provider calls STS or SSO. Where
+    botocore's internals differ (another version), the session is left as it is.
+    """
+    from botocore.regions import EndpointResolver
+
+    loader = session.get_component("data_loader")
+    components = getattr(session, "_internal_components", None)
+    if components is None or not hasattr(components, "register_component"):
+        return False
+    for base in loader.search_paths:  # the file botocore would read: the first found
+        path = os.path.join(base, "endpoints")
+        data = loader.file_loader.load_file(path)
+        if data is not None:
+            break
+    else:
+        return False
+    partitions = data.get("partitions") if isinstance(data, dict) else None
+    if not isinstance(partitions, list) or not all(isinstance(p, dict) for p in partitions):
+        return False
+    lean = {
+        **data,
+        "partitions": [
+            {**p, "services": {k: v for k, v in p.get("services", {}).items() if k == "s3"}}
+            for p in partitions
+        ],
+    }
+    del data, partitions
+    resolver = EndpointResolver(lean, uses_builtin_data=loader.is_builtin_path(path))
+    components.register_component("endpoint_resolver", resolver)
+    return True
 
 
 def _socket_factory(read_timeout: float) -> Callable[[Any], socket.socket]:
