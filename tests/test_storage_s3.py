@@ -14,6 +14,7 @@ import os
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -464,3 +465,20 @@ async def test_clients_on_lean_endpoint_data_are_the_same_clients() -> None:
                 )
                 seen.append((client.meta.endpoint_url, client.meta.region_name, url.split("?")[0]))
         assert seen[0] == seen[1], (endpoint_url, region)
+
+
+def test_a_broken_endpoints_file_is_left_to_botocore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A custom data path (AWS_DATA_PATH) whose endpoints.json does not parse: the
+    session is left as it is, for botocore's own reading to report."""
+    from aiobotocore.session import get_session
+
+    from backupd.storage.s3client import use_s3_endpoints_only
+
+    (tmp_path / "endpoints.json").write_text("{not json")
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    session = get_session()
+    assert use_s3_endpoints_only(session) is False
+    with pytest.raises(ValueError):
+        session._get_internal_component("endpoint_resolver")

@@ -101,13 +101,18 @@ def use_s3_endpoints_only(session: Any) -> bool:
     for base, ext in itertools.product(loader.search_paths, (".json", ".json.gz")):
         path = os.path.join(base, "endpoints")
         if os.path.isfile(path + ext):
-            with (gzip.open if ext == ".json.gz" else open)(path + ext, "rb") as f:
-                data = json.load(f)
+            try:
+                with (gzip.open if ext == ".json.gz" else open)(path + ext, "rb") as f:
+                    data = json.load(f)
+            except (OSError, ValueError):  # botocore's own reading reports it
+                return False
             break
     else:
         return False
     partitions = data.get("partitions") if isinstance(data, dict) else None
-    if not isinstance(partitions, list) or not all(isinstance(p, dict) for p in partitions):
+    if not isinstance(partitions, list) or not all(
+        isinstance(p, dict) and isinstance(p.get("services", {}), dict) for p in partitions
+    ):
         return False
     lean = {
         **data,
