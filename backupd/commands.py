@@ -491,8 +491,8 @@ async def delete(args: argparse.Namespace) -> int:
         )
         if args.dry_run:
             print(f"{where}: would delete {what}")
-            for o in manifest.objects:
-                print(f"  {manifest.object_key(o)}")
+            for key in manifest.data_keys:
+                print(f"  {key}")
             return EXIT_OK
         gone, left = await delete_backup(store, manifest)
     if not gone:

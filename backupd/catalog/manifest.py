@@ -160,6 +160,11 @@ class Manifest:
         return self.folder + entry.key
 
     @property
+    def data_keys(self) -> list[str]:
+        """The keys of its data objects, in the manifest's order."""
+        return [self.object_key(o) for o in self.objects]
+
+    @property
     def size_bytes(self) -> int:
         return sum(o.size_bytes for o in self.objects)
 

@@ -170,10 +170,7 @@ async def prune_job(
         gone = {
             key
             for stem in outcome.deleted
-            for key in (
-                by_stem[stem].manifest_key,
-                *map(by_stem[stem].object_key, by_stem[stem].objects),
-            )
+            for key in (by_stem[stem].manifest_key, *by_stem[stem].data_keys)
         }
         deleted, _ = await delete_orphans(
             store,
@@ -224,7 +221,7 @@ async def delete_backup(store: Store, manifest: Manifest) -> tuple[bool, list[st
             "backup_delete_failed", job=manifest.job, storage=store.name, backup=manifest.stem
         )
         return False, []
-    left = await store.delete([manifest.object_key(o) for o in manifest.objects])
+    left = await store.delete(manifest.data_keys)
     if left:
         log.warning("backup_data_left", job=manifest.job, storage=store.name, keys=left)
     return True, left
