@@ -213,6 +213,7 @@ class CountingStore(RefusingStore):
     def __init__(self, cfg: FilesystemStorage) -> None:
         super().__init__(cfg)
         self.listings: list[str] = []
+        self.reads: list[str] = []
         self.reading = self.most_reading = 0
 
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
@@ -220,6 +221,7 @@ class CountingStore(RefusingStore):
         return await super().list(prefix)
 
     async def open_read(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        self.reads.append(key)
         self.reading += 1
         self.most_reading = max(self.most_reading, self.reading)
         try:
@@ -253,6 +255,28 @@ async def test_a_prune_lists_once_and_reads_manifests_at_once(
     assert store.most_reading == 3
     assert sorted(outcome.deleted) == sorted([middle.stem, oldest.stem]) and outcome.swept == 1
     assert _fs_keys(store.root) == _keys_of([newest])
+
+
+async def test_the_prune_after_a_run_does_not_read_back_the_manifest_it_just_wrote(
+    tmp_path: Path, sample_db: str, config_file: ConfigFile
+) -> None:
+    """One small read less at the end of every run; but only where the listing shows the
+    manifest as written: one replaced since (another size) is read back and judged."""
+    job, first, manifests = await _store_with_backups(
+        tmp_path, config_file, sample_db, 3, "retention = { keep_last = 2 }"
+    )
+    store = CountingStore(FilesystemStorage(name="local", path=str(first.root)))
+    oldest, middle, newest = manifests
+    outcome = await prune_job(job, store, published=newest)
+    assert sorted(store.reads) == sorted([oldest.manifest_key, middle.manifest_key])
+    assert outcome.deleted == [oldest.stem] and newest.stem in outcome.kept
+
+    (store.root / middle.manifest_key).write_bytes(b'{"not": "the manifest written"}\n')
+    store.reads = []
+    outcome = await prune_job(job, store, published=middle)
+    assert sorted(store.reads) == sorted([middle.manifest_key, newest.manifest_key])
+    assert [s.key for s in outcome.invalid] == [middle.manifest_key]  # judged, not trusted
+    assert outcome.deleted == [] and _fs_keys(store.root) >= {middle.manifest_key}
 
 
 async def test_prune_killed_between_manifest_and_data_leaves_no_manifest_without_data(

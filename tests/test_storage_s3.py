@@ -400,16 +400,16 @@ async def test_bodies_are_hashed_for_the_signature_only_without_tls_or_a_checksu
         await store.aclose()
 
 
-# -- botocore's endpoint data for S3 alone (s3client.use_s3_endpoints_only) -------------
+# -- botocore's data for S3 alone (s3client.use_s3_data_only) ---------------------------
 
 
 def _sessions() -> tuple[Any, Any]:
     from aiobotocore.session import get_session
 
-    from backupd.storage.s3client import use_s3_endpoints_only
+    from backupd.storage.s3client import use_s3_data_only
 
     whole, lean = get_session(), get_session()
-    assert use_s3_endpoints_only(lean)  # this botocore's internals are the ones it knows
+    assert use_s3_data_only(lean)  # this botocore's internals are the ones it knows
     return whole, lean
 
 
@@ -446,6 +446,36 @@ def test_lean_endpoint_data_resolves_s3_exactly_as_the_whole_file() -> None:
     assert full.get_available_endpoints("ec2") and not s3_only.get_available_endpoints("ec2")
 
 
+def test_the_lean_loader_finds_and_loads_s3_models_as_botocore_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from botocore.exceptions import UnknownServiceError
+
+    from backupd.storage.s3client import S3DataLoader
+
+    whole, lean = _sessions()
+    full, s3_only = whole.get_component("data_loader"), lean.get_component("data_loader")
+    assert isinstance(s3_only, S3DataLoader) and not isinstance(full, S3DataLoader)
+    assert s3_only.search_paths == full.search_paths
+    for model in ("service-2", "paginators-1", "waiters-2", "endpoint-rule-set-1", "nothing-9"):
+        everything = full.list_available_services(model)
+        assert s3_only.list_available_services(model) == [s for s in everything if s == "s3"]
+        if "s3" in everything:
+            assert s3_only.load_service_model("s3", model) == full.load_service_model("s3", model)
+    assert "ec2" in full.list_available_services("service-2")
+    with pytest.raises(UnknownServiceError):  # the names it leaves out are unknown to it
+        s3_only.load_service_model("ec2", "service-2")
+    # AWS_DATA_PATH is searched first, as botocore does: a model there is the one loaded
+    custom = tmp_path / "s3" / "2006-03-01"
+    custom.mkdir(parents=True)
+    (custom / "paginators-1.json").write_text('{"pagination": {"Custom": {}}}')
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    whole, lean = _sessions()
+    loaded = lean.get_component("data_loader").load_service_model("s3", "paginators-1")
+    assert loaded["pagination"]["Custom"] == {}  # (with botocore's extras merged in)
+    assert loaded == whole.get_component("data_loader").load_service_model("s3", "paginators-1")
+
+
 async def test_clients_on_lean_endpoint_data_are_the_same_clients() -> None:
     keys = {"aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "secret"}
     for endpoint_url, region in [
@@ -474,11 +504,11 @@ def test_a_broken_endpoints_file_is_left_to_botocore(
     session is left as it is, for botocore's own reading to report."""
     from aiobotocore.session import get_session
 
-    from backupd.storage.s3client import use_s3_endpoints_only
+    from backupd.storage.s3client import use_s3_data_only
 
     (tmp_path / "endpoints.json").write_text("{not json")
     monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
     session = get_session()
-    assert use_s3_endpoints_only(session) is False
+    assert use_s3_data_only(session) is False
     with pytest.raises(ValueError):
         session._get_internal_component("endpoint_resolver")

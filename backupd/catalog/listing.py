@@ -104,21 +104,34 @@ async def _aclose(stream: AsyncIterator[bytes]) -> None:
 
 
 async def scan_backups(
-    store: Store, job: str | None = None, now: datetime | None = None
+    store: Store,
+    job: str | None = None,
+    now: datetime | None = None,
+    *,
+    written: Manifest | None = None,
 ) -> Listing:
     """Every backup in `store` (of `job`, or of all jobs), newest first, and what was skipped.
 
     A manifest that is invalid, too large or unreadable is logged (its key and
     a short reason) and skipped, never guessed at. Backups dated in the future
     are listed, and logged.
+
+    `written` is a manifest this process has just written (a run's, before its
+    prune): listed under its key with its size, it is taken as it is, not read back.
     """
     now = now or now_utc()
     prefix = f"{job}/" if job else ""
     objects = await store.list(prefix)
     slots = asyncio.Semaphore(READ_CONCURRENCY)
+    written_size = len(written.to_json()) if written is not None else -1
 
     async def read(info: ObjectInfo) -> Manifest | SkippedManifest | None:
         try:
+            if written is not None and (info.key, info.size) == (
+                written.manifest_key,
+                written_size,
+            ):
+                return written
             if info.size > MAX_MANIFEST_BYTES:
                 raise InvalidManifest(f"larger than {MAX_MANIFEST_BYTES} bytes")
             async with slots:

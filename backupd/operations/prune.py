@@ -117,19 +117,19 @@ async def prune_job(
     metrics: PruneMetrics | None = None,
     now: datetime | None = None,
     grace: float | None = None,
-    published: str | None = None,
+    published: Manifest | None = None,
 ) -> PruneOutcome:
     """Apply `job`'s retention to `store` (or only plan it, with `dry_run`).
 
-    `published` is the stem of the backup the calling run has just written:
-    it is kept whatever its date says.
+    `published` is the manifest of the backup the calling run has just written:
+    it is kept whatever its date says, and not read back.
 
     With `grace` (the storage's `abandoned_upload_grace`), data objects of this
     job that have no manifest and were last written more than `grace` seconds
     before `now` are deleted too: what earlier prunes failed to remove.
     """
     now = now or now_utc()
-    listing = await scan_backups(store, job.name, now)
+    listing = await scan_backups(store, job.name, now, written=published)
     backups = listing.backups
     by_stem = {m.stem: m for m in backups}
     refs = [
@@ -138,7 +138,7 @@ async def prune_job(
         )
         for m in backups
     ]
-    protect = (published,) if published else ()
+    protect = (published.stem,) if published else ()
     plan = retention.plan(refs, job.retention, job.timezone, now, protect)
     outcome = PruneOutcome(
         job.name,
@@ -310,7 +310,7 @@ async def prune_after_success(
                     store,
                     metrics=metrics,
                     grace=cfg.abandoned_upload_grace if cfg is not None else None,
-                    published=manifest.stem,
+                    published=manifest,
                 )
             )
         except Exception as exc:  # a prune failure never turns a good backup into a failure
