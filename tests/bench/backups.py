@@ -186,6 +186,28 @@ def s3_suite(setup: Setup, results: Results) -> None:
     cfg = setup.config(suite)
     script = setup.work / "boto3_upload.py"
     script.write_text(BOTO3_UPLOAD)
+
+    def pair(config: Path, database: str, label: str = "") -> list[Contender]:
+        return [
+            Contender(
+                f"backupd backup -> S3 (zstd:3, default parts){label}",
+                lambda: [setup.backupd, "backup", "s3", "-c", str(config)],
+                env=setup.pg_env,
+                cleanup=empty_bucket,
+            ),
+            Contender(
+                f"pg_dump -Fc -Z0 | zstd -3 | boto3 ({PART_SIZE_MIB} MiB x{UPLOAD_CONCURRENCY})"
+                + label,
+                lambda: shell(
+                    f"{PG_DUMP} -Fc -Z0 {setup.pg_args(database)} | zstd -3 -q | "
+                    f"{sys.executable} {script} {setup.s3_endpoint} {setup.bucket} "
+                    f"shell/{uuid.uuid4().hex}.dump.zst {PART_SIZE_MIB} {UPLOAD_CONCURRENCY}"
+                ),
+                env=setup.pg_env,
+                cleanup=empty_bucket,
+            ),
+        ]
+
     # A store just started is slow on its first writes (RGW: a fresh OSD, 2-4 s more on
     # the first run): one untimed backup first, like the warm-up dump of every suite.
     setup.progress(f"{suite}: one untimed backup (warm-up)")
@@ -195,28 +217,23 @@ def s3_suite(setup: Setup, results: Results) -> None:
         env=setup.pg_env,
     )
     empty_bucket()
-    contenders = [
-        Contender(
-            "backupd backup -> S3 (zstd:3, default parts)",
-            lambda: [setup.backupd, "backup", "s3", "-c", str(cfg)],
-            env=setup.pg_env,
-            cleanup=empty_bucket,
-        ),
-        Contender(
-            f"pg_dump -Fc -Z0 | zstd -3 | boto3 ({PART_SIZE_MIB} MiB x{UPLOAD_CONCURRENCY})",
-            lambda: shell(
-                f"{PG_DUMP} -Fc -Z0 {setup.pg_args()} | zstd -3 -q | {sys.executable} {script} "
-                f"{setup.s3_endpoint} {setup.bucket} shell/{uuid.uuid4().hex}.dump.zst "
-                f"{PART_SIZE_MIB} {UPLOAD_CONCURRENCY}"
-            ),
-            env=setup.pg_env,
-            cleanup=empty_bucket,
-        ),
-    ]
+    contenders = pair(cfg, setup.database)
     setup.progress(f"S3 store ({setup.s3_store}): backupd vs pg_dump | zstd | boto3")
     alternate(contenders, setup.repeat, setup.work / "logs" / suite, setup.progress)
     rows = results.add_timed(suite, contenders)
     ours, boto = (rows[c.name] for c in contenders)
+    # The fixed cost of each (start-up, connections, the requests of a backup of nothing):
+    # an empty database (`postgres`), 3x the runs (they are short and vary as much).
+    empty = pair(setup.config(f"{suite}-empty", "postgres"), "postgres", ", empty database")
+    setup.progress(f"S3 store ({setup.s3_store}): the same for an empty database (fixed cost)")
+    alternate(empty, 3 * setup.repeat, setup.work / "logs" / f"{suite}-empty", setup.progress)
+    fixed = results.add_timed(suite, empty)
+    ours_fixed, boto_fixed = (fixed[c.name] for c in empty)
+    results.notes.append(
+        f"{suite}: fixed cost (empty database) backupd {ours_fixed.median:.2f} s, boto3 "
+        f"pipeline {boto_fixed.median:.2f} s: {ours_fixed.median - boto_fixed.median:+.2f} s of "
+        f"the {ours.median - boto.median:+.2f} s between them on the dataset"
+    )
     # issue 14's targets, on moto and on a real store (RGW)
     results.target(
         f"{suite}: backupd / (pg_dump | zstd | boto3)", ours.median / boto.median, "<=", 1.05, "x"
