@@ -26,14 +26,14 @@ from backupd.storage.base import (
     Versioned,
 )
 
-EARLY_BYTES = 8 * MiB
-"""Bytes (stored, i.e. compressed) an upload holds before its store is open: about what
-pg_dump and the compressor produce while an S3 store opens (~0.4 s of imports and
-client set-up on a 2-core machine), so the dump does not stop and wait for it. With
-1 MiB the stream waited 0.21-0.30 s for the store in every 181 MiB backup to Ceph RGW;
-with 8 MiB it does not wait. Peak RSS is the same (87.7-96.0 MB over 16 alternating
-runs, against 87.9-97.0 MB, and once 108 MB, with 1 MiB): the held bytes are freed as
-they go to the upload's first parts, long before its part buffers are all in use."""
+EARLY_BYTES = 1 * MiB
+"""Bytes (stored, i.e. compressed) an upload holds before its store is open. Small:
+what matters is that pg_dump starts; it then fills its pipe and the stream's queue by
+itself, and waits. That wait is real (0.21-0.30 s in every 181 MiB backup to Ceph RGW,
+while aiobotocore imports and the client is made), but holding 8 MiB to cover it cost
+memory where it was measured with the bench: peak RSS on moto 96 MB median and 102 MB
+at most, against 91 and 93 MB (RGW alone had shown no change, 16 alternating runs), for
+no speed gain that the bench could tell from its run-to-run noise."""
 
 
 class OpeningStore:
