@@ -11,6 +11,8 @@ import asyncio
 import base64
 import io
 import os
+import subprocess
+import sys
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -167,6 +169,61 @@ async def test_multipart_object_has_the_expected_parts_under_the_prefix(
     head = s3_client.head_object(Bucket=s3_bucket, Key="prod/app/db.dump")
     assert head["ContentLength"] == MULTIPART_SIZE
     assert head["ETag"].strip('"').endswith("-3")
+
+
+async def test_each_part_sent_gives_the_heap_s_free_pages_back(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backupd.storage import s3upload
+
+    calls: list[int] = []
+    release = s3upload.release_free_memory
+    monkeypatch.setattr(s3upload, "release_free_memory", lambda: calls.append(1) or release())
+    await write_object(store, "app/db.dump", os.urandom(MULTIPART_SIZE))
+    assert len(calls) == 3  # one per part, the last one's included
+
+
+_HELD_FREE_PAGES = """
+import ctypes, os, sys
+from pathlib import Path
+from backupd.storage import s3upload
+MiB = 1 << 20
+libc = ctypes.CDLL(None)
+assert libc.mallopt(-3, 8 * MiB) == 1  # M_MMAP_THRESHOLD: 1 MiB buffers come from the heap
+assert libc.mallopt(-1, 1 << 30) == 1  # M_TRIM_THRESHOLD: and free() never shrinks it
+def resident():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+buffers, pins = [], []
+for _ in range(64):  # 64 MiB written, a live object after each buffer
+    buffers.append(bytearray(MiB))
+    buffers[-1][:] = b"x" * MiB
+    pins.append(bytearray(4096))
+del buffers
+before = resident()
+if sys.argv[1] == "release":
+    s3upload.release_free_memory()
+print(before, resident(), s3upload._MALLOC_TRIM is not None)
+"""
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_releasing_free_memory_hands_freed_heap_pages_back(release: bool) -> None:
+    """glibc keeps freed buffers that lie between live objects (made certain here, in a
+    process of its own, by fixing its thresholds); the release hands their pages back.
+    This machine's C library is glibc, so the call is not a no-op here."""
+    out = subprocess.run(
+        [sys.executable, "-c", _HELD_FREE_PAGES, "release" if release else "keep"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    before, after, has_trim = int(out[0]), int(out[1]), out[2] == "True"
+    assert has_trim
+    if release:
+        assert before - after > 48 * MiB, (before, after)
+    else:  # what the test relies on: without the release, the pages stay
+        assert before - after < 4 * MiB, (before, after)
 
 
 def crc32_b64(data: bytes) -> str:

