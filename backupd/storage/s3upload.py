@@ -40,7 +40,7 @@ def release_free_memory() -> None:
     over plain HTTP, pg_dump's pipe read 256 KiB at a time) are freed into the C heap,
     where glibc keeps them; where they lie between live objects, the heap cannot
     shrink, and the peak RSS of identical 1 GB backups to Ceph RGW drifted between
-    90 and 108 MB. Released after each part, it stayed at 92-95 MB (8 alternating
+    92 and 110 MB. Released after each part, it stayed at 94-97 MB (8 alternating
     runs each). A call takes ~0.6 ms; a 1 GB dump makes ~50 parts.
     """
     if _MALLOC_TRIM is not None:
